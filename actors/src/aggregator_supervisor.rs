@@ -1,0 +1,190 @@
+//! `AggregatorSupervisor`: spawns one [`PollAggregator`] per poll on demand and restarts
+//! failed ones with their original arguments, with backoff, within a restart budget.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{
+    Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent,
+};
+
+use crate::aggregator::{AggregatorArgs, AggregatorMsg, PollAggregator};
+use crate::broadcast::BroadcasterMsg;
+use crate::domain::PollId;
+use crate::faults::FaultHooks;
+use crate::ingest::IngestMsg;
+use crate::ports::PollStore;
+use crate::supervision::{RestartBudget, RestartPolicy};
+
+/// Arguments of the [`AggregatorSupervisor`].
+#[derive(Clone)]
+pub struct AggregatorSupervisorArgs {
+    /// Passed on to every aggregator.
+    pub store: Arc<dyn PollStore>,
+    /// Passed on to every aggregator.
+    pub broadcaster: ActorRef<BroadcasterMsg>,
+    /// Told when an aggregator goes down and comes back.
+    pub ingest: ActorRef<IngestMsg>,
+    /// Flush interval of every aggregator.
+    pub flush_interval: Duration,
+    /// Restart budget and backoff.
+    pub restart: RestartPolicy,
+    /// Test-only failure switches.
+    pub faults: FaultHooks,
+}
+
+/// Messages of the [`AggregatorSupervisor`].
+#[derive(Debug)]
+pub enum AggregatorSupervisorMsg {
+    /// The aggregator of a poll, spawned if there is none; `None` while it is being
+    /// restarted (the ingest actor is told when it is back).
+    Aggregator(PollId, RpcReplyPort<Option<ActorRef<AggregatorMsg>>>),
+    /// A backoff elapsed: restart the aggregator of this poll.
+    Restart(PollId),
+    /// The poll's aggregator is idle with nothing to flush: stop it.
+    Retire(PollId),
+}
+
+/// State of the [`AggregatorSupervisor`].
+pub struct AggregatorSupervisorState {
+    args: AggregatorSupervisorArgs,
+    running: HashMap<PollId, ActorRef<AggregatorMsg>>,
+    polls_by_actor: HashMap<ActorId, PollId>,
+    restarting: HashSet<PollId>,
+    budget: RestartBudget,
+}
+
+/// Supervises the per-poll aggregators (one-for-one).
+#[derive(Debug, Default)]
+pub struct AggregatorSupervisor;
+
+impl AggregatorSupervisor {
+    async fn spawn_aggregator(
+        myself: &ActorRef<AggregatorSupervisorMsg>,
+        state: &mut AggregatorSupervisorState,
+        poll_id: PollId,
+    ) -> Result<ActorRef<AggregatorMsg>, SpawnErr> {
+        let args = AggregatorArgs {
+            poll_id,
+            store: state.args.store.clone(),
+            broadcaster: state.args.broadcaster.clone(),
+            ingest: state.args.ingest.clone(),
+            flush_interval: state.args.flush_interval,
+            faults: state.args.faults.clone(),
+        };
+        let (aggregator, _) =
+            Actor::spawn_linked(None, PollAggregator, args, myself.get_cell()).await?;
+        state.running.insert(poll_id, aggregator.clone());
+        state.polls_by_actor.insert(aggregator.get_id(), poll_id);
+        Ok(aggregator)
+    }
+
+    /// Schedules a restart, or escalates when the budget is spent.
+    fn on_child_failure(
+        myself: &ActorRef<AggregatorSupervisorMsg>,
+        state: &mut AggregatorSupervisorState,
+        poll_id: PollId,
+        why: &str,
+    ) -> Result<(), ActorProcessingErr> {
+        metrics::counter!("pollcast_actor_restarts_total", "actor" => "aggregator").increment(1);
+        state.running.remove(&poll_id);
+        state.restarting.insert(poll_id);
+        let _ = state.args.ingest.cast(IngestMsg::AggregatorDown(poll_id));
+        let delay = state
+            .budget
+            .on_failure(&format!("aggregator of poll {poll_id}"))?;
+        tracing::warn!(
+            poll_id,
+            reason = why,
+            restart_in_ms = delay.as_millis() as u64,
+            "aggregator failed; restarting it"
+        );
+        myself.send_after(delay, move || AggregatorSupervisorMsg::Restart(poll_id));
+        Ok(())
+    }
+}
+
+impl Actor for AggregatorSupervisor {
+    type Msg = AggregatorSupervisorMsg;
+    type State = AggregatorSupervisorState;
+    type Arguments = AggregatorSupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: AggregatorSupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(AggregatorSupervisorState {
+            budget: RestartBudget::new(args.restart),
+            args,
+            running: HashMap::new(),
+            polls_by_actor: HashMap::new(),
+            restarting: HashSet::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            AggregatorSupervisorMsg::Aggregator(poll_id, reply) => {
+                let aggregator = if let Some(running) = state.running.get(&poll_id) {
+                    Some(running.clone())
+                } else if state.restarting.contains(&poll_id) {
+                    None
+                } else {
+                    Some(Self::spawn_aggregator(&myself, state, poll_id).await?)
+                };
+                let _ = reply.send(aggregator);
+            }
+            AggregatorSupervisorMsg::Retire(poll_id) => {
+                if let Some(aggregator) = state.running.remove(&poll_id) {
+                    state.polls_by_actor.remove(&aggregator.get_id());
+                    aggregator.stop(Some("idle".into()));
+                    tracing::debug!(poll_id, "idle aggregator retired");
+                }
+            }
+            AggregatorSupervisorMsg::Restart(poll_id) => {
+                state.restarting.remove(&poll_id);
+                match Self::spawn_aggregator(&myself, state, poll_id).await {
+                    Ok(aggregator) => {
+                        tracing::info!(poll_id, "aggregator restarted");
+                        let _ = state
+                            .args
+                            .ingest
+                            .cast(IngestMsg::AggregatorUp(poll_id, aggregator));
+                    }
+                    Err(err) => Self::on_child_failure(&myself, state, poll_id, &err.to_string())?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match &event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            // Aggregators only stop when their supervisor does; any other exit is a fault.
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                reason
+                    .clone()
+                    .unwrap_or_else(|| "stopped unexpectedly".into()),
+            ),
+            _ => return Ok(()),
+        };
+        if let Some(poll_id) = state.polls_by_actor.remove(&cell.get_id()) {
+            Self::on_child_failure(&myself, state, poll_id, &why)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,307 @@
+//! Fan-out of new counts to the WebSocket subscribers of each poll.
+//!
+//! Each poll with subscribers has one `watch` channel holding its latest [`CountsFrame`].
+//! Publishing is O(1) whatever the number of subscribers, the frame is serialised once and
+//! shared, and a slow subscriber cannot slow the others: it simply wakes up to the newest
+//! frame (coalescing), and the frame carries every option's count so nothing is lost by
+//! skipping one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::domain::{CountsUpdate, OptionCount, PollId, UnixMillis};
+use crate::ports::CountsBus;
+
+/// One flush's update of one poll, serialised once for every subscriber.
+#[derive(Debug)]
+pub struct CountsFrame {
+    /// The poll's version after the flush.
+    pub seq: i64,
+    /// `{"type":"counts",…}` listing only the options the flush changed: what a subscriber
+    /// that saw `seq - 1` needs.
+    pub changed_json: String,
+    /// The same message listing every option: for a subscriber that missed an update.
+    pub full_json: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CountsMessage<'a> {
+    r#type: &'static str,
+    poll_id: PollId,
+    seq: i64,
+    counts: &'a [OptionCount],
+    flushed_at: UnixMillis,
+}
+
+impl CountsFrame {
+    /// Serialises an update in both of its forms.
+    pub fn new(update: &CountsUpdate) -> Self {
+        let render = |counts: &[OptionCount]| {
+            serde_json::to_string(&CountsMessage {
+                r#type: "counts",
+                poll_id: update.poll_id,
+                seq: update.seq,
+                counts,
+                flushed_at: update.flushed_at,
+            })
+            .expect("counts message serializes")
+        };
+        Self {
+            seq: update.seq,
+            changed_json: render(&update.changed),
+            full_json: render(&update.all),
+        }
+    }
+
+    /// The JSON to send to a subscriber whose last message had version `last_seq`, or
+    /// `None` if this frame is not newer.
+    pub fn json_after(&self, last_seq: i64) -> Option<&str> {
+        if self.seq <= last_seq {
+            None
+        } else if self.seq == last_seq + 1 {
+            Some(&self.changed_json)
+        } else {
+            Some(&self.full_json)
+        }
+    }
+}
+
+/// Receives the frames of one poll; `None` until the first publish after subscribing.
+pub type Subscription = watch::Receiver<Option<Arc<CountsFrame>>>;
+
+/// The per-poll subscriber registry, shared by the broadcaster and the WebSocket handlers.
+/// Cloning is cheap. It outlives broadcaster restarts, so subscribers are never dropped by
+/// one.
+#[derive(Debug, Clone, Default)]
+pub struct BroadcastHub {
+    polls: Arc<DashMap<PollId, watch::Sender<Option<Arc<CountsFrame>>>>>,
+}
+
+impl BroadcastHub {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Subscribes to the updates of `poll` published from now on.
+    pub fn subscribe(&self, poll: PollId) -> Subscription {
+        self.polls
+            .entry(poll)
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// Publishes an update to the current subscribers of its poll; returns how many there
+    /// are. Polls nobody watches cost one map lookup. An update no newer than the last one
+    /// published is dropped: with several processes the same flush arrives twice (locally
+    /// and through the counts bus).
+    pub fn publish(&self, update: &CountsUpdate) -> usize {
+        let Some(sender) = self.polls.get(&update.poll_id) else {
+            return 0;
+        };
+        let subscribers = sender.receiver_count();
+        if subscribers > 0 {
+            sender.send_if_modified(|latest| {
+                if latest.as_ref().is_some_and(|f| f.seq >= update.seq) {
+                    return false;
+                }
+                *latest = Some(Arc::new(CountsFrame::new(update)));
+                true
+            });
+            return subscribers;
+        }
+        drop(sender);
+        // Why remove_if: a subscriber may have arrived since the check above.
+        self.polls
+            .remove_if(&update.poll_id, |_, s| s.receiver_count() == 0);
+        0
+    }
+
+    /// Subscribers across all polls.
+    pub fn subscriber_count(&self) -> usize {
+        self.polls.iter().map(|s| s.receiver_count()).sum()
+    }
+}
+
+/// Messages of the [`Broadcaster`].
+#[derive(Debug)]
+pub enum BroadcasterMsg {
+    /// New counts after a flush made by this process.
+    Publish(CountsUpdate),
+}
+
+/// Arguments of the [`Broadcaster`].
+#[derive(Clone)]
+pub struct BroadcasterArgs {
+    /// The subscriber registry.
+    pub hub: BroadcastHub,
+    /// Other processes' updates, in multi-node mode.
+    pub bus: Option<Arc<dyn CountsBus>>,
+}
+
+/// State of the [`Broadcaster`].
+pub struct BroadcasterState {
+    args: BroadcasterArgs,
+    remote: Option<JoinHandle<()>>,
+}
+
+/// The actor every count update goes through on its way to subscribers. In multi-node mode
+/// it also publishes local flushes to the counts bus and feeds the bus's updates (of polls
+/// counted by other processes) to local subscribers.
+#[derive(Debug, Default)]
+pub struct Broadcaster;
+
+impl Actor for Broadcaster {
+    type Msg = BroadcasterMsg;
+    type State = BroadcasterState;
+    type Arguments = BroadcasterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: BroadcasterArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let remote = match &args.bus {
+            Some(bus) => {
+                let mut feed = bus.subscribe().await?;
+                let hub = args.hub.clone();
+                Some(tokio::spawn(async move {
+                    loop {
+                        match feed.next().await {
+                            Ok(update) => {
+                                hub.publish(&update);
+                            }
+                            Err(err) => {
+                                tracing::warn!(error = %err, "reading count updates of other processes failed");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    }
+                }))
+            }
+            None => None,
+        };
+        Ok(BroadcasterState { args, remote })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(remote) = state.remote.take() {
+            remote.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            BroadcasterMsg::Publish(update) => {
+                let subscribers = state.args.hub.publish(&update);
+                if let Some(bus) = &state.args.bus {
+                    bus.publish(&update);
+                }
+                tracing::debug!(
+                    poll_id = update.poll_id,
+                    seq = update.seq,
+                    subscribers,
+                    "published counts"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(seq: i64) -> CountsUpdate {
+        CountsUpdate {
+            poll_id: 7,
+            seq,
+            changed: vec![OptionCount {
+                option_id: 2,
+                new_count: 5,
+            }],
+            all: vec![
+                OptionCount {
+                    option_id: 1,
+                    new_count: 3,
+                },
+                OptionCount {
+                    option_id: 2,
+                    new_count: 5,
+                },
+            ],
+            flushed_at: 1,
+        }
+    }
+
+    #[test]
+    fn subscriber_up_to_date_gets_only_changed_counts() {
+        let frame = CountsFrame::new(&update(4));
+        let json: serde_json::Value = serde_json::from_str(frame.json_after(3).unwrap()).unwrap();
+        assert_eq!(json["type"], "counts");
+        assert_eq!(json["seq"], 4);
+        assert_eq!(json["counts"].as_array().unwrap().len(), 1);
+        assert_eq!(json["counts"][0]["newCount"], 5);
+    }
+
+    #[test]
+    fn subscriber_that_missed_an_update_gets_every_count() {
+        let frame = CountsFrame::new(&update(6));
+        let json: serde_json::Value = serde_json::from_str(frame.json_after(3).unwrap()).unwrap();
+        assert_eq!(json["counts"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn stale_frames_are_not_sent() {
+        assert!(CountsFrame::new(&update(3)).json_after(3).is_none());
+    }
+
+    #[tokio::test]
+    async fn publish_reaches_only_that_polls_subscribers() {
+        let hub = BroadcastHub::new();
+        let mut watching = hub.subscribe(7);
+        let other = hub.subscribe(8);
+        assert_eq!(hub.publish(&update(1)), 1);
+        watching.changed().await.unwrap();
+        assert_eq!(watching.borrow().as_ref().unwrap().seq, 1);
+        assert!(!other.has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_update_no_newer_than_the_last_is_dropped() {
+        let hub = BroadcastHub::new();
+        let mut watching = hub.subscribe(7);
+        hub.publish(&update(2));
+        watching.changed().await.unwrap();
+        hub.publish(&update(2));
+        hub.publish(&update(1));
+        assert!(!watching.has_changed().unwrap());
+        assert_eq!(watching.borrow().as_ref().unwrap().seq, 2);
+    }
+
+    #[test]
+    fn polls_without_subscribers_are_forgotten() {
+        let hub = BroadcastHub::new();
+        drop(hub.subscribe(7));
+        assert_eq!(hub.publish(&update(1)), 0);
+        assert!(hub.polls.is_empty());
+    }
+}

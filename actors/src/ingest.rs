@@ -1,0 +1,676 @@
+//! `IngestActor`: reads the vote log, routes each poll's votes to its aggregator, and commits
+//! log positions once — and only once — the votes before them are in the store.
+//!
+//! The bookkeeping that makes this safe: every batch routed to an aggregator gets a
+//! [`RouteSeq`] and is remembered, with the lowest log offset it holds, until the aggregator
+//! acknowledges a flush through that seq. A partition is committed up to the lowest offset
+//! still remembered (or up to what has been read, when nothing is). When an aggregator dies,
+//! its remembered batches tell how far back to rewind the log so they are read again.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, call_t};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::aggregator::{AggregatorMsg, RouteSeq};
+use crate::aggregator_supervisor::AggregatorSupervisorMsg;
+use crate::domain::{PollId, Vote};
+use crate::ports::{LogRecord, Offset, Partition, SourceEvent, VoteSource, VoteSourceFactory};
+
+/// How the ingest actor reads and commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestSettings {
+    /// Most records taken from the log per read.
+    pub batch_max: usize,
+    /// Longest wait for records in one read; bounds how long other messages wait.
+    pub poll_wait: Duration,
+    /// How often committable positions are committed.
+    pub commit_interval: Duration,
+    /// Reading pauses while this many routed votes are not yet flushed (backpressure when
+    /// the store is slow or down).
+    pub max_unflushed: usize,
+    /// Timeout of calls to the aggregator supervisor and to aggregators.
+    pub call_timeout: Duration,
+    /// An aggregator with nothing to flush that got no vote for this long is retired (a new
+    /// one is started, from the store, when its poll gets votes again).
+    pub idle_timeout: Duration,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            batch_max: 4096,
+            poll_wait: Duration::from_millis(50),
+            commit_interval: Duration::from_millis(500),
+            max_unflushed: 500_000,
+            call_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Arguments of the [`IngestActor`]; the factory opens a fresh consumer at every (re)start.
+#[derive(Clone)]
+pub struct IngestArgs {
+    /// Opens the vote log's consumer.
+    pub source: Arc<dyn VoteSourceFactory>,
+    /// Reading and committing.
+    pub settings: IngestSettings,
+}
+
+/// Messages of the [`IngestActor`].
+#[derive(Debug)]
+pub enum IngestMsg {
+    /// The aggregator supervisor is up: reading can start.
+    Attach(ActorRef<AggregatorSupervisorMsg>),
+    /// Read the next batch from the log (the actor sends this to itself).
+    Poll,
+    /// Commit what is committable (sent every commit interval).
+    CommitTick,
+    /// An aggregator flushed every batch it was sent up to `through`.
+    Flushed {
+        /// The aggregator's poll.
+        poll_id: PollId,
+        /// Highest routing sequence number flushed.
+        through: RouteSeq,
+        /// The aggregator: only batches delivered to this very actor are acknowledged.
+        from: ActorId,
+    },
+    /// An aggregator failed; its supervisor will restart it.
+    AggregatorDown(PollId),
+    /// An aggregator was restarted: rewind the log to what it lost.
+    AggregatorUp(PollId, ActorRef<AggregatorMsg>),
+    /// Shutdown: stop reading, flush every aggregator, commit, reply.
+    Drain(RpcReplyPort<()>),
+}
+
+/// A batch routed to an aggregator and not yet acknowledged as flushed.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    seq: RouteSeq,
+    partition: Partition,
+    min_offset: Offset,
+    votes: usize,
+    /// The aggregator the batch was handed to; `None` if none could take it, in which case
+    /// the batch is read again from the log once one can.
+    to: Option<ActorId>,
+}
+
+#[derive(Debug)]
+struct Route {
+    /// `None` while the aggregator is down or being restarted.
+    target: Option<ActorRef<AggregatorMsg>>,
+    in_flight: VecDeque<InFlight>,
+    last_routed: Instant,
+}
+
+impl Default for Route {
+    fn default() -> Self {
+        Self {
+            target: None,
+            in_flight: VecDeque::new(),
+            last_routed: Instant::now(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    /// Offset after the last record read.
+    read_next: Option<Offset>,
+    committed: Option<Offset>,
+    /// Lowest offsets of in-flight batches, as a multiset (offset → number of batches).
+    in_flight: BTreeMap<Offset, usize>,
+}
+
+impl PartitionState {
+    /// How far this partition can be committed right now.
+    fn committable(&self) -> Option<Offset> {
+        // Why also read_next: after a rewind it is below the other polls' in-flight batches,
+        // and the records between must be read (and flushed) again before committing them.
+        let lowest = self.in_flight.first_key_value().map(|(&offset, _)| offset);
+        match (lowest, self.read_next) {
+            (Some(lowest), Some(next)) => Some(lowest.min(next)),
+            (lowest, next) => lowest.or(next),
+        }
+    }
+
+    fn forget(&mut self, min_offset: Offset) {
+        if let Some(n) = self.in_flight.get_mut(&min_offset) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(&min_offset);
+            }
+        }
+    }
+}
+
+/// State of the [`IngestActor`].
+pub struct IngestState {
+    source: Box<dyn VoteSource>,
+    settings: IngestSettings,
+    aggregators: Option<ActorRef<AggregatorSupervisorMsg>>,
+    routes: HashMap<PollId, Route>,
+    partitions: HashMap<Partition, PartitionState>,
+    next_seq: RouteSeq,
+    unflushed: usize,
+    draining: bool,
+    commit_ticker: Option<JoinHandle<()>>,
+}
+
+impl IngestState {
+    /// Forgets the batches up to `through` that aggregator `from` was given: they are in the
+    /// store. Batches given to another (dead) aggregator, or to none, stay until a rewind.
+    fn acknowledge(&mut self, poll_id: PollId, through: RouteSeq, from: ActorId) {
+        let Some(route) = self.routes.get_mut(&poll_id) else {
+            return;
+        };
+        let mut flushed = Vec::new();
+        route.in_flight.retain(|b| {
+            let done = b.seq <= through && b.to == Some(from);
+            if done {
+                flushed.push(*b);
+            }
+            !done
+        });
+        for batch in flushed {
+            self.unflushed -= batch.votes;
+            if let Some(p) = self.partitions.get_mut(&batch.partition) {
+                p.forget(batch.min_offset);
+            }
+        }
+    }
+}
+
+/// Consumes the vote log and feeds the aggregators.
+#[derive(Debug, Default)]
+pub struct IngestActor;
+
+impl IngestActor {
+    async fn poll_once(
+        &self,
+        myself: &ActorRef<IngestMsg>,
+        state: &mut IngestState,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.unflushed >= state.settings.max_unflushed {
+            // Backpressure: the store is behind; let flushes catch up before reading more.
+            myself.send_after(state.settings.poll_wait, || IngestMsg::Poll);
+            return Ok(());
+        }
+        let event = state
+            .source
+            .poll(state.settings.batch_max, state.settings.poll_wait)
+            .await;
+        match event {
+            Ok(SourceEvent::Records(records)) => self.route(state, records).await?,
+            Ok(SourceEvent::Assigned(partitions)) => {
+                tracing::info!(?partitions, "vote log partitions assigned");
+            }
+            Ok(SourceEvent::Revoked(partitions)) => {
+                tracing::info!(
+                    ?partitions,
+                    "vote log partitions revoked; flushing and committing them"
+                );
+                self.flush_all(state).await;
+                self.commit(state).await;
+                for p in &partitions {
+                    state.partitions.remove(p);
+                }
+                for route in state.routes.values_mut() {
+                    route
+                        .in_flight
+                        .retain(|b| !partitions.contains(&b.partition));
+                }
+                state.unflushed = state
+                    .routes
+                    .values()
+                    .flat_map(|r| r.in_flight.iter())
+                    .map(|b| b.votes)
+                    .sum();
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "reading the vote log failed; retrying");
+                myself.send_after(Duration::from_millis(500), || IngestMsg::Poll);
+                return Ok(());
+            }
+        }
+        let _ = myself.cast(IngestMsg::Poll);
+        Ok(())
+    }
+
+    async fn route(
+        &self,
+        state: &mut IngestState,
+        records: Vec<LogRecord>,
+    ) -> Result<(), ActorProcessingErr> {
+        let mut by_poll: HashMap<PollId, Vec<(Partition, Offset, Vote)>> = HashMap::new();
+        for record in records {
+            let p = state.partitions.entry(record.partition).or_default();
+            p.read_next = Some(
+                p.read_next
+                    .map_or(record.next_offset, |n| n.max(record.next_offset)),
+            );
+            if let Some(vote) = record.vote {
+                by_poll.entry(vote.poll_id).or_default().push((
+                    record.partition,
+                    record.offset,
+                    vote,
+                ));
+            }
+        }
+        for (poll_id, items) in by_poll {
+            self.find_aggregator(state, poll_id).await?;
+            state.next_seq += 1;
+            let seq = state.next_seq;
+            let mut lowest: HashMap<Partition, (Offset, usize)> = HashMap::new();
+            for (partition, offset, _) in &items {
+                let e = lowest.entry(*partition).or_insert((*offset, 0));
+                e.0 = e.0.min(*offset);
+                e.1 += 1;
+            }
+            let route = state.routes.entry(poll_id).or_default();
+            route.last_routed = Instant::now();
+            let votes = items.into_iter().map(|(_, _, v)| v).collect();
+            let to = match &route.target {
+                Some(target) if target.cast(AggregatorMsg::Votes { seq, votes }).is_ok() => {
+                    Some(target.get_id())
+                }
+                // Died just now: its supervisor reports the restart, which rewinds.
+                Some(_) => {
+                    route.target = None;
+                    None
+                }
+                None => None,
+            };
+            for (partition, (min_offset, votes)) in lowest {
+                route.in_flight.push_back(InFlight {
+                    seq,
+                    partition,
+                    min_offset,
+                    votes,
+                    to,
+                });
+                *state
+                    .partitions
+                    .entry(partition)
+                    .or_default()
+                    .in_flight
+                    .entry(min_offset)
+                    .or_default() += 1;
+                state.unflushed += votes;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure the poll's route has an aggregator if one can be had; batches that earlier
+    /// reached none are then read again from the log.
+    async fn find_aggregator(
+        &self,
+        state: &mut IngestState,
+        poll_id: PollId,
+    ) -> Result<(), ActorProcessingErr> {
+        if state
+            .routes
+            .get(&poll_id)
+            .is_some_and(|r| r.target.is_some())
+        {
+            return Ok(());
+        }
+        let found =
+            Self::aggregator_for(state.aggregators.as_ref(), poll_id, &state.settings).await;
+        let route = state.routes.entry(poll_id).or_default();
+        let undelivered = route.in_flight.iter().any(|b| b.to.is_none());
+        route.target = found;
+        if route.target.is_some() && undelivered {
+            self.rewind_for(state, poll_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Retries polls whose batches reached no aggregator and that got no votes since.
+    async fn redeliver(&self, state: &mut IngestState) -> Result<(), ActorProcessingErr> {
+        let stranded: Vec<PollId> = state
+            .routes
+            .iter()
+            .filter(|(_, r)| r.target.is_none() && r.in_flight.iter().any(|b| b.to.is_none()))
+            .map(|(id, _)| *id)
+            .collect();
+        for poll_id in stranded {
+            self.find_aggregator(state, poll_id).await?;
+        }
+        Ok(())
+    }
+
+    async fn aggregator_for(
+        supervisor: Option<&ActorRef<AggregatorSupervisorMsg>>,
+        poll_id: PollId,
+        settings: &IngestSettings,
+    ) -> Option<ActorRef<AggregatorMsg>> {
+        let supervisor = supervisor?;
+        let timeout = settings.call_timeout.as_millis() as u64;
+        match call_t!(
+            supervisor,
+            AggregatorSupervisorMsg::Aggregator,
+            timeout,
+            poll_id
+        ) {
+            Ok(Some(aggregator)) => Some(aggregator),
+            Ok(None) => None, // restarting; it will report back when up
+            Err(err) => {
+                tracing::warn!(poll_id, error = %err, "no aggregator for poll; votes stay in the log");
+                None
+            }
+        }
+    }
+
+    /// Rewinds every partition to the lowest in-flight offset of `poll_id`, which has lost
+    /// its unflushed votes, and forgets those batches: they will be routed again.
+    async fn rewind_for(
+        &self,
+        state: &mut IngestState,
+        poll_id: PollId,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(route) = state.routes.get_mut(&poll_id) else {
+            return Ok(());
+        };
+        let lost: Vec<InFlight> = route.in_flight.drain(..).collect();
+        let mut rewind_to: HashMap<Partition, Offset> = HashMap::new();
+        for batch in &lost {
+            state.unflushed -= batch.votes;
+            if let Some(p) = state.partitions.get_mut(&batch.partition) {
+                p.forget(batch.min_offset);
+            }
+            let e = rewind_to.entry(batch.partition).or_insert(batch.min_offset);
+            *e = (*e).min(batch.min_offset);
+        }
+        for (partition, offset) in rewind_to {
+            let p = state.partitions.entry(partition).or_default();
+            if p.read_next.is_some_and(|next| next <= offset) {
+                continue;
+            }
+            tracing::info!(
+                poll_id,
+                partition,
+                offset,
+                "rewinding vote log to replay votes lost by a failed aggregator"
+            );
+            if let Err(err) = state.source.seek(partition, offset).await {
+                // Failing restarts the pipeline, which reads again from the committed offset,
+                // below the lost votes.
+                return Err(format!("rewinding partition {partition} to {offset}: {err}").into());
+            }
+            p.read_next = Some(offset);
+        }
+        Ok(())
+    }
+
+    async fn flush_all(&self, state: &mut IngestState) {
+        let timeout = state.settings.call_timeout.as_millis() as u64;
+        let targets: Vec<(PollId, ActorRef<AggregatorMsg>)> = state
+            .routes
+            .iter()
+            .filter(|(_, r)| !r.in_flight.is_empty())
+            .filter_map(|(id, r)| r.target.clone().map(|t| (*id, t)))
+            .collect();
+        for (poll_id, target) in targets {
+            match call_t!(target, AggregatorMsg::FlushNow, timeout) {
+                Ok(Ok(through)) => state.acknowledge(poll_id, through, target.get_id()),
+                Ok(Err(err)) => {
+                    tracing::warn!(poll_id, error = %err, "final flush failed; its votes stay in the log")
+                }
+                Err(err) => {
+                    tracing::warn!(poll_id, error = %err, "aggregator did not flush; its votes stay in the log")
+                }
+            }
+        }
+    }
+
+    /// Updates the gauges: votes waiting for a flush, and how far behind the log each
+    /// partition is read.
+    fn report(&self, state: &IngestState) {
+        metrics::gauge!("pollcast_votes_pending_flush").set(state.unflushed as f64);
+        for (partition, end) in state.source.end_offsets() {
+            let read = state
+                .partitions
+                .get(&partition)
+                .and_then(|p| p.read_next)
+                .unwrap_or(end);
+            metrics::gauge!("pollcast_consumer_lag", "partition" => partition.to_string())
+                .set((end - read).max(0) as f64);
+        }
+    }
+
+    /// Retires the aggregators of polls with nothing in flight that got no votes lately.
+    fn retire_idle(&self, state: &mut IngestState) {
+        let Some(supervisor) = &state.aggregators else {
+            return;
+        };
+        let idle_timeout = state.settings.idle_timeout;
+        let idle: Vec<PollId> = state
+            .routes
+            .iter()
+            .filter(|(_, r)| r.in_flight.is_empty() && r.last_routed.elapsed() >= idle_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for poll_id in idle {
+            state.routes.remove(&poll_id);
+            // Why this is safe: nothing routed to it is unflushed, and this message reaches the
+            // supervisor before any later request for the same poll, which spawns a fresh one.
+            let _ = supervisor.cast(AggregatorSupervisorMsg::Retire(poll_id));
+        }
+    }
+
+    async fn commit(&self, state: &mut IngestState) {
+        let positions: Vec<(Partition, Offset)> = state
+            .partitions
+            .iter()
+            .filter_map(|(id, p)| {
+                let to = p.committable()?;
+                (p.committed.is_none_or(|c| to > c)).then_some((*id, to))
+            })
+            .collect();
+        if positions.is_empty() {
+            return;
+        }
+        match state.source.commit(&positions).await {
+            Ok(()) => {
+                for (id, offset) in &positions {
+                    if let Some(p) = state.partitions.get_mut(id) {
+                        p.committed = Some(*offset);
+                    }
+                }
+                tracing::trace!(?positions, "committed vote log positions");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "committing vote log positions failed; will retry")
+            }
+        }
+    }
+}
+
+impl Actor for IngestActor {
+    type Msg = IngestMsg;
+    type State = IngestState;
+    type Arguments = IngestArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: IngestArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let source = args.source.open().await?;
+        let commit_ticker =
+            myself.send_interval(args.settings.commit_interval, || IngestMsg::CommitTick);
+        Ok(IngestState {
+            source,
+            settings: args.settings,
+            aggregators: None,
+            routes: HashMap::new(),
+            partitions: HashMap::new(),
+            next_seq: 0,
+            unflushed: 0,
+            draining: false,
+            commit_ticker: Some(commit_ticker),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(ticker) = state.commit_ticker.take() {
+            ticker.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            IngestMsg::Attach(aggregators) => {
+                let first = state.aggregators.replace(aggregators).is_none();
+                if first {
+                    let _ = myself.cast(IngestMsg::Poll);
+                }
+            }
+            IngestMsg::Poll => {
+                if !state.draining {
+                    self.poll_once(&myself, state).await?;
+                }
+            }
+            IngestMsg::CommitTick => {
+                self.redeliver(state).await?;
+                self.commit(state).await;
+                self.retire_idle(state);
+                self.report(state);
+            }
+            IngestMsg::Flushed {
+                poll_id,
+                through,
+                from,
+            } => state.acknowledge(poll_id, through, from),
+            IngestMsg::AggregatorDown(poll_id) => {
+                if let Some(route) = state.routes.get_mut(&poll_id) {
+                    route.target = None;
+                }
+            }
+            IngestMsg::AggregatorUp(poll_id, aggregator) => {
+                self.rewind_for(state, poll_id).await?;
+                state.routes.entry(poll_id).or_default().target = Some(aggregator);
+            }
+            IngestMsg::Drain(reply) => {
+                state.draining = true;
+                self.flush_all(state).await;
+                self.commit(state).await;
+                tracing::info!(unflushed = state.unflushed, "ingest drained");
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(seq: RouteSeq, min_offset: Offset, to: Option<ActorId>) -> InFlight {
+        InFlight {
+            seq,
+            partition: 0,
+            min_offset,
+            votes: 1,
+            to,
+        }
+    }
+
+    #[test]
+    fn after_a_rewind_nothing_past_the_rewind_point_is_committable() {
+        // Poll B's batch at 150 is in flight; poll A's at 100 was lost and rewound to.
+        let mut p = PartitionState {
+            read_next: Some(100),
+            committed: None,
+            in_flight: BTreeMap::from([(150, 1)]),
+        };
+        assert_eq!(p.committable(), Some(100));
+        p.read_next = Some(200);
+        assert_eq!(p.committable(), Some(150));
+        p.forget(150);
+        assert_eq!(p.committable(), Some(200));
+    }
+
+    fn state_with(route: Route) -> IngestState {
+        struct NoSource;
+        #[async_trait::async_trait]
+        impl VoteSource for NoSource {
+            async fn poll(
+                &mut self,
+                _: usize,
+                _: Duration,
+            ) -> Result<SourceEvent, crate::ports::LogError> {
+                Ok(SourceEvent::Records(Vec::new()))
+            }
+            async fn commit(
+                &mut self,
+                _: &[(Partition, Offset)],
+            ) -> Result<(), crate::ports::LogError> {
+                Ok(())
+            }
+            async fn seek(
+                &mut self,
+                _: Partition,
+                _: Offset,
+            ) -> Result<(), crate::ports::LogError> {
+                Ok(())
+            }
+        }
+        let mut partition = PartitionState::default();
+        for b in &route.in_flight {
+            *partition.in_flight.entry(b.min_offset).or_default() += 1;
+        }
+        IngestState {
+            source: Box::new(NoSource),
+            settings: IngestSettings::default(),
+            aggregators: None,
+            unflushed: route.in_flight.len(),
+            routes: HashMap::from([(7, route)]),
+            partitions: HashMap::from([(0, partition)]),
+            next_seq: 0,
+            draining: false,
+            commit_ticker: None,
+        }
+    }
+
+    #[test]
+    fn an_ack_covers_only_batches_that_aggregator_was_given() {
+        let (old, new) = (ActorId::Local(1), ActorId::Local(2));
+        let route = Route {
+            target: None,
+            in_flight: VecDeque::from([
+                batch(1, 10, Some(old)),
+                batch(2, 20, None),
+                batch(3, 30, Some(new)),
+            ]),
+            last_routed: Instant::now(),
+        };
+        let mut state = state_with(route);
+        state.acknowledge(7, 3, new);
+        let left: Vec<RouteSeq> = state.routes[&7].in_flight.iter().map(|b| b.seq).collect();
+        assert_eq!(
+            left,
+            [1, 2],
+            "the dead aggregator's and the undelivered batch stay"
+        );
+        assert_eq!(state.partitions[&0].committable(), Some(10));
+        assert_eq!(state.unflushed, 2);
+    }
+}

@@ -1,0 +1,223 @@
+//! The ports: the three small traits the core is written against.
+//!
+//! Each has a production adapter (Postgres, Kafka, Redis) and an embedded one (SQLite, a
+//! local durable log, an in-process map); the actors never know which one they talk to.
+//! Handles are shared as `Arc<dyn …>` so that choosing an adapter in config.toml does not
+//! multiply the actor tree by every combination of backends.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::{CountsUpdate, NewPoll, OptionCount, Poll, PollId, UnixMillis, Vote};
+
+/// Any error from a backend, kept as its source so logs show the whole chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+macro_rules! port_error {
+    ($(#[$doc:meta])* $name:ident, $label:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, thiserror::Error)]
+        #[error("{} {}: {}", $label, .what, .source)]
+        pub struct $name {
+            /// The operation that failed, for the log line and the 503 body.
+            pub what: &'static str,
+            /// What the backend said.
+            #[source]
+            pub source: BoxError,
+        }
+
+        impl $name {
+            /// Wraps a backend error with the name of the operation that failed.
+            pub fn new(what: &'static str, source: impl Into<BoxError>) -> Self {
+                Self { what, source: source.into() }
+            }
+        }
+    };
+}
+
+port_error!(
+    /// The store could not do what was asked; nothing was half-applied (every write is one
+    /// transaction).
+    StoreError,
+    "store:"
+);
+port_error!(
+    /// The vote log could not append, read or commit.
+    LogError,
+    "vote log:"
+);
+port_error!(
+    /// The duplicate guard could not be reached.
+    GuardError,
+    "duplicate guard:"
+);
+
+/// What a flush changed, as committed by the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushOutcome {
+    /// Ledger rows actually inserted (votes counted by this flush).
+    pub inserted: u64,
+    /// The poll's version after the flush; unchanged when nothing was inserted.
+    pub seq: i64,
+    /// New counts of the options this flush changed.
+    pub changed: Vec<OptionCount>,
+    /// Counts of every option after the flush.
+    pub all: Vec<OptionCount>,
+}
+
+/// Polls, their counts, and the vote ledger that makes counting idempotent.
+#[async_trait]
+pub trait PollStore: Send + Sync + 'static {
+    /// Creates a poll with options numbered 1..=n.
+    async fn create_poll(&self, poll: NewPoll) -> Result<Poll, StoreError>;
+
+    /// Every poll, newest first.
+    async fn list_polls(&self) -> Result<Vec<Poll>, StoreError>;
+
+    /// One poll with its current counts.
+    async fn get_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError>;
+
+    /// Marks a poll closed (idempotent) and returns it; `None` if it does not exist.
+    async fn close_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError>;
+
+    /// Applies a batch of votes of one poll in a single transaction: inserts them into the
+    /// ledger, ignoring any (poll, user) already there, and increments each option by the
+    /// rows actually inserted. Replaying a batch therefore changes nothing.
+    ///
+    /// Every vote must be for `poll` and for one of its options.
+    async fn apply_votes(&self, poll: PollId, votes: &[Vote]) -> Result<FlushOutcome, StoreError>;
+
+    /// (poll, user) pairs of votes recorded since `since`, to warm an in-process duplicate
+    /// guard after a restart.
+    async fn voters_since(&self, since: UnixMillis) -> Result<Vec<(PollId, String)>, StoreError>;
+
+    /// Cheap round trip, for readiness checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The producing side of the vote log, shared by every HTTP handler.
+#[async_trait]
+pub trait VoteAppender: Send + Sync + 'static {
+    /// Appends a vote and returns only once it is durable (fsync'd locally, or acknowledged
+    /// by all in-sync Kafka replicas). A vote that got `Ok` is never lost.
+    async fn append(&self, vote: &Vote) -> Result<(), LogError>;
+
+    /// Cheap check that the log can take appends, for readiness checks.
+    async fn ping(&self) -> Result<(), LogError> {
+        Ok(())
+    }
+}
+
+/// A partition of the vote log; the embedded log has exactly one, partition 0.
+pub type Partition = i32;
+
+/// A position in a partition. Committing offset `o` means "every record before `o` has been
+/// applied to the store"; reading resumes at `o`.
+pub type Offset = i64;
+
+/// One record read from the vote log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Partition the record came from.
+    pub partition: Partition,
+    /// Its offset; the next record of the partition is at a greater offset.
+    pub offset: Offset,
+    /// The offset just past this record: what to commit once it has been applied.
+    pub next_offset: Offset,
+    /// The decoded vote, or `None` for a record that is not a vote (logged by the adapter and
+    /// skipped, so one bad record cannot stall a partition).
+    pub vote: Option<Vote>,
+}
+
+/// What reading the vote log produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// Records, in offset order within each partition (possibly empty after a timeout).
+    Records(Vec<LogRecord>),
+    /// This consumer now owns these partitions (Kafka group rebalance).
+    Assigned(Vec<Partition>),
+    /// This consumer is about to lose these partitions: flush and commit what it read from
+    /// them, then call [`VoteSource::commit`]; the adapter may hold the rebalance until then.
+    Revoked(Vec<Partition>),
+}
+
+/// The consuming side of the vote log, owned by the ingest actor.
+#[async_trait]
+pub trait VoteSource: Send + 'static {
+    /// Waits at most `wait` for records and returns up to `max` of them, or a rebalance.
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<SourceEvent, LogError>;
+
+    /// Durably records how far each partition has been applied to the store.
+    async fn commit(&mut self, positions: &[(Partition, Offset)]) -> Result<(), LogError>;
+
+    /// The end of each partition this consumer reads (the offset the next record appended
+    /// will get), for the consumer-lag metric; empty when unknown.
+    fn end_offsets(&self) -> Vec<(Partition, Offset)> {
+        Vec::new()
+    }
+
+    /// Moves the read position of a partition back, so that records that were read but lost
+    /// before they were applied (a crashed aggregator) are read again.
+    async fn seek(&mut self, partition: Partition, offset: Offset) -> Result<(), LogError>;
+}
+
+/// Whether the vote log's consumer is reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerStatus {
+    /// A local log: always reading.
+    Local,
+    /// A group consumer that has not (yet) been given its partitions.
+    Joining,
+    /// A group consumer and the partitions it owns (possibly none, in a group with more
+    /// members than partitions).
+    Assigned(Vec<Partition>),
+}
+
+/// Opens a [`VoteSource`] positioned at the last committed offsets; called again whenever the
+/// ingest actor is restarted.
+#[async_trait]
+pub trait VoteSourceFactory: Send + Sync + 'static {
+    /// Opens a consumer of the vote log.
+    async fn open(&self) -> Result<Box<dyn VoteSource>, LogError>;
+
+    /// The current consumer's status, for readiness checks.
+    fn status(&self) -> ConsumerStatus {
+        ConsumerStatus::Local
+    }
+}
+
+/// The fast-path duplicate guard: at most one accepted vote per (poll, user) while a claim
+/// lives. The store's ledger stays the truth; the guard only turns most duplicates into a 409
+/// before they reach the log.
+#[async_trait]
+pub trait DedupGuard: Send + Sync + 'static {
+    /// Atomically claims (poll, user). `Ok(false)`: already claimed, i.e. a duplicate.
+    async fn claim(&self, poll: PollId, user: &str) -> Result<bool, GuardError>;
+
+    /// Releases a claim whose vote could not be appended, so the voter may retry.
+    async fn release(&self, poll: PollId, user: &str) -> Result<(), GuardError>;
+
+    /// Cheap round trip, for readiness checks.
+    async fn ping(&self) -> Result<(), GuardError>;
+}
+
+/// Shares count updates between pollcast processes (Kafka `poll-updates`), so that a
+/// WebSocket client on any process sees the polls whose votes another process counts.
+/// Single-process deployments have none.
+#[async_trait]
+pub trait CountsBus: Send + Sync + 'static {
+    /// Publishes an update of a flush made here (fire and forget: subscribers resync from a
+    /// snapshot if one is lost).
+    fn publish(&self, update: &CountsUpdate);
+
+    /// Starts receiving every process's updates, from now on.
+    async fn subscribe(&self) -> Result<Box<dyn CountsFeed>, LogError>;
+}
+
+/// A stream of count updates from [`CountsBus::subscribe`].
+#[async_trait]
+pub trait CountsFeed: Send + 'static {
+    /// The next update.
+    async fn next(&mut self) -> Result<CountsUpdate, LogError>;
+}
