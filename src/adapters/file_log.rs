@@ -1,0 +1,608 @@
+//! The embedded vote log: an append-only, fsync'd, group-committed log in local files.
+//!
+//! Layout of the log directory:
+//! - `00000000000000000000.log`, …: segments named by the offset of their first byte. A
+//!   record is `[len: u32 LE][crc32: u32 LE][JSON vote]`; a record's offset is the position of
+//!   its first byte in the whole log.
+//! - `consumer.offset`: the committed read position (replaced atomically).
+//!
+//! One writer thread takes every pending append, writes them together and fsyncs once, then
+//! answers them all: a 202 always means "on disk", yet a burst of votes costs one fsync. The
+//! reader only sees data that is already durable, and a torn tail left by a crash is cut off
+//! when the log is opened.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pollcast_actors::{
+    LogError, LogRecord, Offset, Partition, PollId, SourceEvent, Vote, VoteAppender, VoteSource,
+    VoteSourceFactory,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+const HEADER: u64 = 8;
+/// Appends queued before callers wait (backpressure on the HTTP handlers).
+const QUEUE: usize = 64 * 1024;
+/// Appends written together at most (bounds the latency of a group commit).
+const GROUP_MAX: usize = 4096;
+/// Largest record accepted (a vote is well under 1 KiB).
+const RECORD_MAX: u32 = 1 << 20;
+const OFFSET_FILE: &str = "consumer.offset";
+
+struct Append {
+    record: Vec<u8>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The embedded vote log: appends from HTTP handlers, reads by the ingest actor.
+#[derive(Debug, Clone)]
+pub struct FileVoteLog {
+    dir: PathBuf,
+    appends: mpsc::Sender<Append>,
+    durable_end: watch::Receiver<u64>,
+}
+
+fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.log"))
+}
+
+fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut bases: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".log")?.parse().ok()
+        })
+        .collect();
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+fn encode(vote: &Vote) -> Vec<u8> {
+    let payload = vote.to_json();
+    let mut record = Vec::with_capacity(HEADER as usize + payload.len());
+    record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    record.extend_from_slice(&payload);
+    record
+}
+
+/// Reads one record at the reader's position: `Ok(None)` at a clean end of data.
+fn read_record(reader: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
+    let mut header = [0u8; HEADER as usize];
+    match reader.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if len > RECORD_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "record too long",
+        ));
+    }
+    let mut payload = vec![0u8; len as usize];
+    match reader.read_exact(&mut payload) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if crc32fast::hash(&payload) != crc {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "checksum mismatch",
+        ));
+    }
+    Ok(Some(payload))
+}
+
+/// Length of the valid prefix of a segment: a record torn by a crash ends it.
+fn valid_length(path: &Path) -> io::Result<u64> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut valid = 0u64;
+    loop {
+        match read_record(&mut reader) {
+            Ok(Some(payload)) => valid += HEADER + payload.len() as u64,
+            Ok(None) | Err(_) => return Ok(valid),
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl FileVoteLog {
+    /// Opens the log in `dir` (created if missing), repairing a torn tail, and starts its
+    /// writer thread. Segments roll over at `segment_bytes`.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, LogError> {
+        let io_err = |what| move |e| LogError::new(what, e);
+        fs::create_dir_all(dir).map_err(io_err("create the log directory"))?;
+        let mut bases = segments(dir).map_err(io_err("list log segments"))?;
+        if bases.is_empty() {
+            File::create(segment_path(dir, 0)).map_err(io_err("create a log segment"))?;
+            sync_dir(dir).map_err(io_err("sync the log directory"))?;
+            bases.push(0);
+        }
+        let base = *bases.last().expect("at least one segment");
+        let path = segment_path(dir, base);
+        let valid = valid_length(&path).map_err(io_err("scan the last log segment"))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open the last log segment"))?;
+        let on_disk = file
+            .metadata()
+            .map_err(io_err("stat the log"))
+            .map(|m| m.len())?;
+        if on_disk > valid {
+            tracing::warn!(segment = %path.display(), cut = on_disk - valid, "cutting a torn record off the vote log");
+            file.set_len(valid).map_err(io_err("truncate the log"))?;
+            file.sync_all().map_err(io_err("sync the log"))?;
+        }
+        let end = base + valid;
+        let (durable_tx, durable_end) = watch::channel(end);
+        let (appends, rx) = mpsc::channel(QUEUE);
+        let writer = Writer {
+            dir: dir.to_owned(),
+            segment_bytes,
+            base,
+            file,
+            end,
+            durable: durable_tx,
+        };
+        std::thread::Builder::new()
+            .name("vote-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err("start the log writer"))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            appends,
+            durable_end,
+        })
+    }
+
+    /// The (poll, user) of every vote after the committed offset: accepted, but maybe not yet
+    /// counted (after a crash), so the duplicate guard must know them too.
+    pub async fn unapplied_voters(&self) -> Result<Vec<(PollId, String)>, LogError> {
+        let mut source = self.source_factory().open().await?;
+        let mut voters = Vec::new();
+        loop {
+            match source.poll(4096, Duration::ZERO).await? {
+                SourceEvent::Records(records) if records.is_empty() => return Ok(voters),
+                SourceEvent::Records(records) => voters.extend(
+                    records
+                        .into_iter()
+                        .filter_map(|r| r.vote)
+                        .map(|v| (v.poll_id, v.user_id)),
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    /// A factory of readers positioned at the committed offset.
+    pub fn source_factory(&self) -> Arc<dyn VoteSourceFactory> {
+        Arc::new(FileSourceFactory {
+            dir: self.dir.clone(),
+            durable_end: self.durable_end.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl VoteAppender for FileVoteLog {
+    async fn append(&self, vote: &Vote) -> Result<(), LogError> {
+        let (done, durable) = oneshot::channel();
+        let append = Append {
+            record: encode(vote),
+            done,
+        };
+        let closed = || LogError::new("append", "the log writer has stopped");
+        self.appends.send(append).await.map_err(|_| closed())?;
+        match durable.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(LogError::new("append", e)),
+            Err(_) => Err(closed()),
+        }
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    segment_bytes: u64,
+    base: u64,
+    file: File,
+    end: u64,
+    durable: watch::Sender<u64>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Append>) {
+        let mut group = Vec::with_capacity(GROUP_MAX);
+        let mut buf = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            group.push(first);
+            while group.len() < GROUP_MAX {
+                match rx.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
+            }
+            buf.clear();
+            for append in &group {
+                buf.extend_from_slice(&append.record);
+            }
+            let result = self.write_durably(&buf).map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                tracing::error!(error = %e, votes = group.len(), "vote log write failed; votes refused");
+            }
+            for append in group.drain(..) {
+                let _ = append.done.send(result.clone());
+            }
+        }
+        tracing::debug!("vote log writer stopped");
+    }
+
+    fn write_durably(&mut self, buf: &[u8]) -> io::Result<()> {
+        let written = self
+            .file
+            .seek(SeekFrom::Start(self.end - self.base))
+            .and_then(|_| self.file.write_all(buf))
+            .and_then(|_| self.file.sync_data());
+        if let Err(e) = written {
+            // Leave no partial group behind: the callers are told it failed.
+            let _ = self.file.set_len(self.end - self.base);
+            return Err(e);
+        }
+        self.end += buf.len() as u64;
+        self.durable.send_replace(self.end);
+        if self.end - self.base >= self.segment_bytes
+            && let Err(e) = self.roll()
+        {
+            // The group is durable all the same: keep writing to this segment and try to
+            // roll again after the next group.
+            tracing::error!(error = %e, "could not start a new vote log segment; continuing in the current one");
+        }
+        Ok(())
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        let path = segment_path(&self.dir, self.end);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        if let Err(e) = sync_dir(&self.dir) {
+            // A segment that might not survive a crash must not exist at all: the log would
+            // continue there while this one keeps growing.
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        self.file = file;
+        self.base = self.end;
+        Ok(())
+    }
+}
+
+struct FileSourceFactory {
+    dir: PathBuf,
+    durable_end: watch::Receiver<u64>,
+}
+
+#[async_trait]
+impl VoteSourceFactory for FileSourceFactory {
+    async fn open(&self) -> Result<Box<dyn VoteSource>, LogError> {
+        let committed = match fs::read_to_string(self.dir.join(OFFSET_FILE)) {
+            Ok(text) => text
+                .trim()
+                .parse::<u64>()
+                .map_err(|e| LogError::new("read the committed offset", e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let bases =
+                    segments(&self.dir).map_err(|e| LogError::new("list log segments", e))?;
+                bases.first().copied().unwrap_or(0)
+            }
+            Err(e) => return Err(LogError::new("read the committed offset", e)),
+        };
+        tracing::info!(
+            offset = committed,
+            "reading the vote log from its committed offset"
+        );
+        Ok(Box::new(FileVoteSource {
+            reader: Some(Reader {
+                dir: self.dir.clone(),
+                position: committed,
+                segment: None,
+            }),
+            durable_end: self.durable_end.clone(),
+        }))
+    }
+}
+
+/// Blocking part of the reader; moved into `spawn_blocking` for each read.
+struct Reader {
+    dir: PathBuf,
+    position: u64,
+    /// Open segment: its base and a reader at `position`.
+    segment: Option<(u64, BufReader<File>)>,
+}
+
+impl Reader {
+    fn open_segment_at(&mut self, position: u64) -> io::Result<()> {
+        let bases = segments(&self.dir)?;
+        let base = bases
+            .iter()
+            .rev()
+            .find(|b| **b <= position)
+            .copied()
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "offset below the oldest segment")
+            })?;
+        let mut file = File::open(segment_path(&self.dir, base))?;
+        file.seek(SeekFrom::Start(position - base))?;
+        self.segment = Some((base, BufReader::with_capacity(256 * 1024, file)));
+        Ok(())
+    }
+
+    fn read(&mut self, max: usize, durable_end: u64) -> io::Result<Vec<LogRecord>> {
+        let mut records = Vec::new();
+        let mut retried = false;
+        while records.len() < max && self.position < durable_end {
+            if self.segment.is_none() {
+                self.open_segment_at(self.position)?;
+            }
+            let (_, reader) = self.segment.as_mut().expect("opened above");
+            let payload = match read_record(reader) {
+                Ok(payload) => payload,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData && !retried => {
+                    // The buffer may hold bytes of a group whose write failed and was cut
+                    // off; read the durable bytes again from the file.
+                    retried = true;
+                    self.segment = None;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(payload) = payload else {
+                // End of this segment while durable data lies beyond: the next segment starts
+                // exactly here.
+                self.segment = None;
+                let next = segment_path(&self.dir, self.position);
+                if !next.exists() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "vote log segment missing",
+                    ));
+                }
+                continue;
+            };
+            let offset = self.position;
+            self.position += HEADER + payload.len() as u64;
+            let vote = match Vote::from_json(&payload) {
+                Ok(vote) => Some(vote),
+                Err(e) => {
+                    tracing::warn!(offset, error = %e, "skipping a vote log record that is not a vote");
+                    None
+                }
+            };
+            records.push(LogRecord {
+                partition: 0,
+                offset: offset as Offset,
+                next_offset: self.position as Offset,
+                vote,
+            });
+        }
+        // Why drop the buffer: it may hold bytes past the durable end, of a group whose
+        // write then failed and whose offsets the writer reuses; the next read must see only
+        // what the file holds then.
+        self.segment = None;
+        Ok(records)
+    }
+}
+
+struct FileVoteSource {
+    reader: Option<Reader>,
+    durable_end: watch::Receiver<u64>,
+}
+
+impl FileVoteSource {
+    fn reader(&mut self) -> &mut Reader {
+        self.reader
+            .as_mut()
+            .expect("reader is only taken during a read")
+    }
+}
+
+fn commit_offset(dir: &Path, offset: u64) -> io::Result<()> {
+    let tmp = dir.join(format!("{OFFSET_FILE}.tmp"));
+    let mut file = File::create(&tmp)?;
+    file.write_all(offset.to_string().as_bytes())?;
+    file.sync_all()?;
+    fs::rename(&tmp, dir.join(OFFSET_FILE))?;
+    sync_dir(dir)?;
+    // Segments wholly below the committed offset are never read again.
+    let bases = segments(dir)?;
+    for pair in bases.windows(2) {
+        if pair[1] <= offset {
+            fs::remove_file(segment_path(dir, pair[0]))?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl VoteSource for FileVoteSource {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<SourceEvent, LogError> {
+        let position = self.reader().position;
+        if *self.durable_end.borrow() <= position {
+            // Why ignore the result: a timeout or a stopped writer both mean "nothing new".
+            let _ = tokio::time::timeout(wait, self.durable_end.changed()).await;
+        }
+        let end = *self.durable_end.borrow_and_update();
+        if end <= position {
+            return Ok(SourceEvent::Records(Vec::new()));
+        }
+        let mut reader = self.reader.take().expect("not reading concurrently");
+        let (reader, result) = tokio::task::spawn_blocking(move || {
+            let result = reader.read(max, end);
+            (reader, result)
+        })
+        .await
+        .map_err(|e| LogError::new("read the log", e))?;
+        self.reader = Some(reader);
+        result
+            .map(SourceEvent::Records)
+            .map_err(|e| LogError::new("read the log", e))
+    }
+
+    async fn commit(&mut self, positions: &[(Partition, Offset)]) -> Result<(), LogError> {
+        let Some(&(_, offset)) = positions.iter().find(|(p, _)| *p == 0) else {
+            return Ok(());
+        };
+        let dir = self.reader().dir.clone();
+        tokio::task::spawn_blocking(move || commit_offset(&dir, offset as u64))
+            .await
+            .map_err(|e| LogError::new("commit", e))?
+            .map_err(|e| LogError::new("commit", e))
+    }
+
+    fn end_offsets(&self) -> Vec<(Partition, Offset)> {
+        vec![(0, *self.durable_end.borrow() as Offset)]
+    }
+
+    async fn seek(&mut self, _partition: Partition, offset: Offset) -> Result<(), LogError> {
+        let reader = self.reader();
+        reader.position = offset as u64;
+        reader.segment = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vote(user: &str) -> Vote {
+        Vote {
+            poll_id: 1,
+            option_id: 1,
+            user_id: user.into(),
+            voted_at: None,
+        }
+    }
+
+    async fn read_all(source: &mut Box<dyn VoteSource>) -> Vec<LogRecord> {
+        let mut all = Vec::new();
+        loop {
+            match source.poll(1000, Duration::from_millis(20)).await.unwrap() {
+                SourceEvent::Records(r) if r.is_empty() => return all,
+                SourceEvent::Records(r) => all.extend(r),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn appended_votes_are_read_back_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = FileVoteLog::open(dir.path(), 4096).unwrap();
+        for i in 0..200 {
+            log.append(&vote(&format!("user-{i}"))).await.unwrap();
+        }
+        assert!(segments(dir.path()).unwrap().len() > 1, "log rolled over");
+        let mut source = log.source_factory().open().await.unwrap();
+        let records = read_all(&mut source).await;
+        let users: Vec<_> = records
+            .iter()
+            .map(|r| r.vote.as_ref().unwrap().user_id.clone())
+            .collect();
+        assert_eq!(
+            users,
+            (0..200).map(|i| format!("user-{i}")).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn reading_resumes_at_the_committed_offset_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+            for i in 0..10 {
+                log.append(&vote(&format!("u{i}"))).await.unwrap();
+            }
+            let mut source = log.source_factory().open().await.unwrap();
+            let records = read_all(&mut source).await;
+            source.commit(&[(0, records[4].next_offset)]).await.unwrap();
+        }
+        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+        let mut source = log.source_factory().open().await.unwrap();
+        let records = read_all(&mut source).await;
+        assert_eq!(records.len(), 5);
+        assert_eq!(records[0].vote.as_ref().unwrap().user_id, "u5");
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_off_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+            log.append(&vote("whole")).await.unwrap();
+        }
+        let path = segment_path(dir.path(), 0);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&[42, 0, 0, 0, 1, 2]).unwrap();
+        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+        log.append(&vote("after")).await.unwrap();
+        let mut source = log.source_factory().open().await.unwrap();
+        let users: Vec<_> = read_all(&mut source)
+            .await
+            .into_iter()
+            .map(|r| r.vote.unwrap().user_id)
+            .collect();
+        assert_eq!(users, ["whole", "after"]);
+    }
+
+    #[tokio::test]
+    async fn seek_replays_from_an_earlier_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..5 {
+            log.append(&vote(&format!("u{i}"))).await.unwrap();
+        }
+        let mut source = log.source_factory().open().await.unwrap();
+        let first = read_all(&mut source).await;
+        source.seek(0, first[2].offset).await.unwrap();
+        assert_eq!(read_all(&mut source).await, first[2..].to_vec());
+    }
+
+    #[tokio::test]
+    async fn committed_segments_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = FileVoteLog::open(dir.path(), 4096).unwrap();
+        for i in 0..200 {
+            log.append(&vote(&format!("user-{i}"))).await.unwrap();
+        }
+        let before = segments(dir.path()).unwrap().len();
+        let mut source = log.source_factory().open().await.unwrap();
+        let records = read_all(&mut source).await;
+        source
+            .commit(&[(0, records.last().unwrap().next_offset)])
+            .await
+            .unwrap();
+        assert_eq!(
+            segments(dir.path()).unwrap().len(),
+            1,
+            "from {before} segments"
+        );
+    }
+}

@@ -1,0 +1,640 @@
+//! Settings: config.toml, overridden by `POLLCAST__SECTION__KEY` environment variables.
+//!
+//! Every section rejects unknown keys and every value is checked before anything starts, so
+//! a typo stops start-up with a message naming the key instead of being silently ignored.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pollcast_actors::{IngestSettings, RestartPolicy};
+use serde::Deserialize;
+
+/// Environment variables with this prefix override config.toml (`POLLCAST__HTTP__ADDR`).
+pub const ENV_PREFIX: &str = "POLLCAST";
+
+/// All of pollcast's settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// HTTP server.
+    pub http: HttpSettings,
+    /// Poll store.
+    pub store: StoreSettings,
+    /// Vote log.
+    pub log: LogSettings,
+    /// Duplicate guard.
+    pub dedup: DedupSettings,
+    /// Aggregators.
+    pub aggregator: AggregatorSettings,
+    /// Restart budgets.
+    pub supervision: SupervisionSettings,
+    /// Administration.
+    pub admin: AdminSettings,
+    /// Rate limits.
+    pub rate_limit: RateLimitSettings,
+    /// Who a voter is.
+    pub voters: VoterSettings,
+}
+
+/// Where a vote's userId comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VoterIdentity {
+    /// The request body's `userId` (the seed app's way; trusts the client).
+    Body,
+    /// A token signed by the operator's backend (`Authorization: Bearer <token>`).
+    Signed,
+}
+
+/// `[voters]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VoterSettings {
+    /// Where the userId comes from.
+    pub identity: VoterIdentity,
+    /// The secret shared with the backend that signs voter tokens (`signed` mode).
+    pub secret: Option<String>,
+}
+
+impl Default for VoterSettings {
+    fn default() -> Self {
+        Self {
+            identity: VoterIdentity::Body,
+            secret: None,
+        }
+    }
+}
+
+impl fmt::Debug for VoterSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VoterSettings")
+            .field("identity", &self.identity)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// `[rate_limit]`: a rate of 0 turns that limit off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSettings {
+    /// API requests per second per client IP, sustained.
+    pub per_ip_per_sec: u32,
+    /// API requests per client IP at once.
+    pub per_ip_burst: u32,
+    /// Votes per second per userId, sustained.
+    pub per_user_per_sec: u32,
+    /// Votes per userId at once.
+    pub per_user_burst: u32,
+    /// Behind a reverse proxy: the header it sets to the client's address (e.g.
+    /// `x-forwarded-for`; its last address is used). Unset: the TCP peer's address.
+    pub client_ip_header: Option<String>,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            per_ip_per_sec: 200,
+            per_ip_burst: 2000,
+            per_user_per_sec: 5,
+            per_user_burst: 10,
+            client_ip_header: None,
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address to listen on; port 0 picks a free port.
+    pub addr: String,
+    /// Largest accepted request body, in bytes (larger: 413).
+    pub max_body_bytes: u64,
+    /// Open connections at most (WebSockets included); more are closed at once.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
+    /// Longest a client may take to send a request head.
+    pub header_read_timeout_ms: u64,
+    /// WebSocket subscribers are pinged this often.
+    pub ws_ping_interval_secs: u64,
+    /// A WebSocket subscriber that sends nothing (not even a pong) for this long is closed.
+    pub ws_idle_timeout_secs: u64,
+    /// Serve HTTPS with this certificate chain (PEM); needs `tls_key_path` too.
+    pub tls_cert_path: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_path`.
+    pub tls_key_path: Option<PathBuf>,
+    /// Origins allowed to call the API from a browser on another origin
+    /// (`https://polls.example.com`); empty: no cross-origin access.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8080".into(),
+            max_body_bytes: 16 * 1024,
+            max_connections: 50_000,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout_ms: 10_000,
+            ws_ping_interval_secs: 30,
+            ws_idle_timeout_secs: 90,
+            cors_origins: Vec::new(),
+            tls_cert_path: None,
+            tls_key_path: None,
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// `sqlite://PATH` (embedded) or `postgres://USER@HOST/DB`; migrated on start.
+    pub url: String,
+    /// Connections at most (Postgres; SQLite uses one writer and up to this many readers).
+    pub max_connections: u32,
+    /// Longest wait for a connection (Postgres).
+    pub acquire_timeout_ms: u64,
+    /// Longest a statement may run (Postgres).
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/pollcast.db".into(),
+            max_connections: 8,
+            acquire_timeout_ms: 5000,
+            statement_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout_ms", &self.acquire_timeout_ms)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
+}
+
+impl fmt::Debug for DedupSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DedupSettings")
+            .field("kind", &self.kind)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// A URL with its password masked, for logs, errors and debug output.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!("{}:***{}", &url[..scheme + 3 + colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl StoreSettings {
+    /// Whether the URL names a Postgres database.
+    pub fn is_postgres(&self) -> bool {
+        self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")
+    }
+}
+
+/// Which vote log to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogKind {
+    /// A durable, group-committed log in local files.
+    Embedded,
+    /// Kafka (`[log.kafka]`).
+    Kafka,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// Which log.
+    pub kind: LogKind,
+    /// Directory of the embedded log.
+    pub path: PathBuf,
+    /// Size at which the embedded log starts a new segment file.
+    pub segment_bytes: u64,
+    /// Kafka, when `kind = "kafka"`.
+    pub kafka: KafkaSection,
+}
+
+/// `[log.kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSection {
+    /// Bootstrap brokers, `host:port,host:port`.
+    pub brokers: String,
+    /// Topic of votes (the seed app's `raw-votes`).
+    pub raw_votes_topic: String,
+    /// Topic of count updates shared between processes.
+    pub poll_updates_topic: String,
+    /// Consumer group of every pollcast process.
+    pub group_id: String,
+    /// Partitions of the topics pollcast creates.
+    pub partitions: i32,
+    /// Replication factor of the topics pollcast creates.
+    pub replication_factor: i32,
+    /// Create missing topics at start.
+    pub create_topics: bool,
+    /// Longest wait for a vote's delivery report before answering 503.
+    pub produce_timeout_ms: u64,
+    /// Longest a partition revocation waits for the final flush and commit.
+    pub revoke_timeout_ms: u64,
+    /// Extra librdkafka properties for every client, e.g. `socket_timeout_ms = "10000"`
+    /// (underscores stand for dots, so that environment variables can set them).
+    pub properties: HashMap<String, String>,
+    /// Extra librdkafka properties for consumers only, e.g. `session_timeout_ms = "6000"`.
+    pub consumer_properties: HashMap<String, String>,
+    /// Extra librdkafka properties for producers only.
+    pub producer_properties: HashMap<String, String>,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            raw_votes_topic: "raw-votes".into(),
+            poll_updates_topic: "poll-updates".into(),
+            group_id: "pollcast".into(),
+            partitions: 6,
+            replication_factor: 1,
+            create_topics: true,
+            produce_timeout_ms: 5000,
+            revoke_timeout_ms: 30_000,
+            properties: HashMap::new(),
+            consumer_properties: HashMap::new(),
+            producer_properties: HashMap::new(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            kind: LogKind::Embedded,
+            path: "data/log".into(),
+            segment_bytes: 64 * 1024 * 1024,
+            kafka: KafkaSection::default(),
+        }
+    }
+}
+
+/// Which duplicate guard to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupKind {
+    /// An in-process map with expiry.
+    Memory,
+    /// Redis `SET NX EX`.
+    Redis,
+}
+
+/// `[dedup]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupSettings {
+    /// Which guard.
+    pub kind: DedupKind,
+    /// How long a (poll, user) claim lives.
+    pub ttl_secs: u64,
+    /// Redis, when `kind = "redis"`.
+    pub redis_url: String,
+    /// Prepended to Redis keys (`""`: the seed app's `vote:{pollId}:{userId}`).
+    pub key_prefix: String,
+    /// Longest a Redis command may take before the vote gets a 503.
+    pub timeout_ms: u64,
+}
+
+impl Default for DedupSettings {
+    fn default() -> Self {
+        Self {
+            kind: DedupKind::Memory,
+            ttl_secs: 24 * 60 * 60,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            key_prefix: String::new(),
+            timeout_ms: 1000,
+        }
+    }
+}
+
+/// `[aggregator]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorSettings {
+    /// How often each poll's buffered votes are flushed to the store.
+    pub flush_interval_ms: u64,
+    /// A poll's aggregator is stopped after this long without votes (and started again,
+    /// from the store, at its next vote).
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for AggregatorSettings {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 2000,
+            idle_timeout_secs: 300,
+        }
+    }
+}
+
+/// `[supervision]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionSettings {
+    /// Restarts a supervisor may make within `window_secs` before it gives up.
+    pub max_restarts: u32,
+    /// Window over which restarts are counted.
+    pub window_secs: u64,
+    /// First restart delay; doubled per further restart.
+    pub backoff_initial_ms: u64,
+    /// Longest restart delay.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for SupervisionSettings {
+    fn default() -> Self {
+        let policy = RestartPolicy::default();
+        Self {
+            max_restarts: policy.max_restarts,
+            window_secs: policy.window.as_secs(),
+            backoff_initial_ms: policy.backoff_initial.as_millis() as u64,
+            backoff_max_ms: policy.backoff_max.as_millis() as u64,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Creating and closing polls needs `Authorization: Bearer <token>`. When unset, a random
+    /// token is generated at start and logged once.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` does not exist.
+    #[error("config file {0} not found")]
+    Missing(PathBuf),
+    /// A key is unknown, or a value has the wrong type.
+    #[error("{0}")]
+    Parse(#[from] config::ConfigError),
+    /// A value has the right type but is not usable.
+    #[error("invalid value for `{key}`: {why}")]
+    Invalid {
+        /// The key, as `section.key`.
+        key: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+impl Settings {
+    /// Loads `path` (which must exist when `required`), then applies `POLLCAST__…`
+    /// environment overrides, then validates.
+    pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
+        if required && !path.exists() {
+            return Err(ConfigError::Missing(path.to_owned()));
+        }
+        let settings: Settings = config::Config::builder()
+            .add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(required),
+            )
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, why: &str| ConfigError::Invalid {
+            key,
+            why: why.to_owned(),
+        };
+        self.http
+            .addr
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("http.addr", &format!("{e} (expected IP:PORT)")))?;
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be positive"));
+        }
+        if self.http.max_header_bytes < 8192 {
+            return Err(invalid("http.max_header_bytes", "must be at least 8192"));
+        }
+        if self.http.ws_ping_interval_secs == 0
+            || self.http.ws_idle_timeout_secs <= self.http.ws_ping_interval_secs
+        {
+            return Err(invalid(
+                "http.ws_idle_timeout_secs",
+                "must exceed http.ws_ping_interval_secs, which must be positive",
+            ));
+        }
+        if self.http.tls_cert_path.is_some() != self.http.tls_key_path.is_some() {
+            return Err(invalid(
+                "http.tls_cert_path",
+                "http.tls_cert_path and http.tls_key_path go together",
+            ));
+        }
+        for origin in &self.http.cors_origins {
+            let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
+                && !origin
+                    .split("://")
+                    .nth(1)
+                    .is_some_and(|rest| rest.is_empty() || rest.contains('/'))
+                && http::HeaderValue::from_str(origin).is_ok();
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    key: "http.cors_origins",
+                    why: format!("{origin:?} is not an origin like https://polls.example.com"),
+                });
+            }
+        }
+        if self.http.header_read_timeout_ms == 0 {
+            return Err(invalid("http.header_read_timeout_ms", "must be positive"));
+        }
+        if self.http.max_body_bytes < 256 {
+            return Err(invalid("http.max_body_bytes", "must be at least 256"));
+        }
+        if !self.store.url.starts_with("sqlite:") && !self.store.is_postgres() {
+            return Err(invalid(
+                "store.url",
+                "must be a sqlite://PATH or postgres://USER@HOST/DB URL",
+            ));
+        }
+        if self.store.max_connections == 0 {
+            return Err(invalid("store.max_connections", "must be positive"));
+        }
+        if self.log.kind == LogKind::Kafka {
+            let k = &self.log.kafka;
+            if k.brokers.trim().is_empty() {
+                return Err(invalid(
+                    "log.kafka.brokers",
+                    "must name at least one broker",
+                ));
+            }
+            if k.raw_votes_topic.is_empty() || k.poll_updates_topic.is_empty() {
+                return Err(invalid(
+                    "log.kafka.raw_votes_topic",
+                    "topic names must not be empty",
+                ));
+            }
+            if k.group_id.is_empty() {
+                return Err(invalid("log.kafka.group_id", "must not be empty"));
+            }
+            if k.partitions < 1 || k.replication_factor < 1 {
+                return Err(invalid(
+                    "log.kafka.partitions",
+                    "partitions and replication_factor must be positive",
+                ));
+            }
+        }
+        if self.dedup.kind == DedupKind::Redis && !self.dedup.redis_url.starts_with("redis") {
+            return Err(invalid(
+                "dedup.redis_url",
+                "must be a redis://HOST:PORT URL",
+            ));
+        }
+        if self.log.path.as_os_str().is_empty() {
+            return Err(invalid("log.path", "must not be empty"));
+        }
+        if self.log.segment_bytes < 4096 {
+            return Err(invalid("log.segment_bytes", "must be at least 4096"));
+        }
+        if self.dedup.ttl_secs == 0 {
+            return Err(invalid("dedup.ttl_secs", "must be positive"));
+        }
+        if !(10..=60_000).contains(&self.aggregator.flush_interval_ms) {
+            return Err(invalid(
+                "aggregator.flush_interval_ms",
+                "must be between 10 and 60000",
+            ));
+        }
+        if self.aggregator.idle_timeout_secs == 0 {
+            return Err(invalid("aggregator.idle_timeout_secs", "must be positive"));
+        }
+        if self.supervision.window_secs == 0 {
+            return Err(invalid("supervision.window_secs", "must be positive"));
+        }
+        if self.supervision.backoff_initial_ms > self.supervision.backoff_max_ms {
+            return Err(invalid(
+                "supervision.backoff_initial_ms",
+                "must not exceed supervision.backoff_max_ms",
+            ));
+        }
+        if let Some(header) = &self.rate_limit.client_ip_header
+            && http::HeaderName::from_bytes(header.as_bytes()).is_err()
+        {
+            return Err(invalid(
+                "rate_limit.client_ip_header",
+                "must be a header name",
+            ));
+        }
+        if self.voters.identity == VoterIdentity::Signed
+            && self.voters.secret.as_deref().is_none_or(|s| s.len() < 32)
+        {
+            return Err(invalid(
+                "voters.secret",
+                "signed voter identity needs a secret of at least 32 characters",
+            ));
+        }
+        if self.admin.token.as_deref().is_some_and(|t| t.len() < 8) {
+            return Err(invalid("admin.token", "must be at least 8 characters"));
+        }
+        Ok(())
+    }
+
+    /// The listen address (validated at load).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.addr.parse().expect("validated at load")
+    }
+
+    /// The flush interval.
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.aggregator.flush_interval_ms)
+    }
+
+    /// The restart policy of every supervisor.
+    pub fn restart_policy(&self) -> RestartPolicy {
+        RestartPolicy {
+            max_restarts: self.supervision.max_restarts,
+            window: Duration::from_secs(self.supervision.window_secs),
+            backoff_initial: Duration::from_millis(self.supervision.backoff_initial_ms),
+            backoff_max: Duration::from_millis(self.supervision.backoff_max_ms),
+        }
+    }
+
+    /// How the ingest actor reads the log.
+    pub fn ingest_settings(&self) -> IngestSettings {
+        IngestSettings {
+            idle_timeout: Duration::from_secs(self.aggregator.idle_timeout_secs),
+            ..IngestSettings::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_every_secret() {
+        let mut settings = Settings::default();
+        settings.store.url = "postgres://pollcast:db-password@db:5432/pollcast".into();
+        settings.dedup.redis_url = "redis://:redis-password@cache:6379".into();
+        settings.admin.token = Some("admin-token-value".into());
+        settings.voters.secret = Some("voter-signing-secret".into());
+        let shown = format!("{settings:?}");
+        for secret in [
+            "db-password",
+            "redis-password",
+            "admin-token-value",
+            "voter-signing-secret",
+        ] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert!(shown.contains("postgres://pollcast:***@db:5432/pollcast"));
+    }
+}

@@ -1,0 +1,315 @@
+//! Wiring: the one place where config.toml becomes adapters, the API and the actor tree.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pollcast_actors::domain::now_millis;
+use pollcast_actors::{
+    BroadcastHub, CountsBus, DedupGuard, FaultHooks, PollStore, RootArgs, RootMsg, RootSupervisor,
+    VoteAppender, VoteSourceFactory,
+};
+use ractor::{Actor, ActorRef, call_t};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::adapters::{
+    FileVoteLog, KafkaCountsBus, KafkaSourceFactory, KafkaVoteLog, MemoryGuard, PgPoolSettings,
+    PostgresStore, RedisGuard, RedisGuardSettings, SqliteStore, ensure_topics,
+};
+use crate::config::{DedupKind, LogKind, Settings, VoterIdentity, redact_url};
+use crate::http::Readiness;
+use crate::http::rate_limit::{Rate, RateLimits};
+use crate::http::ws::Keepalive;
+use crate::http::{ApiContext, ConnectionLimits, WarpServer, load_tls};
+use crate::voter_token::VoterTokens;
+use crate::voting::{PollCatalog, VoteIntake};
+
+/// Longest graceful shutdown (stop accepting, final flush, commit).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running pollcast: the API listening and the actor tree started.
+pub struct Application {
+    addr: SocketAddr,
+    root: ActorRef<RootMsg>,
+    tree: JoinHandle<()>,
+}
+
+/// How the application stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped {
+    /// The supervision tree gave up (a restart budget was exhausted); the reason was logged.
+    #[error("the supervision tree stopped: a restart budget was exhausted (see the log above)")]
+    TreeFailed,
+    /// The final flush did not finish in time; unflushed votes stay in the log.
+    #[error("graceful shutdown did not finish in time")]
+    ShutdownTimedOut,
+}
+
+/// The adapters chosen in config.toml, behind their ports.
+pub struct Backends {
+    /// Polls and counts.
+    pub store: Arc<dyn PollStore>,
+    /// Producing side of the vote log.
+    pub appender: Arc<dyn VoteAppender>,
+    /// Consuming side of the vote log.
+    pub source: Arc<dyn VoteSourceFactory>,
+    /// Count updates shared with other processes (Kafka only).
+    pub bus: Option<Arc<dyn CountsBus>>,
+    /// Duplicate guard.
+    pub guard: Arc<dyn DedupGuard>,
+}
+
+/// Opens the store named by `store.url` and applies its migrations.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn PollStore>> {
+    let url = &settings.store.url;
+    if settings.store.is_postgres() {
+        let store = PostgresStore::connect(
+            url,
+            PgPoolSettings {
+                max_connections: settings.store.max_connections,
+                acquire_timeout: Duration::from_millis(settings.store.acquire_timeout_ms),
+                statement_timeout: Duration::from_millis(settings.store.statement_timeout_ms),
+            },
+        )?;
+        store
+            .migrate()
+            .await
+            .with_context(|| format!("migrating {}", redact_url(url)))?;
+        Ok(Arc::new(store))
+    } else {
+        let store = SqliteStore::open(url)
+            .await
+            .with_context(|| format!("opening store {url}"))?;
+        Ok(Arc::new(store))
+    }
+}
+
+/// The configured admin token, or a random one, logged once, so that a server started without
+/// one is never open to anyone who finds it.
+fn admin_token(settings: &Settings) -> Arc<str> {
+    if let Some(token) = &settings.admin.token {
+        return Arc::from(token.as_str());
+    }
+    use rand::Rng;
+    let token: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    tracing::warn!(
+        admin_token = %token,
+        "admin.token is not set: generated one for this run (creating and closing polls need \
+         `Authorization: Bearer <token>`); set admin.token to choose your own"
+    );
+    Arc::from(token)
+}
+
+/// The token verifier of signed voter identity, if configured.
+pub fn voter_tokens(settings: &Settings) -> Option<VoterTokens> {
+    match settings.voters.identity {
+        VoterIdentity::Body => None,
+        VoterIdentity::Signed => {
+            let secret = settings
+                .voters
+                .secret
+                .as_deref()
+                .expect("validated at load");
+            Some(VoterTokens::new(secret.as_bytes()))
+        }
+    }
+}
+
+fn rate_limits(settings: &Settings) -> RateLimits {
+    let r = &settings.rate_limit;
+    let rate = |per_second: u32, burst: u32| {
+        Some(Rate {
+            per_second: NonZeroU32::new(per_second)?,
+            burst: NonZeroU32::new(burst.max(1)).expect("at least 1"),
+        })
+    };
+    RateLimits::new(
+        rate(r.per_ip_per_sec, r.per_ip_burst),
+        rate(r.per_user_per_sec, r.per_user_burst),
+        r.client_ip_header
+            .as_deref()
+            .map(|h| http::HeaderName::from_bytes(h.as_bytes()).expect("validated at load")),
+    )
+}
+
+/// Opens every adapter chosen in `settings`.
+pub async fn open_backends(settings: &Settings) -> anyhow::Result<Backends> {
+    let store = open_store(settings).await?;
+    let mut embedded_log = None;
+    let (appender, source, bus): (Arc<dyn VoteAppender>, Arc<dyn VoteSourceFactory>, _) =
+        match settings.log.kind {
+            LogKind::Embedded => {
+                let log = FileVoteLog::open(&settings.log.path, settings.log.segment_bytes)
+                    .with_context(|| format!("opening vote log {}", settings.log.path.display()))?;
+                let source = log.source_factory();
+                embedded_log = Some(log.clone());
+                (Arc::new(log), source, None)
+            }
+            LogKind::Kafka => {
+                let kafka = settings.log.kafka.clone();
+                if kafka.create_topics {
+                    ensure_topics(&kafka).await.with_context(|| {
+                        format!("creating topics on Kafka at {}", kafka.brokers)
+                    })?;
+                }
+                let bus: Arc<dyn CountsBus> = Arc::new(KafkaCountsBus::new(&kafka)?);
+                (
+                    Arc::new(KafkaVoteLog::new(&kafka)?),
+                    Arc::new(KafkaSourceFactory::new(kafka)),
+                    Some(bus),
+                )
+            }
+        };
+    let ttl = Duration::from_secs(settings.dedup.ttl_secs);
+    let guard: Arc<dyn DedupGuard> = match settings.dedup.kind {
+        DedupKind::Memory => {
+            let guard = MemoryGuard::new(ttl);
+            let since = now_millis() - ttl.as_millis() as i64;
+            let mut voters = store
+                .voters_since(since)
+                .await
+                .context("warming the duplicate guard")?;
+            // Votes accepted before a crash but not yet counted are only in the log.
+            if let Some(log) = &embedded_log {
+                voters.extend(
+                    log.unapplied_voters()
+                        .await
+                        .context("warming the duplicate guard")?,
+                );
+            }
+            let warmed = guard.warm(voters);
+            tracing::info!(
+                voters = warmed,
+                "duplicate guard warmed from the ledger and the log"
+            );
+            Arc::new(guard)
+        }
+        DedupKind::Redis => Arc::new(RedisGuard::connect(RedisGuardSettings {
+            url: settings.dedup.redis_url.clone(),
+            key_prefix: settings.dedup.key_prefix.clone(),
+            ttl,
+            timeout: Duration::from_millis(settings.dedup.timeout_ms),
+        })?),
+    };
+    Ok(Backends {
+        store,
+        appender,
+        source,
+        bus,
+        guard,
+    })
+}
+
+impl Application {
+    /// Opens the backends, binds the listener and starts the supervision tree.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let Backends {
+            store,
+            appender,
+            source,
+            bus,
+            guard,
+        } = open_backends(&settings).await?;
+        let tls = match (&settings.http.tls_cert_path, &settings.http.tls_key_path) {
+            (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
+            _ => None,
+        };
+        let listener = std::net::TcpListener::bind(settings.http_addr())
+            .with_context(|| format!("binding http.addr {}", settings.http.addr))?;
+        let addr = listener.local_addr()?;
+        let hub = BroadcastHub::new();
+        let faults = FaultHooks::default();
+        let catalog = PollCatalog::new(store.clone());
+        let ctx = ApiContext {
+            store: store.clone(),
+            intake: VoteIntake::new(catalog.clone(), guard.clone(), appender.clone()),
+            readiness: Readiness::new(store.clone(), guard, appender, source.clone()),
+            catalog,
+            hub: hub.clone(),
+            admin_token: Some(admin_token(&settings)),
+            max_body_bytes: settings.http.max_body_bytes,
+            faults: faults.clone(),
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            metrics: crate::metrics::install(),
+            limits: rate_limits(&settings),
+            voter_tokens: voter_tokens(&settings),
+            keepalive: Keepalive {
+                ping_every: Duration::from_secs(settings.http.ws_ping_interval_secs),
+                idle_timeout: Duration::from_secs(settings.http.ws_idle_timeout_secs),
+            },
+            cors_origins: settings.http.cors_origins.clone(),
+        };
+        let args = RootArgs {
+            store,
+            source,
+            hub,
+            bus,
+            http: Arc::new(WarpServer::new(
+                listener,
+                ctx,
+                ConnectionLimits {
+                    max_connections: settings.http.max_connections,
+                    max_header_bytes: settings.http.max_header_bytes,
+                    header_read_timeout: Duration::from_millis(
+                        settings.http.header_read_timeout_ms,
+                    ),
+                },
+                tls,
+            )),
+            flush_interval: settings.flush_interval(),
+            ingest: settings.ingest_settings(),
+            restart: settings.restart_policy(),
+            faults,
+        };
+        let (root, tree) = Actor::spawn(None, RootSupervisor, args)
+            .await
+            .context("starting the supervision tree")?;
+        let scheme = if settings.http.tls_cert_path.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        tracing::info!(%addr, scheme, "listening");
+        Ok(Self { addr, root, tree })
+    }
+
+    /// The address the API listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs until `shutdown` completes (then stops gracefully: stop accepting, flush every
+    /// aggregator, commit the log, close WebSockets) or until the tree gives up.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Stopped> {
+        let Self { root, mut tree, .. } = self;
+        tokio::select! {
+            _ = &mut tree => return Err(Stopped::TreeFailed),
+            _ = shutdown => {}
+        }
+        tracing::info!("shutting down: no new votes, flushing and committing");
+        let timeout = SHUTDOWN_TIMEOUT.as_millis() as u64;
+        let drained = call_t!(root, RootMsg::Shutdown, timeout);
+        root.stop(None);
+        let _ = tree.await;
+        match drained {
+            Ok(()) => {
+                tracing::info!("stopped cleanly");
+                Ok(())
+            }
+            Err(_) => Err(Stopped::ShutdownTimedOut),
+        }
+    }
+}
