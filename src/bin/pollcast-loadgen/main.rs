@@ -1,0 +1,62 @@
+//! `pollcast-loadgen`: load for any pollcast, and what it measured.
+//!
+//! ```text
+//! pollcast-loadgen votes --url http://127.0.0.1:8080 --token T --connections 64 --duration 10s \
+//!     --polls 10 [--duplicate-ratio 0.1] [--subscribers 1000] [--verify] [--json]
+//! ```
+//!
+//! Votes go over HTTP/1.1 keep-alive connections, one request in flight per connection, each
+//! with a unique userId (or a repeated one, for the duplicate ratio). Subscribers are
+//! WebSocket clients of the first poll; for each counts message they record the delay from
+//! the server's flush (`flushedAt`) to receipt, and any update they missed (a gap in `seq`).
+//! `--verify` then waits for the counts to stop moving and compares them with the 202s.
+
+mod report;
+mod subscribers;
+mod votes;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Load generator for pollcast.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send votes (and optionally watch with WebSocket subscribers).
+    Votes(votes::VoteArgs),
+}
+
+/// Parses `10s`, `500ms`, `2m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Votes(args) => votes::run(args).await,
+    };
+    match result {
+        Ok(report) => {
+            report.print();
+            if report.verified_exact() == Some(false) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(err) => {
+            eprintln!("pollcast-loadgen: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! The votes load: connections sending unique (or duplicate) votes as fast as answered.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use crate::report::{Latency, Report, Verification, histogram};
+use crate::subscribers::Subscribers;
+
+/// Options of `pollcast-loadgen votes`.
+#[derive(Debug, clap::Args)]
+pub struct VoteArgs {
+    /// Base URL of the pollcast under test (http only).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Admin token, to create the polls.
+    #[arg(long, env = "POLLCAST_ADMIN_TOKEN")]
+    token: Option<String>,
+    /// Concurrent HTTP/1.1 keep-alive connections, one request in flight on each.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// How long to send (ignored with --count).
+    #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Send exactly this many votes instead.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Polls to create and spread the votes over.
+    #[arg(long, default_value_t = 1)]
+    polls: usize,
+    /// Vote in these existing polls instead of creating some.
+    #[arg(long, value_delimiter = ',')]
+    poll_ids: Vec<i64>,
+    /// Options per created poll.
+    #[arg(long, default_value_t = 4)]
+    options: i64,
+    /// Share of votes that repeat an earlier voter of the same poll (expect 409s).
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_ratio: f64,
+    /// WebSocket subscribers on the first poll, timing every update.
+    #[arg(long, default_value_t = 0)]
+    subscribers: usize,
+    /// After the load, wait for the counts to settle and compare them with the 202s.
+    #[arg(long)]
+    verify: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// A tiny HTTP/1.1 client on one keep-alive connection.
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr, host: &str) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(Self {
+            sender,
+            host: host.to_owned(),
+        })
+    }
+
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Bytes,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.host)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req.body(Full::new(body))?).await?;
+        let status = resp.status();
+        Ok((status, resp.into_body().collect().await?.to_bytes()))
+    }
+
+    async fn json(
+        &mut self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let (status, bytes) = self
+            .send(method, path, token, Bytes::from(body.to_string()))
+            .await?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+}
+
+async fn target(url: &str) -> anyhow::Result<(SocketAddr, String)> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!("--url must start with http:// (got {url})");
+    };
+    let host = rest.trim_end_matches('/').to_owned();
+    let addr = tokio::net::lookup_host(&host)
+        .await
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    Ok((addr, host))
+}
+
+struct Shared {
+    next: AtomicU64,
+    accepted: AtomicU64,
+    limit: Option<u64>,
+    deadline: Instant,
+    polls: Vec<i64>,
+    options: i64,
+    duplicate_ratio: f64,
+    run: String,
+}
+
+#[derive(Default)]
+struct WorkerStats {
+    sent: u64,
+    accepted: u64,
+    duplicates: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+async fn worker(
+    addr: SocketAddr,
+    host: String,
+    shared: Arc<Shared>,
+) -> (WorkerStats, Histogram<u64>) {
+    let mut stats = WorkerStats::default();
+    let mut latencies = histogram();
+    let Ok(mut conn) = Connection::open(addr, &host).await else {
+        *stats.errors.entry("connect".into()).or_default() += 1;
+        return (stats, latencies);
+    };
+    let p = shared.polls.len() as u64;
+    loop {
+        let n = shared.next.fetch_add(1, Ordering::Relaxed);
+        if shared.limit.is_some_and(|l| n >= l) || Instant::now() >= shared.deadline {
+            break;
+        }
+        let poll = shared.polls[(n % p) as usize];
+        let option = ((n / p) as i64 % shared.options) + 1;
+        // A duplicate repeats the voter of the vote sent p earlier, which went to this poll.
+        let voter = if n >= p && rand::random::<f64>() < shared.duplicate_ratio {
+            n - p
+        } else {
+            n
+        };
+        let body = format!(
+            r#"{{"pollId":{poll},"optionId":{option},"userId":"{}-{voter}"}}"#,
+            shared.run
+        );
+        let started = Instant::now();
+        let answer = conn
+            .send(Method::POST, "/vote", None, Bytes::from(body))
+            .await;
+        let _ = latencies.record(started.elapsed().as_micros().max(1) as u64);
+        stats.sent += 1;
+        match answer {
+            Ok((StatusCode::ACCEPTED, _)) => {
+                stats.accepted += 1;
+                shared.accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((StatusCode::CONFLICT, _)) => stats.duplicates += 1,
+            Ok((status, _)) => *stats.errors.entry(status.as_u16().to_string()).or_default() += 1,
+            Err(_) => {
+                *stats.errors.entry("error".into()).or_default() += 1;
+                match Connection::open(addr, &host).await {
+                    Ok(fresh) => conn = fresh,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    (stats, latencies)
+}
+
+async fn totals(addr: SocketAddr, host: &str, polls: &[i64]) -> anyhow::Result<i64> {
+    let mut conn = Connection::open(addr, host).await?;
+    let mut sum = 0;
+    for poll in polls {
+        let (status, body) = conn
+            .json(Method::GET, &format!("/polls/{poll}"), None, Value::Null)
+            .await?;
+        if status != StatusCode::OK {
+            bail!("GET /polls/{poll} answered {status}");
+        }
+        sum += body["totalVotes"].as_i64().unwrap_or(0);
+    }
+    Ok(sum)
+}
+
+/// Waits until the totals stop moving (three equal reads 250 ms apart, or 60 s).
+async fn settle(
+    addr: SocketAddr,
+    host: &str,
+    polls: &[i64],
+    at_least: i64,
+) -> anyhow::Result<(i64, Duration)> {
+    let started = Instant::now();
+    let (mut last, mut same) = (-1, 0);
+    loop {
+        let now = totals(addr, host, polls).await?;
+        same = if now == last && now >= at_least {
+            same + 1
+        } else {
+            0
+        };
+        if same >= 2 || started.elapsed() > Duration::from_secs(60) {
+            return Ok((now, started.elapsed()));
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
+    let (addr, host) = target(&args.url).await?;
+    let mut setup = Connection::open(addr, &host).await?;
+    let polls = if args.poll_ids.is_empty() {
+        let mut polls = Vec::with_capacity(args.polls);
+        let options: Vec<String> = (1..=args.options).map(|i| format!("option {i}")).collect();
+        for i in 0..args.polls.max(1) {
+            let body = json!({ "question": format!("load {i}"), "options": options });
+            let (status, poll) = setup
+                .json(Method::POST, "/polls", args.token.as_deref(), body)
+                .await?;
+            if status != StatusCode::CREATED {
+                bail!("creating a poll answered {status}: {poll} (is --token right?)");
+            }
+            polls.push(poll["id"].as_i64().context("poll id")?);
+        }
+        polls
+    } else {
+        args.poll_ids.clone()
+    };
+    let baseline = if args.verify {
+        totals(addr, &host, &polls).await?
+    } else {
+        0
+    };
+    let subscribers = match args.subscribers {
+        0 => None,
+        n => Some(Subscribers::connect(&format!("ws://{host}/ws/polls/{}", polls[0]), n).await?),
+    };
+
+    let started = Instant::now();
+    let shared = Arc::new(Shared {
+        next: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+        limit: args.count,
+        deadline: if args.count.is_some() {
+            started + Duration::from_secs(3600)
+        } else {
+            started + args.duration
+        },
+        polls: polls.clone(),
+        options: if args.poll_ids.is_empty() {
+            args.options
+        } else {
+            2
+        },
+        duplicate_ratio: args.duplicate_ratio,
+        run: format!("lg{:x}", rand::random::<u32>()),
+    });
+    let progress = (!args.quiet && !args.json).then(|| {
+        let bar = ProgressBar::new(args.count.unwrap_or(args.duration.as_secs()));
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
+                .expect("valid template"),
+        );
+        let (bar2, shared2) = (bar.clone(), shared.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let accepted = shared2.accepted.load(Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64();
+                bar2.set_position(
+                    shared2
+                        .limit
+                        .map_or(secs as u64, |_| shared2.next.load(Ordering::Relaxed)),
+                );
+                bar2.set_message(format!(
+                    "{accepted} accepted, {:.0}/s",
+                    accepted as f64 / secs.max(0.001)
+                ));
+            }
+        });
+        bar
+    });
+    let workers: Vec<_> = (0..args.connections.max(1))
+        .map(|_| tokio::spawn(worker(addr, host.clone(), shared.clone())))
+        .collect();
+    let mut total = WorkerStats::default();
+    let mut latencies = histogram();
+    for w in workers {
+        let (stats, h) = w.await?;
+        total.sent += stats.sent;
+        total.accepted += stats.accepted;
+        total.duplicates += stats.duplicates;
+        for (k, v) in stats.errors {
+            *total.errors.entry(k).or_default() += v;
+        }
+        latencies.add(&h).expect("same bounds");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    let verification = if args.verify {
+        let (counted, took) = settle(addr, &host, &polls, baseline + total.accepted as i64).await?;
+        let counted = counted - baseline;
+        Some(Verification {
+            counted,
+            accepted: total.accepted,
+            exact: counted == total.accepted as i64,
+            settle_ms: took.as_millis() as u64,
+        })
+    } else {
+        None
+    };
+    let fanout = match subscribers {
+        Some(s) => Some(s.finish(Duration::from_secs(3)).await),
+        None => None,
+    };
+    Ok(Report {
+        url: args.url,
+        connections: args.connections,
+        polls: polls.len(),
+        seconds,
+        sent: total.sent,
+        accepted: total.accepted,
+        duplicates: total.duplicates,
+        errors: total.errors,
+        accepted_per_sec: total.accepted as f64 / seconds,
+        latency: Latency::of(&latencies),
+        verification,
+        fanout,
+        json: args.json,
+    })
+}

@@ -1,0 +1,154 @@
+//! API errors: one enum, each variant mapped to a status code and a JSON body
+//! `{"error": "<code>", "message": "<for people>"}`. Every rejection, ours or warp's, goes
+//! through [`recover`], so no client ever sees an HTML or empty error.
+
+use std::convert::Infallible;
+
+use pollcast_actors::PollId;
+use warp::http::StatusCode;
+use warp::reject::Reject;
+use warp::{Rejection, Reply};
+
+use crate::voting::VoteRejection;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON.
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    /// The body is JSON but not a valid request.
+    #[error("{0}")]
+    Invalid(String),
+    /// The body is larger than `http.max_body_bytes`.
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    /// Missing or wrong admin token.
+    #[error("this endpoint needs `Authorization: Bearer <admin token>`")]
+    Unauthorized,
+    /// No such poll.
+    #[error("poll {0} does not exist")]
+    PollNotFound(PollId),
+    /// No such option in the poll.
+    #[error("poll {poll} has no option {option}")]
+    OptionNotFound {
+        /// The poll.
+        poll: PollId,
+        /// The option asked for.
+        option: i64,
+    },
+    /// The poll no longer takes votes.
+    #[error("poll {0} is closed")]
+    PollClosed(PollId),
+    /// One vote per user and poll.
+    #[error("this user already voted in poll {0}")]
+    AlreadyVoted(PollId),
+    /// Signed voter identity: the token is missing, forged or expired.
+    #[error("{0}: votes need `Authorization: Bearer <voter token>`")]
+    VoterToken(crate::voter_token::TokenError),
+    /// Too many requests from this client or for this user.
+    #[error("too many requests; retry in {} s", retry_secs(.0))]
+    RateLimited(std::time::Duration),
+    /// Rate limiting by a proxy header is configured, and the request lacks it.
+    #[error("the configured client address header is missing or not an IP address")]
+    NoClientAddress,
+    /// A dependency is down; nothing was done.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Reject for ApiError {}
+
+impl ApiError {
+    /// The machine-readable code of the error (the `error` field of the body).
+    pub fn code(&self) -> &'static str {
+        self.status_and_code().1
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::VoterToken(_) => (StatusCode::UNAUTHORIZED, "invalid_voter_token"),
+            Self::PollNotFound(_) => (StatusCode::NOT_FOUND, "poll_not_found"),
+            Self::OptionNotFound { .. } => (StatusCode::NOT_FOUND, "option_not_found"),
+            Self::PollClosed(_) => (StatusCode::GONE, "poll_closed"),
+            Self::AlreadyVoted(_) => (StatusCode::CONFLICT, "already_voted"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::NoClientAddress => (StatusCode::BAD_REQUEST, "bad_request"),
+        }
+    }
+
+    /// Wraps a backend failure, logging it (the client only learns that we are unavailable).
+    pub fn unavailable(err: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %err, "dependency unavailable");
+        Self::Unavailable(err.to_string())
+    }
+}
+
+impl From<VoteRejection> for ApiError {
+    fn from(rejection: VoteRejection) -> Self {
+        match rejection {
+            VoteRejection::UnknownPoll(poll) => Self::PollNotFound(poll),
+            VoteRejection::UnknownOption { poll, option } => Self::OptionNotFound { poll, option },
+            VoteRejection::Closed(poll) => Self::PollClosed(poll),
+            VoteRejection::Duplicate(poll) => Self::AlreadyVoted(poll),
+            other @ (VoteRejection::Store(_) | VoteRejection::Guard(_) | VoteRejection::Log(_)) => {
+                Self::unavailable(other)
+            }
+        }
+    }
+}
+
+/// Whole seconds to wait, rounded up (Retry-After has no fractions), and never 0: a 429
+/// that says "retry now" invites a hot loop.
+fn retry_secs(wait: &std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+/// The JSON error response.
+pub fn error_reply(status: StatusCode, code: &str, message: &str) -> warp::reply::Response {
+    let body = serde_json::json!({ "error": code, "message": message });
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+/// Turns every rejection into a JSON error.
+pub async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
+    use warp::reject;
+    if let Some(err) = rejection.find::<ApiError>() {
+        let (status, code) = err.status_and_code();
+        let mut reply = error_reply(status, code, &err.to_string());
+        if let ApiError::RateLimited(wait) = err {
+            let secs = warp::http::HeaderValue::from(retry_secs(wait));
+            reply.headers_mut().insert("retry-after", secs);
+        }
+        return Ok(reply);
+    }
+    let (status, code, message) = if rejection.is_not_found() {
+        (
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such endpoint".to_owned(),
+        )
+    } else if let Some(cors) = rejection.find::<warp::filters::cors::CorsForbidden>() {
+        (StatusCode::FORBIDDEN, "forbidden", cors.to_string())
+    } else if rejection.find::<reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this endpoint".to_owned(),
+        )
+    } else {
+        // Why 400 and not 500: every remaining rejection of warp's is about the request (a bad
+        // header, a missing WebSocket upgrade); our own failures are ApiErrors, handled above.
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("bad request: {rejection:?}"),
+        )
+    };
+    Ok(error_reply(status, code, &message))
+}

@@ -1,0 +1,214 @@
+//! The HTTP and WebSocket API, on warp.
+//!
+//! Each resource has its own module with its `routes` (filters) and handlers; this module
+//! holds what they share ([`ApiContext`], body parsing, admin auth) and assembles them.
+
+mod debug;
+pub mod error;
+mod health;
+pub mod models;
+mod polls;
+pub mod rate_limit;
+mod server;
+mod votes;
+pub mod ws;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pollcast_actors::{BroadcastHub, FaultHooks, PollStore};
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+pub use health::Readiness;
+pub use server::{ConnectionLimits, PeerAddr, WarpServer, load_tls};
+
+use crate::voting::{PollCatalog, VoteIntake};
+use error::ApiError;
+
+/// What every handler may use. Cloning is cheap (handles only).
+#[derive(Clone)]
+pub struct ApiContext {
+    /// Polls and counts.
+    pub store: Arc<dyn PollStore>,
+    /// Cached poll metadata for the vote path.
+    pub catalog: PollCatalog,
+    /// The vote path.
+    pub intake: VoteIntake,
+    /// Dependencies pinged by `/readyz`.
+    pub readiness: Readiness,
+    /// WebSocket subscriber registry.
+    pub hub: BroadcastHub,
+    /// Poll creation and closing need it as a bearer token (`None`: open, for tests only).
+    pub admin_token: Option<Arc<str>>,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// Test-only failure switches.
+    pub faults: FaultHooks,
+    /// Cancelled when the server shuts down; WebSocket sessions then send a close frame.
+    pub shutdown: CancellationToken,
+    /// WebSocket sessions, awaited at shutdown.
+    pub sessions: TaskTracker,
+    /// WebSocket ping interval and idle timeout.
+    pub keepalive: ws::Keepalive,
+    /// Origins allowed cross-origin access (empty: none).
+    pub cors_origins: Vec<String>,
+    /// Verifies voter tokens in signed identity mode (`None`: userId from the body).
+    pub voter_tokens: Option<crate::voter_token::VoterTokens>,
+    /// Per-IP and per-user rate limits.
+    pub limits: rate_limit::RateLimits,
+    /// Renders `GET /metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// Every route, with errors turned into JSON.
+pub fn routes(
+    ctx: ApiContext,
+) -> impl Filter<Extract = (impl Reply,), Error = std::convert::Infallible> + Clone + Send + Sync + 'static
+{
+    // Health and metrics are not rate limited: probes must always get through.
+    let limited = rate_limit::per_ip(&ctx.limits).and(
+        polls::routes(&ctx)
+            .or(votes::routes(&ctx))
+            .unify()
+            .or(ws::routes(&ctx))
+            .unify(),
+    );
+    let api = health::routes(&ctx)
+        .or(limited)
+        .unify()
+        .or(debug::routes(&ctx))
+        .unify();
+    let api: BoxedFilter<(Response,)> = match cors(&ctx.cors_origins) {
+        Some(cors) => api.with(cors).map(Reply::into_response).boxed(),
+        None => api.boxed(),
+    };
+    api.recover(error::recover)
+        .unify()
+        .with(warp::log::custom(|info| {
+            metrics::histogram!(
+                "pollcast_http_request_duration_seconds",
+                "method" => crate::metrics::method_label(info.method()),
+                "route" => crate::metrics::route_label(info.path()),
+                "status" => crate::metrics::status_label(info.status()),
+            )
+            .record(info.elapsed().as_secs_f64());
+            tracing::debug!(
+                method = %info.method(),
+                path = info.path(),
+                status = info.status().as_u16(),
+                micros = info.elapsed().as_micros() as u64,
+                "request"
+            );
+        }))
+}
+
+/// Cross-origin access for the configured origins only (preflights included).
+fn cors(origins: &[String]) -> Option<warp::filters::cors::Builder> {
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        warp::cors()
+            .allow_origins(origins.iter().map(String::as_str))
+            .allow_methods(["GET", "POST"])
+            .allow_headers(["content-type", "authorization", "x-request-id"])
+            .expose_headers(["x-request-id", "retry-after"])
+            .max_age(600),
+    )
+}
+
+/// Hands the context to a handler. Why an `Arc`: several filters of every request take it,
+/// and cloning the context itself (a dozen handles) showed up in instruction profiles.
+fn with_ctx(
+    ctx: &ApiContext,
+) -> impl Filter<Extract = (Arc<ApiContext>,), Error = std::convert::Infallible> + Clone + use<> {
+    let ctx = Arc::new(ctx.clone());
+    warp::any().map(move || ctx.clone())
+}
+
+/// A JSON body of at most `max_body_bytes` (413 beyond), parsed into `T` (400 / 422).
+fn json_body<T: DeserializeOwned + Send>(
+    ctx: &ApiContext,
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone + use<T> {
+    raw_body(ctx).and_then(|body: Result<Bytes, ApiError>| async move {
+        body.and_then(|bytes| models::parse_json::<T>(&bytes))
+            .map_err(Rejection::from)
+    })
+}
+
+/// The body, or why it cannot be had (too large, unreadable).
+fn raw_body(
+    ctx: &ApiContext,
+) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone + use<> {
+    let limit = ctx.max_body_bytes;
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .then(move |declared: Option<u64>, body| read_limited(declared, body, limit))
+}
+
+/// Reads a body, with or without Content-Length (chunked), refusing more than `limit` bytes
+/// without buffering them.
+async fn read_limited<B: bytes::Buf>(
+    declared: Option<u64>,
+    body: impl futures_util::Stream<Item = Result<B, warp::Error>>,
+    limit: u64,
+) -> Result<Bytes, ApiError> {
+    use futures_util::TryStreamExt;
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    let mut body = std::pin::pin!(body);
+    while let Some(mut chunk) = body
+        .try_next()
+        .await
+        .map_err(|e| ApiError::Malformed(format!("unreadable body: {e}")))?
+    {
+        if (buf.len() + chunk.remaining()) as u64 > limit {
+            return Err(ApiError::TooLarge(limit));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Passes when no admin token is configured, or when the request carries it.
+fn admin(ctx: &ApiContext) -> impl Filter<Extract = (), Error = Rejection> + Clone + use<> {
+    let token = ctx.admin_token.clone();
+    warp::header::optional::<String>("authorization")
+        .and_then(move |header: Option<String>| {
+            let token = token.clone();
+            async move {
+                let Some(expected) = token else {
+                    return Ok(());
+                };
+                let given = header
+                    .as_deref()
+                    .and_then(|h| h.strip_prefix("Bearer "))
+                    .unwrap_or_default();
+                // Constant-time: the comparison must not leak how much of a guess was right.
+                if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+                    Ok(())
+                } else {
+                    Err(Rejection::from(ApiError::Unauthorized))
+                }
+            }
+        })
+        .untuple_one()
+}
+
+/// A JSON reply with a status.
+fn json_reply(body: &impl serde::Serialize, status: warp::http::StatusCode) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}

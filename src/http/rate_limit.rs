@@ -1,0 +1,155 @@
+//! Rate limits per client IP (every API request) and per userId (votes), answered with 429
+//! and `Retry-After`.
+//!
+//! Behind a proxy the client's IP comes from the configured header only (the last address,
+//! the one the proxy itself appended); anything else a client sends is ignored.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::HeaderName;
+use warp::{Filter, Rejection};
+
+use super::error::ApiError;
+use super::server::PeerAddr;
+
+/// How often idle keys are forgotten.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// One quota: a sustained rate and a burst.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    /// Requests per second, sustained.
+    pub per_second: NonZeroU32,
+    /// Requests allowed at once.
+    pub burst: NonZeroU32,
+}
+
+impl Rate {
+    fn quota(self) -> Quota {
+        Quota::per_second(self.per_second).allow_burst(self.burst)
+    }
+}
+
+/// The limiters, shared by every request.
+#[derive(Clone, Default)]
+pub struct RateLimits {
+    per_ip: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+    per_user: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+    client_ip_header: Option<HeaderName>,
+}
+
+impl RateLimits {
+    /// Limiters for the given rates (`None`: no limit), sweeping idle keys in the background.
+    pub fn new(
+        per_ip: Option<Rate>,
+        per_user: Option<Rate>,
+        client_ip_header: Option<HeaderName>,
+    ) -> Self {
+        let limits = Self {
+            per_ip: per_ip.map(|r| Arc::new(RateLimiter::keyed(r.quota()))),
+            per_user: per_user.map(|r| Arc::new(RateLimiter::keyed(r.quota()))),
+            client_ip_header,
+        };
+        let (ips, users) = (
+            limits.per_ip.as_ref().map(Arc::downgrade),
+            limits.per_user.as_ref().map(Arc::downgrade),
+        );
+        if ips.is_some() || users.is_some() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    tick.tick().await;
+                    let (ip, user) = (
+                        ips.as_ref().map(|w| w.upgrade()),
+                        users.as_ref().map(|w| w.upgrade()),
+                    );
+                    if matches!((&ip, &user), (None | Some(None), None | Some(None))) {
+                        return; // the server is gone
+                    }
+                    if let Some(Some(l)) = ip {
+                        l.retain_recent();
+                        l.shrink_to_fit();
+                    }
+                    if let Some(Some(l)) = user {
+                        l.retain_recent();
+                        l.shrink_to_fit();
+                    }
+                }
+            });
+        }
+        limits
+    }
+
+    /// Counts one vote of `user`; refuses it when the user is over the limit.
+    pub fn check_user(&self, user: &str) -> Result<(), ApiError> {
+        match &self.per_user {
+            Some(limiter) => check(limiter, &user.to_owned()),
+            None => Ok(()),
+        }
+    }
+
+    /// The client's IP: from the configured proxy header's value (`forwarded`) when one is
+    /// configured, else the TCP peer's.
+    fn client_ip(&self, peer: Option<PeerAddr>, forwarded: Option<String>) -> Option<IpAddr> {
+        if self.client_ip_header.is_some() {
+            // Why the last address: a proxy appends the peer it saw, so only the last entry
+            // was written by a machine we trust.
+            return forwarded?.rsplit(',').next()?.trim().parse().ok();
+        }
+        peer.map(|p| p.0.ip())
+    }
+}
+
+fn check<K>(limiter: &DefaultKeyedRateLimiter<K>, key: &K) -> Result<(), ApiError>
+where
+    K: std::hash::Hash + Eq + Clone,
+{
+    limiter.check_key(key).map_err(|not_until| {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        metrics::counter!("pollcast_rate_limited_total").increment(1);
+        ApiError::RateLimited(wait)
+    })
+}
+
+/// Counts a request against its client IP; rejects it with 429 over the limit.
+pub fn per_ip(limits: &RateLimits) -> impl Filter<Extract = (), Error = Rejection> + Clone + use<> {
+    let limits = limits.clone();
+    warp::ext::optional::<PeerAddr>()
+        .and(forwarded_header(limits.client_ip_header.clone()))
+        .and_then(move |peer: Option<PeerAddr>, forwarded: Option<String>| {
+            let limits = limits.clone();
+            async move {
+                let Some(limiter) = &limits.per_ip else {
+                    return Ok(());
+                };
+                match limits.client_ip(peer, forwarded) {
+                    Some(ip) => check(limiter, &ip).map_err(Rejection::from),
+                    // A proxy that did not set the configured header is misconfigured; refuse
+                    // rather than lump every such client under one key.
+                    None => Err(Rejection::from(ApiError::NoClientAddress)),
+                }
+            }
+        })
+        .untuple_one()
+}
+
+/// The value of the configured client-address header; without one configured, no header is
+/// read at all (this runs on every API request).
+fn forwarded_header(name: Option<HeaderName>) -> warp::filters::BoxedFilter<(Option<String>,)> {
+    match name {
+        Some(name) => warp::header::headers_cloned()
+            .map(move |headers: http::HeaderMap| {
+                headers
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .boxed(),
+        None => warp::any().map(|| None).boxed(),
+    }
+}
