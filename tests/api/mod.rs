@@ -1,0 +1,10 @@
+mod connections;
+mod health;
+mod hostile;
+mod metrics;
+mod polls;
+mod rate_limits;
+mod tls;
+mod voters;
+mod votes;
+mod ws;

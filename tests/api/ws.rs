@@ -1,0 +1,175 @@
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::helpers::{Backend, SETTLE, TestApp};
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn subscribe(app: &TestApp, poll: i64) -> Socket {
+    let url = format!("ws://{}/ws/polls/{poll}", app.api.addr);
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade")
+        .0
+}
+
+async fn next_json(socket: &mut Socket) -> Value {
+    loop {
+        let msg = tokio::time::timeout(SETTLE, socket.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("socket open")
+            .expect("valid frame");
+        if let Message::Text(text) = msg {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+async fn subscriber_gets_a_snapshot_then_the_counts_of_each_flush(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let mut socket = subscribe(&app, poll).await;
+
+    let snapshot = next_json(&mut socket).await;
+    assert_eq!(snapshot["type"], "snapshot");
+    assert_eq!(snapshot["seq"], 0);
+    assert_eq!(snapshot["poll"]["id"], poll);
+    assert_eq!(snapshot["poll"]["options"][1]["votes"], 0);
+
+    assert_eq!(app.api.vote(poll, 2, "u1").await.0, 202);
+    let first = next_json(&mut socket).await;
+    assert_eq!(first["type"], "counts");
+    assert_eq!(first["pollId"], poll);
+    assert_eq!(first["seq"], 1);
+    assert_eq!(
+        first["counts"],
+        serde_json::json!([{ "optionId": 2, "newCount": 1 }])
+    );
+    assert!(first["flushedAt"].as_i64().unwrap() > 0);
+
+    assert_eq!(app.api.vote(poll, 1, "u2").await.0, 202);
+    let second = next_json(&mut socket).await;
+    assert_eq!(second["seq"], 2);
+    assert_eq!(
+        second["counts"],
+        serde_json::json!([{ "optionId": 1, "newCount": 1 }])
+    );
+}
+
+async fn snapshot_includes_votes_counted_before_subscribing(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    app.api.vote(poll, 1, "early").await;
+    app.api.wait_for_total(poll, 1, SETTLE).await;
+    let mut socket = subscribe(&app, poll).await;
+    let snapshot = next_json(&mut socket).await;
+    assert_eq!(snapshot["seq"], 1);
+    assert_eq!(snapshot["poll"]["totalVotes"], 1);
+}
+
+async fn subscriber_only_receives_its_own_polls_updates(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let watched = app.api.create_poll(&["A", "B"]).await;
+    let other = app.api.create_poll(&["A", "B"]).await;
+    let mut socket = subscribe(&app, watched).await;
+    next_json(&mut socket).await;
+    app.api.vote(other, 1, "u1").await;
+    app.api.wait_for_total(other, 1, SETTLE).await;
+    app.api.vote(watched, 2, "u1").await;
+    let update = next_json(&mut socket).await;
+    assert_eq!(
+        update["pollId"], watched,
+        "the other poll's update was not sent"
+    );
+}
+
+async fn websocket_for_an_unknown_poll_is_404_before_the_upgrade(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let url = format!("ws://{}/ws/polls/12345", app.api.addr);
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 404),
+        other => panic!("expected a 404, got {other:?}"),
+    }
+}
+
+async fn shutdown_closes_websockets_with_a_close_frame(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let mut socket = subscribe(&app, poll).await;
+    next_json(&mut socket).await;
+    let stopping = tokio::spawn(app.shutdown());
+    let close = loop {
+        match tokio::time::timeout(SETTLE, socket.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.unwrap().code, CloseCode::Away);
+    stopping.await.unwrap();
+}
+
+crate::contract_tests!(
+    subscriber_gets_a_snapshot_then_the_counts_of_each_flush,
+    snapshot_includes_votes_counted_before_subscribing,
+    subscriber_only_receives_its_own_polls_updates,
+    websocket_for_an_unknown_poll_is_404_before_the_upgrade,
+    shutdown_closes_websockets_with_a_close_frame,
+    silent_subscribers_are_pinged_and_closed_when_they_never_answer,
+    an_oversized_client_message_closes_the_socket,
+);
+
+async fn an_oversized_client_message_closes_the_socket(backend: Backend) {
+    use futures_util::SinkExt;
+    let app = TestApp::spawn(backend).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let mut socket = subscribe(&app, poll).await;
+    next_json(&mut socket).await;
+    let _ = socket.send(Message::text("x".repeat(64 * 1024))).await;
+    let closed = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), socket.next()).await {
+            Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => break true,
+            Ok(Some(Ok(_))) => continue,
+            Err(_) => break false,
+        }
+    };
+    assert!(closed, "the server closed the socket");
+    assert_eq!(app.api.get("/healthz").await.0, 200);
+}
+
+async fn silent_subscribers_are_pinged_and_closed_when_they_never_answer(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.http.ws_ping_interval_secs = 1;
+        s.http.ws_idle_timeout_secs = 2;
+    })
+    .await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let mut lively = subscribe(&app, poll).await;
+    let mut silent = subscribe(&app, poll).await;
+    // The lively client reads (and so answers pings) throughout.
+    let reading = tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + std::time::Duration::from_millis(4500);
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(until, lively.next()).await {
+            assert!(
+                !msg.is_close(),
+                "a client that answers pings stays connected"
+            );
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(4000)).await;
+    let mut closed = false;
+    while let Ok(Some(frame)) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), silent.next()).await
+    {
+        if matches!(frame, Ok(Message::Close(_)) | Err(_)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the silent client was closed");
+    reading.await.unwrap();
+}

@@ -1,0 +1,9 @@
+//! pollcast's integration tests: one binary (one link step on 2 cores), real servers on
+//! port 0, no mocks of our own components.
+//!
+//! - `api`: the HTTP and WebSocket API, against an in-process server per test.
+//! - `process`: the real binary: crash recovery, supervision, configuration, signals.
+
+mod api;
+mod helpers;
+mod process;

@@ -1,0 +1,169 @@
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::helpers::{Api, Backend, ServerProcess, TestEnv};
+
+/// Votes sent by the load: which got a 202, and which were sent at all.
+#[derive(Default)]
+struct Outcome {
+    accepted: BTreeSet<(i64, String)>,
+    attempted: BTreeSet<(i64, String)>,
+}
+
+async fn sigkill_under_load_loses_and_double_counts_nothing(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let server = ServerProcess::start(&env, &[]);
+    server.api.wait_ready().await;
+    let api = server.api.clone();
+    let polls = [
+        api.create_poll(&["A", "B"]).await,
+        api.create_poll(&["A", "B", "C"]).await,
+    ];
+
+    let outcome = Arc::new(Mutex::new(Outcome::default()));
+    let load: Vec<_> = (0..16)
+        .map(|worker| {
+            let api = api.clone();
+            let outcome = outcome.clone();
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let poll = polls[i % 2];
+                    let user = format!("w{worker}-{i}");
+                    outcome
+                        .lock()
+                        .unwrap()
+                        .attempted
+                        .insert((poll, user.clone()));
+                    match api.vote(poll, (i % 2 + 1) as i64, &user).await {
+                        (202, _) => {
+                            outcome.lock().unwrap().accepted.insert((poll, user));
+                        }
+                        (status, body) => panic!("unexpected {status}: {body}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.signal(Signal::SIGKILL);
+    for worker in load {
+        // Each worker ends when its request fails against the dead server.
+        assert!(worker.await.is_err(), "a worker stopped only by the kill");
+    }
+    drop(server);
+
+    let outcome = std::mem::take(&mut *outcome.lock().unwrap());
+    assert!(
+        outcome.accepted.len() > 100,
+        "load ran: {} accepted",
+        outcome.accepted.len()
+    );
+
+    let restarted = ServerProcess::start(&env, &[]);
+    restarted.api.wait_ready().await;
+    for poll in polls {
+        let accepted: BTreeSet<String> = outcome
+            .accepted
+            .iter()
+            .filter(|(p, _)| *p == poll)
+            .map(|(_, u)| u.clone())
+            .collect();
+        let attempted: BTreeSet<String> = outcome
+            .attempted
+            .iter()
+            .filter(|(p, _)| *p == poll)
+            .map(|(_, u)| u.clone())
+            .collect();
+        let settled = settle(&restarted.api, poll, accepted.len() as i64).await;
+        let counted: BTreeSet<String> = env.ledger(poll).await.into_iter().collect();
+        let missing: Vec<_> = accepted.difference(&counted).collect();
+        assert!(
+            missing.is_empty(),
+            "poll {poll}: accepted but not counted: {missing:?}"
+        );
+        let phantom: Vec<_> = counted.difference(&attempted).collect();
+        assert!(
+            phantom.is_empty(),
+            "poll {poll}: counted but never sent: {phantom:?}"
+        );
+        assert_eq!(
+            settled,
+            counted.len() as i64,
+            "poll {poll}: counters equal the ledger"
+        );
+    }
+    let (poll, user) = outcome.accepted.iter().next().unwrap();
+    assert_eq!(
+        restarted.api.vote(*poll, 1, user).await.0,
+        409,
+        "a counted voter stays a duplicate"
+    );
+}
+
+/// Waits until a poll has at least `at_least` votes and its total stops moving.
+async fn settle(api: &Api, poll: i64, at_least: i64) -> i64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last = -1;
+    loop {
+        let total = api.poll(poll).await["totalVotes"].as_i64().unwrap();
+        if total >= at_least && total == last {
+            return total;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "poll {poll} stuck at {total} (< {at_least})"
+        );
+        last = total;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_commits_and_exits_zero() {
+    let env = TestEnv::new(Backend::Embedded).await;
+    let mut server = ServerProcess::start(
+        &env,
+        &[("POLLCAST__AGGREGATOR__FLUSH_INTERVAL_MS", "60000")],
+    );
+    server.api.wait_ready().await;
+    let poll = server.api.create_poll(&["A", "B"]).await;
+    for i in 0..25 {
+        assert_eq!(server.api.vote(poll, 2, &format!("u{i}")).await.0, 202);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", server.output());
+    assert!(
+        server.output().contains("stopped cleanly"),
+        "{}",
+        server.output()
+    );
+    assert_eq!(env.ledger(poll).await.len(), 25, "flushed before exiting");
+}
+
+crate::contract_tests!(sigkill_under_load_loses_and_double_counts_nothing);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_votes_not_yet_counted_still_refuse_duplicates() {
+    let env = TestEnv::new(Backend::Embedded).await;
+    let slow_flush = [("POLLCAST__AGGREGATOR__FLUSH_INTERVAL_MS", "60000")];
+    let server = ServerProcess::start(&env, &slow_flush);
+    server.api.wait_ready().await;
+    let poll = server.api.create_poll(&["A", "B"]).await;
+    assert_eq!(server.api.vote(poll, 1, "early-bird").await.0, 202);
+    server.signal(Signal::SIGKILL);
+    drop(server);
+    assert!(env.ledger(poll).await.is_empty(), "killed before any flush");
+
+    let restarted = ServerProcess::start(&env, &slow_flush);
+    restarted.api.wait_ready().await;
+    let (status, body) = restarted.api.vote(poll, 2, "early-bird").await;
+    assert_eq!(
+        status, 409,
+        "the vote in the log still claims its voter: {body}"
+    );
+}

@@ -1,0 +1,91 @@
+//! `pollcast-loadgen` against a real pollcast: its figures must match what the server did.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::helpers::{ADMIN_TOKEN, Backend, TestApp};
+
+fn loadgen(app: &TestApp, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_pollcast-loadgen"))
+        .args([
+            "votes",
+            "--url",
+            &format!("http://{}", app.api.addr),
+            "--token",
+            ADMIN_TOKEN,
+            "--json",
+        ])
+        .args(args)
+        .output()
+        .expect("loadgen runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadgen_reports_what_the_server_counted() {
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let report = loadgen(
+        &app,
+        &[
+            "--count",
+            "300",
+            "--connections",
+            "4",
+            "--polls",
+            "3",
+            "--verify",
+        ],
+    );
+    assert_eq!(report["sent"], 300);
+    assert_eq!(report["accepted"], 300);
+    assert_eq!(report["polls"], 3);
+    assert_eq!(report["verification"]["counted"], 300);
+    assert_eq!(report["verification"]["exact"], true);
+    assert!(report["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+    let (_, polls) = app.api.get("/polls").await;
+    let total: i64 = polls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["totalVotes"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, 300, "the server agrees");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadgen_duplicates_get_409_and_subscribers_see_every_update() {
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let report = loadgen(
+        &app,
+        &[
+            "--count",
+            "400",
+            "--connections",
+            "2",
+            "--duplicate-ratio",
+            "0.5",
+            "--subscribers",
+            "3",
+            "--verify",
+        ],
+    );
+    let (accepted, duplicates) = (
+        report["accepted"].as_u64().unwrap(),
+        report["duplicates"].as_u64().unwrap(),
+    );
+    assert_eq!(accepted + duplicates, 400, "{report}");
+    assert!(duplicates > 50, "about half are duplicates: {duplicates}");
+    assert_eq!(report["verification"]["exact"], true);
+    assert_eq!(report["fanout"]["connected"], 3);
+    assert!(
+        report["fanout"]["messages"].as_u64().unwrap() >= 3,
+        "{report}"
+    );
+    assert_eq!(report["fanout"]["missed_updates"], 0);
+}
