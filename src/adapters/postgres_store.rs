@@ -63,7 +63,12 @@ impl PostgresStore {
     }
 
     async fn polls_where(&self, id: Option<PollId>) -> Result<Vec<Poll>, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
+        // Why REPEATABLE READ: the version and the counts are two statements, and a flush
+        // committing between them would pair an old `seq` with newer counts.
+        let mut conn = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *conn)
+            .await?;
         let rows = sqlx::query(
             "SELECT id, question, created_at, closed_at, version FROM polls \
              WHERE ($1::BIGINT IS NULL OR id = $1) ORDER BY id DESC LIMIT $2",
@@ -87,6 +92,7 @@ impl PostgresStore {
             .collect();
         let ids: Vec<PollId> = rows.iter().map(|r| r.id).collect();
         let options = Self::options_of(&mut conn, &ids).await?;
+        conn.commit().await?;
         Ok(sql_common::assemble(rows, options))
     }
 

@@ -91,7 +91,10 @@ impl SqliteStore {
     }
 
     async fn polls_where(&self, filter: &str, bind: Option<i64>) -> Result<Vec<Poll>, sqlx::Error> {
-        let mut conn = self.readers.acquire().await?;
+        // Why a transaction: a poll's version and its counts are read by two statements, and
+        // a flush committing between them would pair an old `seq` with newer counts. In WAL
+        // mode a read transaction sees one snapshot.
+        let mut conn = self.readers.begin().await?;
         let sql = format!(
             "SELECT id, question, created_at, closed_at, version FROM polls {filter} \
              ORDER BY id DESC LIMIT {LIST_LIMIT}"
@@ -116,6 +119,7 @@ impl SqliteStore {
                 version: r.get(4),
             })
             .collect();
+        conn.commit().await?;
         Ok(sql_common::assemble(rows, options))
     }
 }

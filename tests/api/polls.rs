@@ -177,7 +177,40 @@ async fn creating_and_closing_polls_need_the_admin_token(backend: Backend) {
     );
 }
 
+async fn a_polls_seq_always_comes_with_the_same_counts(backend: Backend) {
+    // Fast flushes, and reads racing them: a read torn between the version and the counts
+    // would show one seq with two different totals.
+    let app = TestApp::spawn_with(backend, |s| s.aggregator.flush_interval_ms = 20).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let api = app.api.clone();
+    let voter = tokio::spawn(async move {
+        for i in 0..150 {
+            assert_eq!(api.vote(poll, 1 + i % 2, &format!("u{i}")).await.0, 202);
+        }
+    });
+    let mut seen: std::collections::HashMap<i64, i64> = Default::default();
+    let deadline = std::time::Instant::now() + crate::helpers::SETTLE;
+    while !voter.is_finished() || seen.values().all(|total| *total < 150) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all 150 votes counted"
+        );
+        let read = app.api.poll(poll).await;
+        let (seq, total) = (
+            read["seq"].as_i64().unwrap(),
+            read["totalVotes"].as_i64().unwrap(),
+        );
+        let first = *seen.entry(seq).or_insert(total);
+        assert_eq!(
+            first, total,
+            "seq {seq} was shown with two different totals"
+        );
+    }
+    voter.await.unwrap();
+}
+
 crate::contract_tests!(
+    a_polls_seq_always_comes_with_the_same_counts,
     creating_a_poll_returns_201_with_numbered_options_at_zero,
     poll_with_fewer_than_two_or_more_than_32_options_is_rejected_with_422,
     poll_with_blank_or_overlong_texts_is_rejected_with_422,
