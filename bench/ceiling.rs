@@ -20,7 +20,7 @@ async fn main() {
         .and(warp::body::content_length_limit(16 * 1024))
         .and(warp::body::bytes())
         .map(|body: bytes::Bytes| {
-            let accepted = parse_json::<VoteRequest>(&body).and_then(|v| v.validate(None));
+            let accepted = parse_json::<VoteRequest>(&body).and_then(|v| v.validate(None, None));
             let (reply, status) = match accepted {
                 Ok(_) => (
                     serde_json::to_value(VoteAccepted {

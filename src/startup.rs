@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use pollcast_actors::domain::now_millis;
 use pollcast_actors::{
-    BroadcastHub, CountsBus, DedupGuard, FaultHooks, PollStore, RootArgs, RootMsg, RootSupervisor,
-    VoteAppender, VoteSourceFactory,
+    BroadcastHub, CountsBus, DedupGuard, FaultHooks, NoEvents, PollEvents, PollStore, RootArgs,
+    RootMsg, RootSupervisor, VoteAppender, VoteSourceFactory,
 };
 use ractor::{Actor, ActorRef, call_t};
 use tokio::task::JoinHandle;
@@ -37,6 +37,9 @@ pub struct Application {
     addr: SocketAddr,
     root: ActorRef<RootMsg>,
     tree: JoinHandle<()>,
+    /// The closing scheduler, and what stops it.
+    closer: JoinHandle<()>,
+    closer_stop: CancellationToken,
 }
 
 /// How the application stopped.
@@ -229,9 +232,14 @@ impl Application {
         let hub = BroadcastHub::new();
         let faults = FaultHooks::default();
         let catalog = PollCatalog::new(store.clone());
+        let intake = VoteIntake::new(catalog.clone(), guard.clone(), appender.clone());
+        let events: Arc<dyn PollEvents> = Arc::new(NoEvents);
+        let closer_stop = CancellationToken::new();
+        let closer = crate::lifecycle::spawn_closer(intake.clone(), closer_stop.clone());
         let ctx = ApiContext {
             store: store.clone(),
-            intake: VoteIntake::new(catalog.clone(), guard.clone(), appender.clone()),
+            events: events.clone(),
+            intake,
             readiness: Readiness::new(store.clone(), guard, appender, source.clone()),
             catalog,
             hub: hub.clone(),
@@ -267,6 +275,7 @@ impl Application {
                 tls,
             )),
             flush_interval: settings.flush_interval(),
+            events,
             ingest: settings.ingest_settings(),
             restart: settings.restart_policy(),
             faults,
@@ -280,7 +289,13 @@ impl Application {
             "http"
         };
         tracing::info!(%addr, scheme, "listening");
-        Ok(Self { addr, root, tree })
+        Ok(Self {
+            addr,
+            root,
+            tree,
+            closer,
+            closer_stop,
+        })
     }
 
     /// The address the API listens on (useful with port 0).
@@ -294,11 +309,22 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Stopped> {
-        let Self { root, mut tree, .. } = self;
+        let Self {
+            root,
+            mut tree,
+            closer,
+            closer_stop,
+            ..
+        } = self;
+        // Why stop the scheduler first: a close marker must not be appended behind the
+        // final commit; a poll due during shutdown is closed by the next start.
+        let stop_closer = closer_stop.drop_guard();
         tokio::select! {
             _ = &mut tree => return Err(Stopped::TreeFailed),
             _ = shutdown => {}
         }
+        drop(stop_closer);
+        let _ = closer.await;
         tracing::info!("shutting down: no new votes, flushing and committing");
         let timeout = SHUTDOWN_TIMEOUT.as_millis() as u64;
         let drained = call_t!(root, RootMsg::Shutdown, timeout);

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use pollcast_actors::domain::now_millis;
+use pollcast_actors::domain::{UnixMillis, now_millis};
 use pollcast_actors::{
-    DedupGuard, GuardError, LogError, OptionId, Poll, PollId, PollStore, StoreError, Vote,
-    VoteAppender,
+    Claim, DedupGuard, GuardError, LogEntry, LogError, OptionId, Poll, PollId, PollStore,
+    StoreError, Vote, VoteAppender,
 };
 use tokio::time::Instant;
 
@@ -21,7 +21,10 @@ const CATALOG_TTL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct PollMeta {
     options: HashSet<OptionId>,
+    max_choices: usize,
     closed: bool,
+    closes_at: Option<UnixMillis>,
+    allow_change: bool,
     loaded: Instant,
 }
 
@@ -29,9 +32,18 @@ impl PollMeta {
     fn of(poll: &Poll) -> Self {
         Self {
             options: poll.options.iter().map(|o| o.id).collect(),
+            max_choices: poll.settings.max_choices as usize,
             closed: poll.closed,
+            closes_at: poll.settings.closes_at,
+            allow_change: poll.settings.allow_change,
             loaded: Instant::now(),
         }
+    }
+
+    /// Why the clock and not only the flag: the closing time is fixed at creation, so every
+    /// process refuses votes from that very moment, before the scheduler has closed the poll.
+    fn is_closed_at(&self, now: UnixMillis) -> bool {
+        self.closed || self.closes_at.is_some_and(|at| now >= at)
     }
 }
 
@@ -96,6 +108,14 @@ pub enum VoteRejection {
         /// The option asked for.
         option: OptionId,
     },
+    /// More options than the poll allows one voter.
+    #[error("poll {poll} allows at most {max} choices")]
+    TooManyChoices {
+        /// The poll.
+        poll: PollId,
+        /// Its `max_choices`.
+        max: usize,
+    },
     /// The poll is closed.
     #[error("poll {0} is closed")]
     Closed(PollId),
@@ -142,36 +162,92 @@ impl VoteIntake {
             .get(vote.poll_id)
             .await?
             .ok_or(VoteRejection::UnknownPoll(vote.poll_id))?;
-        if !meta.options.contains(&vote.option_id) {
+        if let Some(&option) = vote.choices.iter().find(|c| !meta.options.contains(c)) {
             return Err(VoteRejection::UnknownOption {
                 poll: vote.poll_id,
-                option: vote.option_id,
+                option,
             });
         }
-        if meta.closed {
+        if vote.choices.len() > meta.max_choices {
+            return Err(VoteRejection::TooManyChoices {
+                poll: vote.poll_id,
+                max: meta.max_choices,
+            });
+        }
+        let now = now_millis();
+        if meta.is_closed_at(now) {
             return Err(VoteRejection::Closed(vote.poll_id));
         }
-        vote.voted_at = Some(now_millis());
+        vote.voted_at = Some(now);
+        // Why always an id: the ledger keys votes by (poll, user, vote id), so a vote without
+        // a client key still replays as itself, and a later change is told apart from it.
+        vote.vote_id
+            .get_or_insert_with(|| format!("s-{:032x}", rand::random::<u128>()));
+        let allow_change = meta.allow_change;
         let this = self.clone();
         // Why a task: if the client hangs up mid-request, hyper drops the handler future.
         // Claim-then-append must still finish as a unit, or the voter would stay locked out
         // by a claim whose vote never reached the log.
-        tokio::spawn(async move { this.claim_and_append(vote).await })
+        tokio::spawn(async move { this.claim_and_append(vote, allow_change).await })
             .await
             .expect("vote task does not panic")
     }
 
-    async fn claim_and_append(&self, vote: Vote) -> Result<(), VoteRejection> {
-        if !self.guard.claim(vote.poll_id, &vote.user_id).await? {
+    async fn claim_and_append(&self, vote: Vote, allow_change: bool) -> Result<(), VoteRejection> {
+        let claim = self
+            .guard
+            .claim(vote.poll_id, &vote.user_id, vote.ledger_id())
+            .await?;
+        // A retry is appended again rather than answered from memory: the first attempt may
+        // still be failing, and the ledger applies the vote id once however often it is read.
+        // A change is appended too where the poll allows it; the ledger orders it after the
+        // ballot it replaces.
+        if claim == Claim::Taken && !allow_change {
             return Err(VoteRejection::Duplicate(vote.poll_id));
         }
-        if let Err(err) = self.log.append(&vote).await {
-            if let Err(release) = self.guard.release(vote.poll_id, &vote.user_id).await {
-                tracing::error!(poll_id = vote.poll_id, user_id = %vote.user_id, error = %release, "could not release the claim of a vote that was not appended");
+        let (poll_id, user_id) = (vote.poll_id, vote.user_id.clone());
+        if let Err(err) = self.log.append(&LogEntry::Vote(vote)).await {
+            if claim == Claim::Fresh
+                && let Err(release) = self.guard.release(poll_id, &user_id).await
+            {
+                tracing::error!(poll_id, user_id = %user_id, error = %release, "could not release the claim of a vote that was not appended");
             }
             return Err(err.into());
         }
-        tracing::trace!(poll_id = vote.poll_id, option_id = vote.option_id, user_id = %vote.user_id, "vote appended");
+        tracing::trace!(poll_id, user_id = %user_id, ?claim, "vote appended");
         Ok(())
+    }
+
+    /// Closes a poll now: the store refuses it new votes from this moment, and the close
+    /// marker, appended behind every vote already in the log, makes its aggregator publish
+    /// the final counts once those are flushed. `None`: no such poll.
+    pub async fn close(&self, id: PollId) -> Result<Option<Poll>, VoteRejection> {
+        let Some(poll) = self.catalog.store.close_poll(id, now_millis()).await? else {
+            return Ok(None);
+        };
+        self.catalog.remember(&poll);
+        let closed_at = poll.closed_at.unwrap_or_else(now_millis);
+        self.log.append(&LogEntry::closed(id, closed_at)).await?;
+        Ok(Some(poll))
+    }
+
+    /// Closes the polls whose closing time has come, and re-sends the close marker of
+    /// polls whose final counts were never published (the marker was lost in a crash).
+    /// Returns how many markers were appended.
+    pub async fn close_due_polls(&self, lost_after: Duration) -> Result<usize, VoteRejection> {
+        let now = now_millis();
+        let unsealed_before = now - lost_after.as_millis() as i64;
+        let due = self
+            .catalog
+            .store
+            .polls_to_seal(now, unsealed_before)
+            .await?;
+        for (poll_id, closed_at) in &due {
+            self.log
+                .append(&LogEntry::closed(*poll_id, *closed_at))
+                .await?;
+            tracing::info!(poll_id, "poll closed on schedule");
+        }
+        Ok(due.len())
     }
 }

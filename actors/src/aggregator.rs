@@ -1,7 +1,7 @@
 //! `PollAggregator`: one actor per active poll that buffers its votes and flushes them to
 //! the store as one idempotent transaction every flush interval.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,10 +10,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::broadcast::BroadcasterMsg;
-use crate::domain::{CountsUpdate, OptionId, PollId, UnixMillis, Vote, now_millis};
+use crate::domain::{CountsUpdate, LogEntry, OptionId, Poll, PollId, UnixMillis, Vote, now_millis};
 use crate::faults::FaultHooks;
 use crate::ingest::IngestMsg;
-use crate::ports::{PollStore, StoreError};
+use crate::ports::{FlushOutcome, PollEvents, PollStore, StoreError};
 
 /// Sequence number the ingest actor gives every batch it routes to an aggregator. An
 /// aggregator acknowledges "flushed everything up to seq N", which tells the ingest actor
@@ -37,6 +37,8 @@ pub struct AggregatorArgs {
     pub ingest: ActorRef<IngestMsg>,
     /// How often buffered votes are flushed.
     pub flush_interval: Duration,
+    /// Told about every committed flush (webhooks).
+    pub events: Arc<dyn PollEvents>,
     /// Test-only failure switches.
     pub faults: FaultHooks,
 }
@@ -44,12 +46,12 @@ pub struct AggregatorArgs {
 /// Messages of a [`PollAggregator`].
 #[derive(Debug)]
 pub enum AggregatorMsg {
-    /// Votes read from the log, all for this aggregator's poll, in log order.
+    /// Records read from the log, all for this aggregator's poll, in log order.
     Votes {
         /// The batch's routing sequence number.
         seq: RouteSeq,
-        /// The votes.
-        votes: Vec<Vote>,
+        /// Votes, and possibly the marker that closes the poll.
+        entries: Vec<LogEntry>,
     },
     /// Time to flush (sent every flush interval).
     Tick,
@@ -58,20 +60,42 @@ pub enum AggregatorMsg {
     FlushNow(RpcReplyPort<Result<RouteSeq, String>>),
 }
 
-/// A buffered vote, keyed by its user in [`AggregatorState::buffer`].
-#[derive(Debug, Clone, Copy)]
-struct Buffered {
-    option_id: OptionId,
-    voted_at: Option<UnixMillis>,
+/// What the aggregator checks votes against.
+struct PollShape {
+    options: HashSet<OptionId>,
+    max_choices: usize,
+    hide_results: bool,
+}
+
+impl PollShape {
+    fn of(poll: &Poll) -> Self {
+        Self {
+            options: poll.options.iter().map(|o| o.id).collect(),
+            max_choices: poll.settings.max_choices as usize,
+            hide_results: poll.settings.hide_results,
+        }
+    }
+
+    /// The HTTP layer checks the same; records written by other producers may not be.
+    fn admits(&self, vote: &Vote) -> bool {
+        let distinct: HashSet<_> = vote.choices.iter().collect();
+        !vote.choices.is_empty()
+            && vote.choices.len() <= self.max_choices
+            && distinct.len() == vote.choices.len()
+            && vote.choices.iter().all(|c| self.options.contains(c))
+    }
 }
 
 /// State of a [`PollAggregator`].
 pub struct AggregatorState {
     args: AggregatorArgs,
-    /// The poll's option ids; `None` while the poll is unknown or could not be loaded.
-    options: Option<HashSet<OptionId>>,
-    /// Votes not yet flushed, one per user: the first in log order wins, as in the ledger.
-    buffer: HashMap<String, Buffered>,
+    /// The poll's shape; `None` while the poll is unknown or could not be loaded.
+    shape: Option<PollShape>,
+    /// Votes not yet flushed, in log order (the ledger decides which count).
+    buffer: Vec<Vote>,
+    /// A close marker was read: once the votes before it are flushed, the final counts are
+    /// published (and this is cleared).
+    closing: Option<UnixMillis>,
     received_through: RouteSeq,
     acked_through: RouteSeq,
     failures: u32,
@@ -84,102 +108,109 @@ pub struct AggregatorState {
 pub struct PollAggregator;
 
 impl PollAggregator {
-    async fn load_options(args: &AggregatorArgs) -> Result<Option<HashSet<OptionId>>, StoreError> {
+    async fn load_shape(args: &AggregatorArgs) -> Result<Option<PollShape>, StoreError> {
         Ok(args
             .store
             .get_poll(args.poll_id)
             .await?
-            .map(|poll| poll.options.iter().map(|o| o.id).collect()))
+            .as_ref()
+            .map(PollShape::of))
     }
 
-    /// Writes the buffer to the store. Returns the routing sequence number everything is
-    /// flushed through; on error the buffer is kept for the next attempt.
+    /// Hands a committed flush to subscribers and to the event sink.
+    fn publish(
+        state: &AggregatorState,
+        outcome: FlushOutcome,
+        closed_at: Option<UnixMillis>,
+        hide_results: bool,
+    ) {
+        let update = CountsUpdate {
+            poll_id: state.args.poll_id,
+            seq: outcome.seq,
+            changed: outcome.changed,
+            all: outcome.all,
+            flushed_at: now_millis(),
+            closed_at,
+            hide_results,
+        };
+        state.args.events.flushed(&update);
+        // Why ignore the error: the broadcaster is only gone while the tree shuts down or
+        // restarts, and subscribers then resync from a fresh snapshot.
+        let _ = state.args.broadcaster.cast(BroadcasterMsg::Publish(update));
+    }
+
+    /// Writes the buffer to the store, then, if the poll was closed, publishes its final
+    /// counts. Returns the routing sequence number everything is flushed through; on error
+    /// what was not written is kept for the next attempt.
     async fn flush(&self, state: &mut AggregatorState) -> Result<RouteSeq, StoreError> {
         let through = state.received_through;
-        if state.buffer.is_empty() {
+        if state.buffer.is_empty() && state.closing.is_none() {
             return Ok(through);
         }
         let poll_id = state.args.poll_id;
         state.args.faults.check_flush(poll_id);
-        if state.options.is_none() {
+        if state.shape.is_none() {
             // Why reload: the poll may have been created after this actor started, or the
             // store was unreachable when it did.
-            state.options = Self::load_options(&state.args).await?;
+            state.shape = Self::load_shape(&state.args).await?;
         }
-        let Some(options) = &state.options else {
+        let Some(shape) = &state.shape else {
             tracing::warn!(
                 poll_id,
                 dropped = state.buffer.len(),
                 "votes for an unknown poll dropped"
             );
             state.buffer.clear();
+            state.closing = None;
             return Ok(through);
         };
-        let mut votes = Vec::with_capacity(state.buffer.len());
-        let mut invalid = 0usize;
-        for (user_id, b) in state.buffer.drain() {
-            if options.contains(&b.option_id) {
-                votes.push(Vote {
-                    poll_id,
-                    option_id: b.option_id,
-                    user_id,
-                    voted_at: b.voted_at,
-                });
-            } else {
-                invalid += 1;
-            }
-        }
-        if invalid > 0 {
+        let hide_results = shape.hide_results;
+        let before = state.buffer.len();
+        let votes: Vec<Vote> = state.buffer.drain(..).filter(|v| shape.admits(v)).collect();
+        if votes.len() < before {
             tracing::warn!(
                 poll_id,
-                dropped = invalid,
-                "votes for unknown options dropped"
+                dropped = before - votes.len(),
+                "votes for unknown options or with too many choices dropped"
             );
         }
-        if votes.is_empty() {
-            return Ok(through);
-        }
-        let started = Instant::now();
-        let outcome = match state.args.store.apply_votes(poll_id, &votes).await {
-            Ok(outcome) => outcome,
-            Err(err) => {
-                state.buffer.extend(votes.into_iter().map(|v| {
-                    let b = Buffered {
-                        option_id: v.option_id,
-                        voted_at: v.voted_at,
-                    };
-                    (v.user_id, b)
-                }));
-                return Err(err);
-            }
-        };
-        metrics::histogram!("pollcast_flush_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!("pollcast_flush_batch_size").record(votes.len() as f64);
-        metrics::counter!("pollcast_votes_counted_total").increment(outcome.inserted);
-        tracing::debug!(
-            poll_id,
-            batch = votes.len(),
-            counted = outcome.inserted,
-            seq = outcome.seq,
-            took_ms = started.elapsed().as_millis() as u64,
-            "flushed"
-        );
-        if outcome.inserted > 0 {
-            let update = CountsUpdate {
-                poll_id,
-                seq: outcome.seq,
-                changed: outcome.changed,
-                all: outcome.all,
-                flushed_at: now_millis(),
+        if !votes.is_empty() {
+            let started = Instant::now();
+            let outcome = match state.args.store.apply_votes(poll_id, &votes).await {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    state.buffer = votes;
+                    return Err(err);
+                }
             };
-            // Why ignore the error: the broadcaster is only gone while the tree shuts down or
-            // restarts, and subscribers then resync from a fresh snapshot.
-            let _ = state.args.broadcaster.cast(BroadcasterMsg::Publish(update));
+            metrics::histogram!("pollcast_flush_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("pollcast_flush_batch_size").record(votes.len() as f64);
+            metrics::counter!("pollcast_votes_counted_total").increment(outcome.inserted);
+            tracing::debug!(
+                poll_id,
+                batch = votes.len(),
+                counted = outcome.inserted,
+                seq = outcome.seq,
+                took_ms = started.elapsed().as_millis() as u64,
+                "flushed"
+            );
+            if outcome.inserted > 0 {
+                Self::publish(state, outcome, None, hide_results);
+            }
+        }
+        if let Some(closed_at) = state.closing {
+            let outcome = state.args.store.seal_poll(poll_id).await?;
+            tracing::info!(
+                poll_id,
+                seq = outcome.seq,
+                "poll closed; final counts published"
+            );
+            state.closing = None;
+            Self::publish(state, outcome, Some(closed_at), hide_results);
         }
         Ok(through)
     }
-
     async fn on_tick(&self, myself: &ActorRef<AggregatorMsg>, state: &mut AggregatorState) {
         if state.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
@@ -233,7 +264,7 @@ impl Actor for PollAggregator {
     ) -> Result<Self::State, ActorProcessingErr> {
         // Why not fail when the store is down: a restart loop would burn the restart budget;
         // the options are loaded again at the first flush instead.
-        let options = Self::load_options(&args).await.unwrap_or_else(|err| {
+        let shape = Self::load_shape(&args).await.unwrap_or_else(|err| {
             tracing::warn!(poll_id = args.poll_id, error = %err, "could not load poll; will retry at flush");
             None
         });
@@ -241,8 +272,9 @@ impl Actor for PollAggregator {
         tracing::debug!(poll_id = args.poll_id, "aggregator started");
         Ok(AggregatorState {
             args,
-            options,
-            buffer: HashMap::new(),
+            shape,
+            buffer: Vec::new(),
+            closing: None,
             received_through: 0,
             acked_through: 0,
             failures: 0,
@@ -269,13 +301,17 @@ impl Actor for PollAggregator {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            AggregatorMsg::Votes { seq, votes } => {
+            AggregatorMsg::Votes { seq, entries } => {
                 state.received_through = state.received_through.max(seq);
-                for vote in votes {
-                    state.buffer.entry(vote.user_id).or_insert(Buffered {
-                        option_id: vote.option_id,
-                        voted_at: vote.voted_at,
-                    });
+                for entry in entries {
+                    match entry {
+                        LogEntry::Vote(vote) => state.buffer.push(vote),
+                        LogEntry::Closed(marker) => state.closing = Some(marker.closed_at),
+                    }
+                }
+                // Why not wait for the tick: subscribers are watching for the final result.
+                if state.closing.is_some() {
+                    self.on_tick(&myself, state).await;
                 }
             }
             AggregatorMsg::Tick => self.on_tick(&myself, state).await,

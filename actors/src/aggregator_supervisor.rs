@@ -14,7 +14,7 @@ use crate::broadcast::BroadcasterMsg;
 use crate::domain::PollId;
 use crate::faults::FaultHooks;
 use crate::ingest::IngestMsg;
-use crate::ports::PollStore;
+use crate::ports::{PollEvents, PollStore};
 use crate::supervision::{RestartBudget, RestartPolicy};
 
 /// Arguments of the [`AggregatorSupervisor`].
@@ -28,6 +28,8 @@ pub struct AggregatorSupervisorArgs {
     pub ingest: ActorRef<IngestMsg>,
     /// Flush interval of every aggregator.
     pub flush_interval: Duration,
+    /// Told about every committed flush (webhooks).
+    pub events: Arc<dyn PollEvents>,
     /// Restart budget and backoff.
     pub restart: RestartPolicy,
     /// Test-only failure switches.
@@ -71,6 +73,7 @@ impl AggregatorSupervisor {
             broadcaster: state.args.broadcaster.clone(),
             ingest: state.args.ingest.clone(),
             flush_interval: state.args.flush_interval,
+            events: state.args.events.clone(),
             faults: state.args.faults.clone(),
         };
         let (aggregator, _) =

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::domain::{CountsUpdate, OptionCount, PollId, UnixMillis};
+use crate::domain::{CountsUpdate, OptionCount, PollId, UnixMillis, rfc3339};
 use crate::ports::CountsBus;
 
 /// One flush's update of one poll, serialised once for every subscriber.
@@ -38,25 +38,39 @@ struct CountsMessage<'a> {
     seq: i64,
     counts: &'a [OptionCount],
     flushed_at: UnixMillis,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    closed_at: Option<String>,
 }
 
 impl CountsFrame {
-    /// Serialises an update in both of its forms.
+    /// Serialises an update in both of its forms. A poll's final update is a `closed`
+    /// message, with every count in both forms.
     pub fn new(update: &CountsUpdate) -> Self {
+        let closed_at = update.closed_at.map(rfc3339);
         let render = |counts: &[OptionCount]| {
             serde_json::to_string(&CountsMessage {
-                r#type: "counts",
+                r#type: if closed_at.is_some() {
+                    "closed"
+                } else {
+                    "counts"
+                },
                 poll_id: update.poll_id,
                 seq: update.seq,
                 counts,
                 flushed_at: update.flushed_at,
+                closed_at: closed_at.clone(),
             })
             .expect("counts message serializes")
         };
+        let full_json = render(&update.all);
         Self {
             seq: update.seq,
-            changed_json: render(&update.changed),
-            full_json: render(&update.all),
+            changed_json: if closed_at.is_some() {
+                full_json.clone()
+            } else {
+                render(&update.changed)
+            },
+            full_json,
         }
     }
 
@@ -107,6 +121,11 @@ impl BroadcastHub {
             return 0;
         };
         let subscribers = sender.receiver_count();
+        // A poll hiding its results shows subscribers only its final counts.
+        let hidden = update.hide_results && update.closed_at.is_none();
+        if subscribers > 0 && hidden {
+            return subscribers;
+        }
         if subscribers > 0 {
             sender.send_if_modified(|latest| {
                 if latest.as_ref().is_some_and(|f| f.seq >= update.seq) {
@@ -249,7 +268,39 @@ mod tests {
                 },
             ],
             flushed_at: 1,
+            closed_at: None,
+            hide_results: false,
         }
+    }
+
+    #[test]
+    fn a_polls_final_update_is_a_closed_message_with_every_count() {
+        let closed = CountsUpdate {
+            closed_at: Some(1_764_000_000_000),
+            ..update(9)
+        };
+        let frame = CountsFrame::new(&closed);
+        let json: serde_json::Value = serde_json::from_str(frame.json_after(8).unwrap()).unwrap();
+        assert_eq!(json["type"], "closed");
+        assert_eq!(json["counts"].as_array().unwrap().len(), 2);
+        assert_eq!(json["closedAt"], "2025-11-24T16:00:00.000Z");
+    }
+
+    #[test]
+    fn hidden_results_reach_subscribers_only_when_the_poll_closes() {
+        let hub = BroadcastHub::new();
+        let mut watching = hub.subscribe(7);
+        let hidden = |seq, closed_at| CountsUpdate {
+            hide_results: true,
+            closed_at,
+            ..update(seq)
+        };
+        hub.publish(&hidden(1, None));
+        assert!(!watching.has_changed().unwrap());
+        hub.publish(&hidden(2, Some(5)));
+        assert!(watching.has_changed().unwrap());
+        let frame = watching.borrow_and_update().clone().unwrap();
+        assert!(frame.full_json.contains("\"closed\""));
     }
 
     #[test]

@@ -22,27 +22,45 @@ pub fn now_millis() -> UnixMillis {
         .unwrap_or(0)
 }
 
+/// A timestamp as the API shows it: RFC 3339 in UTC, with milliseconds.
+pub fn rfc3339(ms: UnixMillis) -> String {
+    let at = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
 /// One vote as it travels through the vote log (`raw-votes`).
 ///
 /// The seed app's producers send ids as JSON strings (`{"pollId": "1", ...}`); both forms
-/// deserialize, so records written by either app are counted.
+/// deserialize, so records written by either app are counted. A single choice is written as
+/// `optionId` (the seed's field), several as `optionIds`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(try_from = "VoteRecord", into = "VoteRecord")]
 pub struct Vote {
     /// The poll voted in.
-    #[serde(deserialize_with = "flexible_id")]
     pub poll_id: PollId,
-    /// The option chosen.
-    #[serde(deserialize_with = "flexible_id")]
-    pub option_id: OptionId,
-    /// Who voted; at most one vote per (poll, user) is ever counted.
+    /// The options chosen: one, or up to the poll's `max_choices`, distinct.
+    pub choices: Vec<OptionId>,
+    /// Who voted; at most one ballot per (poll, user) is ever counted.
     pub user_id: String,
     /// When the vote was accepted; absent in records written by the seed app.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub voted_at: Option<UnixMillis>,
+    /// The voter's idempotency key (or one the server made up). The ledger records each
+    /// (poll, user, vote id) once, so a retried or replayed vote is applied once.
+    pub vote_id: Option<String>,
 }
 
 impl Vote {
+    /// A single-choice vote, as the seed app sends them.
+    pub fn single(poll_id: PollId, option_id: OptionId, user_id: impl Into<String>) -> Self {
+        Self {
+            poll_id,
+            choices: vec![option_id],
+            user_id: user_id.into(),
+            voted_at: None,
+            vote_id: None,
+        }
+    }
+
     /// Parses a `raw-votes` record value.
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
@@ -52,6 +70,132 @@ impl Vote {
     pub fn to_json(&self) -> Vec<u8> {
         // A struct of integers and strings cannot fail to serialize.
         serde_json::to_vec(self).expect("vote serializes")
+    }
+
+    /// The vote id the ledger keys this vote by (records of the seed app have none).
+    pub fn ledger_id(&self) -> &str {
+        self.vote_id.as_deref().unwrap_or("")
+    }
+}
+
+/// The wire form of a [`Vote`].
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VoteRecord {
+    #[serde(deserialize_with = "flexible_id")]
+    poll_id: PollId,
+    #[serde(
+        default,
+        deserialize_with = "flexible_opt_id",
+        skip_serializing_if = "Option::is_none"
+    )]
+    option_id: Option<OptionId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    option_ids: Option<Vec<OptionId>>,
+    user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    voted_at: Option<UnixMillis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vote_id: Option<String>,
+}
+
+impl TryFrom<VoteRecord> for Vote {
+    type Error = String;
+
+    fn try_from(r: VoteRecord) -> Result<Self, String> {
+        let choices = match (r.option_id, r.option_ids) {
+            (Some(one), None) => vec![one],
+            (None, Some(many)) if !many.is_empty() => many,
+            (None, _) => return Err("a vote needs `optionId` or a non-empty `optionIds`".into()),
+            (Some(_), Some(_)) => {
+                return Err("a vote has `optionId` or `optionIds`, not both".into());
+            }
+        };
+        Ok(Vote {
+            poll_id: r.poll_id,
+            choices,
+            user_id: r.user_id,
+            voted_at: r.voted_at,
+            vote_id: r.vote_id,
+        })
+    }
+}
+
+impl From<Vote> for VoteRecord {
+    fn from(v: Vote) -> Self {
+        let (option_id, option_ids) = match v.choices.as_slice() {
+            [one] => (Some(*one), None),
+            _ => (None, Some(v.choices)),
+        };
+        VoteRecord {
+            poll_id: v.poll_id,
+            option_id,
+            option_ids,
+            user_id: v.user_id,
+            voted_at: v.voted_at,
+            vote_id: v.vote_id,
+        }
+    }
+}
+
+/// A poll was closed: every vote before this record in the poll's partition is in, so its
+/// aggregator flushes them and publishes the final counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PollClosed {
+    /// Always "pollClosed"; what tells this record from a vote.
+    pub event: ClosedEvent,
+    /// The poll.
+    pub poll_id: PollId,
+    /// When it closed.
+    pub closed_at: UnixMillis,
+}
+
+/// The tag of a [`PollClosed`] record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClosedEvent {
+    /// The only control event.
+    #[serde(rename = "pollClosed")]
+    PollClosed,
+}
+
+/// One record of the vote log: a vote, or the marker that closes a poll. Both are keyed by
+/// pollId, so a poll's close marker is ordered after every vote appended before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LogEntry {
+    /// Tried first: a vote record has no `event` field.
+    Closed(PollClosed),
+    /// A vote.
+    Vote(Vote),
+}
+
+impl LogEntry {
+    /// The marker that closes `poll_id` as of `closed_at`.
+    pub fn closed(poll_id: PollId, closed_at: UnixMillis) -> Self {
+        LogEntry::Closed(PollClosed {
+            event: ClosedEvent::PollClosed,
+            poll_id,
+            closed_at,
+        })
+    }
+
+    /// The poll the record belongs to (its log key).
+    pub fn poll_id(&self) -> PollId {
+        match self {
+            LogEntry::Closed(c) => c.poll_id,
+            LogEntry::Vote(v) => v.poll_id,
+        }
+    }
+
+    /// Parses a `raw-votes` record value.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// Serializes the record value.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("log entry serializes")
     }
 }
 
@@ -84,6 +228,11 @@ pub fn flexible_id<'de, D: Deserializer<'de>>(de: D) -> Result<i64, D::Error> {
     de.deserialize_any(IdVisitor)
 }
 
+/// [`flexible_id`] for an optional field.
+pub fn flexible_opt_id<'de, D: Deserializer<'de>>(de: D) -> Result<Option<i64>, D::Error> {
+    flexible_id(de).map(Some)
+}
+
 /// One option of a poll with its current count.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PollOption {
@@ -93,6 +242,47 @@ pub struct PollOption {
     pub text: String,
     /// Votes counted so far (only what has been flushed to the store).
     pub votes: i64,
+}
+
+/// Where a poll's lifecycle events are delivered (see the webhooks adapter).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookTarget {
+    /// The operator's endpoint.
+    pub url: String,
+    /// Key of the HMAC that signs every delivery; shown once, when the poll is created.
+    #[serde(skip_serializing, default)]
+    pub secret: String,
+    /// Also send the counts this often while the poll is open (`None`: only opened/closed).
+    pub results_every_secs: Option<u32>,
+}
+
+/// How a poll behaves; fixed when it is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PollSettings {
+    /// How many options one voter may choose (1: single choice).
+    pub max_choices: u32,
+    /// When the poll closes by itself.
+    pub closes_at: Option<UnixMillis>,
+    /// Counts are shown only once the poll is closed.
+    pub hide_results: bool,
+    /// Voters may replace their ballot until the poll closes.
+    pub allow_change: bool,
+    /// Lifecycle events go there.
+    pub webhook: Option<WebhookTarget>,
+}
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        Self {
+            max_choices: 1,
+            closes_at: None,
+            hide_results: false,
+            allow_change: false,
+            webhook: None,
+        }
+    }
 }
 
 /// A poll as stored: its question, options and counts, and its version.
@@ -114,6 +304,10 @@ pub struct Poll {
     /// The poll's version: incremented by every flush that changed its counts. WebSocket
     /// messages carry it as `seq` so that clients can drop stale updates.
     pub seq: i64,
+    /// Voters counted (with several choices each, fewer than the sum of the counts).
+    pub voters: i64,
+    /// How it behaves.
+    pub settings: PollSettings,
 }
 
 impl Poll {
@@ -126,6 +320,16 @@ impl Poll {
     pub fn has_option(&self, option: OptionId) -> bool {
         self.options.iter().any(|o| o.id == option)
     }
+
+    /// Whether the poll refuses votes at `now`: closed, or past its closing time.
+    pub fn is_closed_at(&self, now: UnixMillis) -> bool {
+        self.closed || self.settings.closes_at.is_some_and(|at| now >= at)
+    }
+
+    /// Whether its counts may be shown at `now`.
+    pub fn results_visible_at(&self, now: UnixMillis) -> bool {
+        !self.settings.hide_results || self.is_closed_at(now)
+    }
 }
 
 /// A poll to be created.
@@ -135,6 +339,8 @@ pub struct NewPoll {
     pub question: String,
     /// Option texts in display order; ids 1..=n are assigned in this order.
     pub options: Vec<String>,
+    /// How it behaves.
+    pub settings: PollSettings,
 }
 
 /// The new count of one option after a flush.
@@ -160,6 +366,10 @@ pub struct CountsUpdate {
     pub all: Vec<OptionCount>,
     /// When the flush transaction committed (server clock).
     pub flushed_at: UnixMillis,
+    /// Set on the poll's final update, sent once its last votes are in: when it closed.
+    pub closed_at: Option<UnixMillis>,
+    /// The poll hides its counts until it closes: subscribers get only the final update.
+    pub hide_results: bool,
 }
 
 impl fmt::Display for CountsUpdate {
@@ -184,7 +394,7 @@ mod tests {
         let b = Vote::from_json(br#"{"pollId":"1","optionId":"2","userId":"u-17"}"#).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.poll_id, 1);
-        assert_eq!(a.option_id, 2);
+        assert_eq!(a.choices, vec![2]);
     }
 
     #[test]
@@ -193,13 +403,48 @@ mod tests {
     }
 
     #[test]
+    fn vote_needs_exactly_one_of_option_id_and_option_ids() {
+        let many = Vote::from_json(br#"{"pollId":1,"optionIds":[1,3],"userId":"u"}"#).unwrap();
+        assert_eq!(many.choices, vec![1, 3]);
+        for bad in [
+            &br#"{"pollId":1,"userId":"u"}"#[..],
+            br#"{"pollId":1,"optionIds":[],"userId":"u"}"#,
+            br#"{"pollId":1,"optionId":1,"optionIds":[2],"userId":"u"}"#,
+        ] {
+            assert!(Vote::from_json(bad).is_err());
+        }
+    }
+
+    #[test]
     fn vote_round_trips_through_json() {
-        let v = Vote {
-            poll_id: 3,
-            option_id: 1,
-            user_id: "x".into(),
-            voted_at: Some(5),
-        };
-        assert_eq!(Vote::from_json(&v.to_json()).unwrap(), v);
+        for choices in [vec![1], vec![1, 3]] {
+            let v = Vote {
+                poll_id: 3,
+                choices,
+                user_id: "x".into(),
+                voted_at: Some(5),
+                vote_id: Some("k".into()),
+            };
+            assert_eq!(Vote::from_json(&v.to_json()).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn single_choice_votes_keep_the_seed_apps_shape() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&Vote::single(1, 2, "u").to_json()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"pollId": 1, "optionId": 2, "userId": "u"})
+        );
+    }
+
+    #[test]
+    fn log_entries_tell_close_markers_from_votes() {
+        let closed = LogEntry::closed(4, 99);
+        assert_eq!(LogEntry::from_json(&closed.to_json()).unwrap(), closed);
+        let vote = LogEntry::from_json(br#"{"pollId":"4","optionId":"1","userId":"u"}"#).unwrap();
+        assert_eq!(vote, LogEntry::Vote(Vote::single(4, 1, "u")));
+        assert_eq!(closed.poll_id(), vote.poll_id());
     }
 }

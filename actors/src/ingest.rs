@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::aggregator::{AggregatorMsg, RouteSeq};
 use crate::aggregator_supervisor::AggregatorSupervisorMsg;
-use crate::domain::{PollId, Vote};
+use crate::domain::{LogEntry, PollId};
 use crate::ports::{LogRecord, Offset, Partition, SourceEvent, VoteSource, VoteSourceFactory};
 
 /// How the ingest actor reads and commits.
@@ -246,18 +246,18 @@ impl IngestActor {
         state: &mut IngestState,
         records: Vec<LogRecord>,
     ) -> Result<(), ActorProcessingErr> {
-        let mut by_poll: HashMap<PollId, Vec<(Partition, Offset, Vote)>> = HashMap::new();
+        let mut by_poll: HashMap<PollId, Vec<(Partition, Offset, LogEntry)>> = HashMap::new();
         for record in records {
             let p = state.partitions.entry(record.partition).or_default();
             p.read_next = Some(
                 p.read_next
                     .map_or(record.next_offset, |n| n.max(record.next_offset)),
             );
-            if let Some(vote) = record.vote {
-                by_poll.entry(vote.poll_id).or_default().push((
+            if let Some(entry) = record.entry {
+                by_poll.entry(entry.poll_id()).or_default().push((
                     record.partition,
                     record.offset,
-                    vote,
+                    entry,
                 ));
             }
         }
@@ -273,9 +273,9 @@ impl IngestActor {
             }
             let route = state.routes.entry(poll_id).or_default();
             route.last_routed = Instant::now();
-            let votes = items.into_iter().map(|(_, _, v)| v).collect();
+            let entries = items.into_iter().map(|(_, _, e)| e).collect();
             let to = match &route.target {
-                Some(target) if target.cast(AggregatorMsg::Votes { seq, votes }).is_ok() => {
+                Some(target) if target.cast(AggregatorMsg::Votes { seq, entries }).is_ok() => {
                     Some(target.get_id())
                 }
                 // Died just now: its supervisor reports the restart, which rewinds.

@@ -6,6 +6,7 @@
 
 pub mod aggregator;
 pub mod aggregator_supervisor;
+pub mod ballot;
 pub mod broadcast;
 pub mod domain;
 pub mod faults;
@@ -16,14 +17,17 @@ pub mod root;
 pub mod supervision;
 
 pub use broadcast::{BroadcastHub, CountsFrame, Subscription};
-pub use domain::{CountsUpdate, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, Vote};
+pub use domain::{
+    CountsUpdate, LogEntry, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings,
+    Vote, WebhookTarget,
+};
 pub use faults::FaultHooks;
 pub use http_actor::{HttpServer, ServeFuture};
 pub use ingest::IngestSettings;
 pub use ports::{
-    ConsumerStatus, CountsBus, CountsFeed, DedupGuard, FlushOutcome, GuardError, LogError,
-    LogRecord, Offset, Partition, PollStore, SourceEvent, StoreError, VoteAppender, VoteSource,
-    VoteSourceFactory,
+    Claim, ConsumerStatus, CountsBus, CountsFeed, DedupGuard, FlushOutcome, GuardError, LedgerRow,
+    LogError, LogRecord, NoEvents, Offset, Partition, PollEvents, PollStore, SourceEvent,
+    StoreError, VoteAppender, VoteSource, VoteSourceFactory, Voter,
 };
 pub use root::{RootArgs, RootMsg, RootSupervisor};
 pub use supervision::{Escalation, RestartPolicy};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::{CountsUpdate, NewPoll, OptionCount, Poll, PollId, UnixMillis, Vote};
+use crate::domain::{CountsUpdate, LogEntry, NewPoll, OptionCount, Poll, PollId, UnixMillis, Vote};
 
 /// Any error from a backend, kept as its source so logs show the whole chain.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -78,30 +78,84 @@ pub trait PollStore: Send + Sync + 'static {
     /// One poll with its current counts.
     async fn get_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError>;
 
-    /// Marks a poll closed (idempotent) and returns it; `None` if it does not exist.
-    async fn close_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError>;
+    /// Marks a poll closed as of `at` (idempotent: a closed poll keeps its closing time) and
+    /// returns it; `None` if it does not exist.
+    async fn close_poll(&self, id: PollId, at: UnixMillis) -> Result<Option<Poll>, StoreError>;
 
-    /// Applies a batch of votes of one poll in a single transaction: inserts them into the
-    /// ledger, ignoring any (poll, user) already there, and increments each option by the
-    /// rows actually inserted. Replaying a batch therefore changes nothing.
+    /// Closes every open poll whose `closes_at` is not after `now` (as of its `closes_at`),
+    /// and returns those, together with polls closed before `unsealed_before` whose final
+    /// counts were never published (their close marker was lost). Several processes may
+    /// call this at once; each due poll is closed by exactly one of them.
+    async fn polls_to_seal(
+        &self,
+        now: UnixMillis,
+        unsealed_before: UnixMillis,
+    ) -> Result<Vec<(PollId, UnixMillis)>, StoreError>;
+
+    /// Applies a batch of votes of one poll, in log order, in a single transaction (see
+    /// [`crate::ballot`]): a vote already in the ledger (same poll, user and vote id) is
+    /// skipped, a voter's first ballot is counted, and a later one replaces it only where
+    /// the poll allows changes. Replaying a batch therefore changes nothing.
     ///
-    /// Every vote must be for `poll` and for one of its options.
+    /// Every vote must be for `poll` and choose only its options.
     async fn apply_votes(&self, poll: PollId, votes: &[Vote]) -> Result<FlushOutcome, StoreError>;
 
-    /// (poll, user) pairs of votes recorded since `since`, to warm an in-process duplicate
-    /// guard after a restart.
-    async fn voters_since(&self, since: UnixMillis) -> Result<Vec<(PollId, String)>, StoreError>;
+    /// Marks the poll's final counts as published: bumps its version and returns every
+    /// count, for the `closed` message.
+    async fn seal_poll(&self, poll: PollId) -> Result<FlushOutcome, StoreError>;
+
+    /// Up to `limit` ledger rows of a poll after `after` (a row number; 0 for the first
+    /// page), in the order they were counted.
+    async fn ledger(
+        &self,
+        poll: PollId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LedgerRow>, StoreError>;
+
+    /// Current ballots recorded since `since`, to warm an in-process duplicate guard after
+    /// a restart.
+    async fn voters_since(&self, since: UnixMillis) -> Result<Vec<Voter>, StoreError>;
 
     /// Cheap round trip, for readiness checks.
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
+/// A voter whose ballot is in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Voter {
+    /// The poll.
+    pub poll_id: PollId,
+    /// The voter.
+    pub user_id: String,
+    /// The vote id of the ballot (empty when the vote had none).
+    pub vote_id: String,
+}
+
+/// One row of a poll's ledger: a counted vote, current or replaced by a later one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerRow {
+    /// Position in the ledger (the export's paging cursor).
+    pub row: i64,
+    /// The voter.
+    pub user_id: String,
+    /// The vote's id (empty when it had none).
+    pub vote_id: String,
+    /// The options chosen.
+    pub option_ids: Vec<i64>,
+    /// When the vote was accepted.
+    pub voted_at: UnixMillis,
+    /// Whether this is the voter's ballot now (false: replaced by a change).
+    pub current: bool,
+}
+
 /// The producing side of the vote log, shared by every HTTP handler.
 #[async_trait]
 pub trait VoteAppender: Send + Sync + 'static {
-    /// Appends a vote and returns only once it is durable (fsync'd locally, or acknowledged
-    /// by all in-sync Kafka replicas). A vote that got `Ok` is never lost.
-    async fn append(&self, vote: &Vote) -> Result<(), LogError>;
+    /// Appends a vote (or a close marker) and returns only once it is durable (fsync'd
+    /// locally, or acknowledged by all in-sync Kafka replicas). What got `Ok` is never lost.
+    async fn append(&self, entry: &LogEntry) -> Result<(), LogError>;
 
     /// Cheap check that the log can take appends, for readiness checks.
     async fn ping(&self) -> Result<(), LogError> {
@@ -125,9 +179,9 @@ pub struct LogRecord {
     pub offset: Offset,
     /// The offset just past this record: what to commit once it has been applied.
     pub next_offset: Offset,
-    /// The decoded vote, or `None` for a record that is not a vote (logged by the adapter and
-    /// skipped, so one bad record cannot stall a partition).
-    pub vote: Option<Vote>,
+    /// The decoded record, or `None` for one that is neither a vote nor a marker (logged by
+    /// the adapter and skipped, so one bad record cannot stall a partition).
+    pub entry: Option<LogEntry>,
 }
 
 /// What reading the vote log produced.
@@ -187,13 +241,24 @@ pub trait VoteSourceFactory: Send + Sync + 'static {
     }
 }
 
+/// What [`DedupGuard::claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Nobody had claimed (poll, user): the claim is now this vote's.
+    Fresh,
+    /// The claim is held by a vote with the same vote id: this is a retry of it.
+    Retry,
+    /// The claim is held by another vote of this user: a duplicate.
+    Taken,
+}
+
 /// The fast-path duplicate guard: at most one accepted vote per (poll, user) while a claim
 /// lives. The store's ledger stays the truth; the guard only turns most duplicates into a 409
 /// before they reach the log.
 #[async_trait]
 pub trait DedupGuard: Send + Sync + 'static {
-    /// Atomically claims (poll, user). `Ok(false)`: already claimed, i.e. a duplicate.
-    async fn claim(&self, poll: PollId, user: &str) -> Result<bool, GuardError>;
+    /// Atomically claims (poll, user) for the vote `vote_id`.
+    async fn claim(&self, poll: PollId, user: &str, vote_id: &str) -> Result<Claim, GuardError>;
 
     /// Releases a claim whose vote could not be appended, so the voter may retry.
     async fn release(&self, poll: PollId, user: &str) -> Result<(), GuardError>;
@@ -220,4 +285,25 @@ pub trait CountsBus: Send + Sync + 'static {
 pub trait CountsFeed: Send + 'static {
     /// The next update.
     async fn next(&mut self) -> Result<CountsUpdate, LogError>;
+}
+
+/// Told about polls opened and flushes committed by this process (webhooks). Calls must
+/// return at once: they are made on the vote pipeline's actors.
+pub trait PollEvents: Send + Sync + 'static {
+    /// A poll was created here.
+    fn opened(&self, poll: &Poll);
+
+    /// A flush committed here changed a poll's counts, or published its final ones
+    /// (`update.closed_at` is set).
+    fn flushed(&self, update: &CountsUpdate);
+}
+
+/// [`PollEvents`] for a process that sends none.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoEvents;
+
+impl PollEvents for NoEvents {
+    fn opened(&self, _poll: &Poll) {}
+
+    fn flushed(&self, _update: &CountsUpdate) {}
 }

@@ -30,7 +30,7 @@ use crate::broadcast::{BroadcastHub, Broadcaster, BroadcasterArgs, BroadcasterMs
 use crate::faults::FaultHooks;
 use crate::http_actor::{HttpActor, HttpMsg, HttpServer};
 use crate::ingest::{IngestActor, IngestArgs, IngestMsg, IngestSettings};
-use crate::ports::{CountsBus, PollStore, VoteSourceFactory};
+use crate::ports::{CountsBus, PollEvents, PollStore, VoteSourceFactory};
 use crate::supervision::{Escalation, RestartBudget, RestartPolicy};
 
 /// Longest wait for the final flush at shutdown.
@@ -51,6 +51,8 @@ pub struct RootArgs {
     pub http: Arc<dyn HttpServer>,
     /// How often aggregators flush.
     pub flush_interval: Duration,
+    /// Told about every committed flush (webhooks).
+    pub events: Arc<dyn PollEvents>,
     /// How the log is read and committed.
     pub ingest: IngestSettings,
     /// Restart budget of every supervisor.
@@ -144,6 +146,7 @@ impl RootSupervisor {
             broadcaster: broadcaster.clone(),
             ingest: ingest.clone(),
             flush_interval: args.flush_interval,
+            events: args.events.clone(),
             restart: args.restart,
             faults: args.faults.clone(),
         };

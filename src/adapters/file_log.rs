@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pollcast_actors::{
-    LogError, LogRecord, Offset, Partition, PollId, SourceEvent, Vote, VoteAppender, VoteSource,
-    VoteSourceFactory,
+    LogEntry, LogError, LogRecord, Offset, Partition, SourceEvent, VoteAppender, VoteSource,
+    VoteSourceFactory, Voter,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -62,8 +62,8 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(bases)
 }
 
-fn encode(vote: &Vote) -> Vec<u8> {
-    let payload = vote.to_json();
+fn encode(entry: &LogEntry) -> Vec<u8> {
+    let payload = entry.to_json();
     let mut record = Vec::with_capacity(HEADER as usize + payload.len());
     record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -169,9 +169,9 @@ impl FileVoteLog {
         })
     }
 
-    /// The (poll, user) of every vote after the committed offset: accepted, but maybe not yet
+    /// The voters of every vote after the committed offset: accepted, but maybe not yet
     /// counted (after a crash), so the duplicate guard must know them too.
-    pub async fn unapplied_voters(&self) -> Result<Vec<(PollId, String)>, LogError> {
+    pub async fn unapplied_voters(&self) -> Result<Vec<Voter>, LogError> {
         let mut source = self.source_factory().open().await?;
         let mut voters = Vec::new();
         loop {
@@ -180,8 +180,15 @@ impl FileVoteLog {
                 SourceEvent::Records(records) => voters.extend(
                     records
                         .into_iter()
-                        .filter_map(|r| r.vote)
-                        .map(|v| (v.poll_id, v.user_id)),
+                        .filter_map(|r| match r.entry {
+                            Some(LogEntry::Vote(v)) => Some(v),
+                            _ => None,
+                        })
+                        .map(|v| Voter {
+                            vote_id: v.ledger_id().to_owned(),
+                            poll_id: v.poll_id,
+                            user_id: v.user_id,
+                        }),
                 ),
                 _ => {}
             }
@@ -199,10 +206,10 @@ impl FileVoteLog {
 
 #[async_trait]
 impl VoteAppender for FileVoteLog {
-    async fn append(&self, vote: &Vote) -> Result<(), LogError> {
+    async fn append(&self, entry: &LogEntry) -> Result<(), LogError> {
         let (done, durable) = oneshot::channel();
         let append = Append {
-            record: encode(vote),
+            record: encode(entry),
             done,
         };
         let closed = || LogError::new("append", "the log writer has stopped");
@@ -388,8 +395,8 @@ impl Reader {
             };
             let offset = self.position;
             self.position += HEADER + payload.len() as u64;
-            let vote = match Vote::from_json(&payload) {
-                Ok(vote) => Some(vote),
+            let entry = match LogEntry::from_json(&payload) {
+                Ok(entry) => Some(entry),
                 Err(e) => {
                     tracing::warn!(offset, error = %e, "skipping a vote log record that is not a vote");
                     None
@@ -399,7 +406,7 @@ impl Reader {
                 partition: 0,
                 offset: offset as Offset,
                 next_offset: self.position as Offset,
-                vote,
+                entry,
             });
         }
         // Why drop the buffer: it may hold bytes past the durable end, of a group whose
@@ -492,12 +499,14 @@ impl VoteSource for FileVoteSource {
 mod tests {
     use super::*;
 
-    fn vote(user: &str) -> Vote {
-        Vote {
-            poll_id: 1,
-            option_id: 1,
-            user_id: user.into(),
-            voted_at: None,
+    fn vote(user: &str) -> LogEntry {
+        LogEntry::Vote(pollcast_actors::Vote::single(1, 1, user))
+    }
+
+    fn user_of(record: &LogRecord) -> String {
+        match &record.entry {
+            Some(LogEntry::Vote(v)) => v.user_id.clone(),
+            other => panic!("not a vote: {other:?}"),
         }
     }
 
@@ -522,10 +531,7 @@ mod tests {
         assert!(segments(dir.path()).unwrap().len() > 1, "log rolled over");
         let mut source = log.source_factory().open().await.unwrap();
         let records = read_all(&mut source).await;
-        let users: Vec<_> = records
-            .iter()
-            .map(|r| r.vote.as_ref().unwrap().user_id.clone())
-            .collect();
+        let users: Vec<_> = records.iter().map(user_of).collect();
         assert_eq!(
             users,
             (0..200).map(|i| format!("user-{i}")).collect::<Vec<_>>()
@@ -548,7 +554,7 @@ mod tests {
         let mut source = log.source_factory().open().await.unwrap();
         let records = read_all(&mut source).await;
         assert_eq!(records.len(), 5);
-        assert_eq!(records[0].vote.as_ref().unwrap().user_id, "u5");
+        assert_eq!(user_of(&records[0]), "u5");
     }
 
     #[tokio::test]
@@ -567,7 +573,7 @@ mod tests {
         let users: Vec<_> = read_all(&mut source)
             .await
             .into_iter()
-            .map(|r| r.vote.unwrap().user_id)
+            .map(|r| user_of(&r))
             .collect();
         assert_eq!(users, ["whole", "after"]);
     }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pollcast_actors::{
-    ConsumerStatus, CountsBus, CountsFeed, CountsUpdate, LogError, LogRecord, Offset, OptionCount,
-    Partition, SourceEvent, Vote, VoteAppender, VoteSource, VoteSourceFactory,
+    ConsumerStatus, CountsBus, CountsFeed, CountsUpdate, LogEntry, LogError, LogRecord, Offset,
+    OptionCount, Partition, SourceEvent, VoteAppender, VoteSource, VoteSourceFactory,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -182,9 +182,9 @@ impl KafkaVoteLog {
 
 #[async_trait]
 impl VoteAppender for KafkaVoteLog {
-    async fn append(&self, vote: &Vote) -> Result<(), LogError> {
-        let key = vote.poll_id.to_string();
-        let payload = vote.to_json();
+    async fn append(&self, entry: &LogEntry) -> Result<(), LogError> {
+        let key = entry.poll_id().to_string();
+        let payload = entry.to_json();
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
         let producer = self.producer();
         // Why our own bound: with idempotence, librdkafka holds messages that were in flight
@@ -398,7 +398,7 @@ fn serve_polls(
                     partition: message.partition(),
                     offset: message.offset(),
                     next_offset: message.offset() + 1,
-                    vote: decode_vote(&message),
+                    entry: decode_entry(&message),
                 }),
                 Some(Err(e)) => {
                     failure = Some(LogError::new("read from Kafka", e));
@@ -424,10 +424,10 @@ fn serve_polls(
     tracing::debug!("vote consumer thread stopped");
 }
 
-fn decode_vote(message: &impl Message) -> Option<Vote> {
+fn decode_entry(message: &impl Message) -> Option<LogEntry> {
     let payload = message.payload()?;
-    match Vote::from_json(payload) {
-        Ok(vote) => Some(vote),
+    match LogEntry::from_json(payload) {
+        Ok(entry) => Some(entry),
         Err(e) => {
             tracing::warn!(partition = message.partition(), offset = message.offset(), error = %e, "skipping a raw-votes record that is not a vote");
             None
@@ -530,6 +530,11 @@ struct CountsRecord {
     counts: Vec<OptionCount>,
     all_counts: Vec<OptionCount>,
     flushed_at: i64,
+    /// Set on a poll's final update (`type` is then "closed").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    closed_at: Option<i64>,
+    #[serde(default)]
+    hide_results: bool,
 }
 
 /// Count updates shared between processes through `poll-updates`.
@@ -559,12 +564,19 @@ impl KafkaCountsBus {
 impl CountsBus for KafkaCountsBus {
     fn publish(&self, update: &CountsUpdate) {
         let record = CountsRecord {
-            r#type: "counts".into(),
+            r#type: if update.closed_at.is_some() {
+                "closed"
+            } else {
+                "counts"
+            }
+            .into(),
             poll_id: update.poll_id,
             seq: update.seq,
             counts: update.changed.clone(),
             all_counts: update.all.clone(),
             flushed_at: update.flushed_at,
+            closed_at: update.closed_at,
+            hide_results: update.hide_results,
         };
         let payload = serde_json::to_vec(&record).expect("counts record serializes");
         let key = update.poll_id.to_string();
@@ -627,6 +639,8 @@ impl CountsFeed for KafkaCountsFeed {
                         changed: r.counts,
                         all: r.all_counts,
                         flushed_at: r.flushed_at,
+                        closed_at: r.closed_at,
+                        hide_results: r.hide_results,
                     });
                 }
                 Err(e) => {

@@ -1,17 +1,21 @@
 //! The production [`PollStore`]: Postgres through sqlx, schema in `migrations/postgres`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pollcast_actors::ballot;
 use pollcast_actors::domain::{UnixMillis, now_millis};
 use pollcast_actors::{
-    FlushOutcome, NewPoll, OptionCount, Poll, PollId, PollOption, PollStore, StoreError, Vote,
+    FlushOutcome, LedgerRow, NewPoll, OptionCount, Poll, PollId, PollOption, PollStore, StoreError,
+    Vote, Voter,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Row};
 
-use super::sql_common::{self, LIST_LIMIT, PollRow};
+use super::sql_common::{
+    self, LEDGER_COLUMNS, LIST_LIMIT, POLL_COLUMNS, PollRow, ledger_row, poll_row,
+};
 
 /// Pool sizing and timeouts (from `[store]` in config.toml).
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +66,23 @@ impl PostgresStore {
             .map_err(|e| StoreError::new("migrate the database", e))
     }
 
+    /// Every option's count, inside a flush's transaction.
+    async fn counts(tx: &mut PgConnection, poll: PollId) -> Result<Vec<OptionCount>, StoreError> {
+        let rows: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT id, votes FROM poll_options WHERE poll_id = $1 ORDER BY id")
+                .bind(poll)
+                .fetch_all(tx)
+                .await
+                .map_err(err("read counts"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(option_id, new_count)| OptionCount {
+                option_id,
+                new_count,
+            })
+            .collect())
+    }
+
     async fn polls_where(&self, id: Option<PollId>) -> Result<Vec<Poll>, sqlx::Error> {
         // Why REPEATABLE READ: the version and the counts are two statements, and a flush
         // committing between them would pair an old `seq` with newer counts.
@@ -69,27 +90,19 @@ impl PostgresStore {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *conn)
             .await?;
-        let rows = sqlx::query(
-            "SELECT id, question, created_at, closed_at, version FROM polls \
-             WHERE ($1::BIGINT IS NULL OR id = $1) ORDER BY id DESC LIMIT $2",
-        )
-        .bind(id)
-        .bind(LIST_LIMIT)
-        .fetch_all(&mut *conn)
-        .await?;
+        let sql = format!(
+            "SELECT {POLL_COLUMNS} FROM polls \
+             WHERE ($1::BIGINT IS NULL OR id = $1) ORDER BY id DESC LIMIT $2"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(id)
+            .bind(LIST_LIMIT)
+            .fetch_all(&mut *conn)
+            .await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<PollRow> = rows
-            .into_iter()
-            .map(|r| PollRow {
-                id: r.get(0),
-                question: r.get(1),
-                created_at: r.get(2),
-                closed_at: r.get(3),
-                version: r.get(4),
-            })
-            .collect();
+        let rows: Vec<PollRow> = rows.iter().map(|r| poll_row!(r)).collect();
         let ids: Vec<PollId> = rows.iter().map(|r| r.id).collect();
         let options = Self::options_of(&mut conn, &ids).await?;
         conn.commit().await?;
@@ -123,12 +136,22 @@ impl PostgresStore {
 impl PollStore for PostgresStore {
     async fn create_poll(&self, poll: NewPoll) -> Result<Poll, StoreError> {
         let created_at = now_millis();
+        let (url, secret, every) = sql_common::webhook_columns(&poll.settings);
         let mut tx = self.pool.begin().await.map_err(err("create poll"))?;
         let id: PollId = sqlx::query_scalar(
-            "INSERT INTO polls (question, created_at) VALUES ($1, $2) RETURNING id",
+            "INSERT INTO polls (question, created_at, closes_at, max_choices, hide_results, \
+             allow_change, webhook_url, webhook_secret, webhook_results_secs) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
         )
         .bind(&poll.question)
         .bind(created_at)
+        .bind(poll.settings.closes_at)
+        .bind(i64::from(poll.settings.max_choices))
+        .bind(poll.settings.hide_results)
+        .bind(poll.settings.allow_change)
+        .bind(url)
+        .bind(secret)
+        .bind(every)
         .fetch_one(&mut *tx)
         .await
         .map_err(err("create poll"))?;
@@ -154,10 +177,10 @@ impl PollStore for PostgresStore {
         Ok(polls.into_iter().next())
     }
 
-    async fn close_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError> {
+    async fn close_poll(&self, id: PollId, at: UnixMillis) -> Result<Option<Poll>, StoreError> {
         let updated =
             sqlx::query("UPDATE polls SET closed_at = COALESCE(closed_at, $1) WHERE id = $2")
-                .bind(now_millis())
+                .bind(at)
                 .bind(id)
                 .execute(&self.pool)
                 .await
@@ -168,81 +191,180 @@ impl PollStore for PostgresStore {
         self.get_poll(id).await
     }
 
+    async fn polls_to_seal(
+        &self,
+        now: UnixMillis,
+        unsealed_before: UnixMillis,
+    ) -> Result<Vec<(PollId, UnixMillis)>, StoreError> {
+        // Why one UPDATE … RETURNING: with several processes, each due poll is returned to
+        // exactly one of them (the row lock decides), so it is closed once.
+        let mut due: Vec<(PollId, UnixMillis)> = sqlx::query_as(
+            "UPDATE polls SET closed_at = closes_at \
+             WHERE closed_at IS NULL AND closes_at <= $1 RETURNING id, closed_at",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err("close due polls"))?;
+        let lost: Vec<(PollId, UnixMillis)> =
+            sqlx::query_as("SELECT id, closed_at FROM polls WHERE NOT sealed AND closed_at < $1")
+                .bind(unsealed_before)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err("find unsealed polls"))?;
+        due.extend(lost);
+        Ok(due)
+    }
+
     async fn apply_votes(&self, poll: PollId, votes: &[Vote]) -> Result<FlushOutcome, StoreError> {
         let now = now_millis();
-        let users: Vec<&str> = votes.iter().map(|v| v.user_id.as_str()).collect();
-        let options: Vec<i64> = votes.iter().map(|v| v.option_id).collect();
-        let times: Vec<i64> = votes.iter().map(|v| v.voted_at.unwrap_or(now)).collect();
         let mut tx = self.pool.begin().await.map_err(err("begin flush"))?;
-        // Why one set-based INSERT: the whole batch is one round trip, and the rows RETURNING
-        // gives back are exactly the votes not yet in the ledger, so a replay counts nothing.
-        let counted: BTreeMap<i64, i64> = sqlx::query(
-            "WITH inserted AS ( \
-                 INSERT INTO votes (poll_id, user_id, option_id, voted_at) \
-                 SELECT $1, u, o, t FROM UNNEST($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS v(u, o, t) \
-                 ON CONFLICT (poll_id, user_id) DO NOTHING \
-                 RETURNING option_id) \
-             SELECT option_id, COUNT(*) FROM inserted GROUP BY option_id",
-        )
-        .bind(poll)
-        .bind(&users)
-        .bind(&options)
-        .bind(&times)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err("insert votes into the ledger"))?
-        .into_iter()
-        .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1)))
-        .collect();
-        let seq: i64 = if counted.is_empty() {
-            sqlx::query_scalar("SELECT version FROM polls WHERE id = $1")
+        // Why FOR UPDATE: during a partition hand-over two processes may flush the same poll
+        // for a moment; the ledger reads below must not race.
+        let allow_change: bool =
+            sqlx::query_scalar("SELECT allow_change FROM polls WHERE id = $1 FOR UPDATE")
                 .bind(poll)
                 .fetch_one(&mut *tx)
                 .await
-        } else {
-            let (ids, ns): (Vec<i64>, Vec<i64>) = counted.iter().map(|(k, v)| (*k, *v)).unzip();
+                .map_err(err("lock poll"))?;
+        let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
+            "SELECT user_id, vote_id, choices, current FROM votes \
+             WHERE poll_id = $1 AND user_id = ANY($2)",
+        )
+        .bind(poll)
+        .bind(sql_common::voters_of(votes))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err("read ballots"))?;
+        let plan = ballot::plan(allow_change, &sql_common::ledger_view(rows), votes);
+        if plan.is_empty() {
+            let seq = sqlx::query_scalar("SELECT version FROM polls WHERE id = $1")
+                .bind(poll)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err("read poll version"))?;
+            let all = Self::counts(&mut tx, poll).await?;
+            tx.commit().await.map_err(err("commit flush"))?;
+            return Ok(sql_common::outcome(&plan, seq, all));
+        }
+        if !plan.replaced.is_empty() {
+            // Why first: the partial unique index allows one current ballot per voter.
             sqlx::query(
-                "UPDATE poll_options SET votes = votes + d.n \
-                 FROM UNNEST($2::BIGINT[], $3::BIGINT[]) AS d(id, n) \
-                 WHERE poll_options.poll_id = $1 AND poll_options.id = d.id",
+                "UPDATE votes SET current = FALSE \
+                 WHERE poll_id = $1 AND user_id = ANY($2) AND current",
             )
             .bind(poll)
-            .bind(&ids)
-            .bind(&ns)
+            .bind(&plan.replaced)
             .execute(&mut *tx)
             .await
-            .map_err(err("increment counts"))?;
-            sqlx::query_scalar(
-                "UPDATE polls SET version = version + 1 WHERE id = $1 RETURNING version",
-            )
-            .bind(poll)
-            .fetch_one(&mut *tx)
-            .await
+            .map_err(err("replace ballots"))?;
         }
+        let mut users = Vec::with_capacity(plan.inserts.len());
+        let mut ids = Vec::with_capacity(plan.inserts.len());
+        let mut choices = Vec::with_capacity(plan.inserts.len());
+        let mut times = Vec::with_capacity(plan.inserts.len());
+        let mut current = Vec::with_capacity(plan.inserts.len());
+        for insert in &plan.inserts {
+            users.push(insert.vote.user_id.as_str());
+            ids.push(insert.vote.ledger_id());
+            choices.push(ballot::encode_choices(&insert.vote.choices));
+            times.push(insert.vote.voted_at.unwrap_or(now));
+            current.push(insert.current);
+        }
+        // One set-based INSERT: the whole batch is one round trip.
+        sqlx::query(
+            "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) \
+             SELECT $1, u, i, c, t, k \
+             FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BOOLEAN[]) \
+             AS v(u, i, c, t, k)",
+        )
+        .bind(poll)
+        .bind(&users)
+        .bind(&ids)
+        .bind(&choices)
+        .bind(&times)
+        .bind(&current)
+        .execute(&mut *tx)
+        .await
+        .map_err(err("insert votes into the ledger"))?;
+        let (options, deltas): (Vec<i64>, Vec<i64>) =
+            plan.deltas.iter().map(|(k, v)| (*k, *v)).unzip();
+        sqlx::query(
+            "UPDATE poll_options SET votes = votes + d.n \
+             FROM UNNEST($2::BIGINT[], $3::BIGINT[]) AS d(id, n) \
+             WHERE poll_options.poll_id = $1 AND poll_options.id = d.id",
+        )
+        .bind(poll)
+        .bind(&options)
+        .bind(&deltas)
+        .execute(&mut *tx)
+        .await
+        .map_err(err("update counts"))?;
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE polls SET version = version + 1, voters = voters + $2 WHERE id = $1 \
+             RETURNING version",
+        )
+        .bind(poll)
+        .bind(plan.new_voters)
+        .fetch_one(&mut *tx)
+        .await
         .map_err(err("bump poll version"))?;
-        let all: Vec<OptionCount> =
-            sqlx::query("SELECT id, votes FROM poll_options WHERE poll_id = $1 ORDER BY id")
-                .bind(poll)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(err("read counts"))?
-                .into_iter()
-                .map(|r| OptionCount {
-                    option_id: r.get(0),
-                    new_count: r.get(1),
-                })
-                .collect();
+        let all = Self::counts(&mut tx, poll).await?;
         tx.commit().await.map_err(err("commit flush"))?;
-        Ok(sql_common::outcome(&counted, seq, all))
+        Ok(sql_common::outcome(&plan, seq, all))
     }
 
-    async fn voters_since(&self, since: UnixMillis) -> Result<Vec<(PollId, String)>, StoreError> {
-        let rows = sqlx::query("SELECT poll_id, user_id FROM votes WHERE voted_at >= $1")
-            .bind(since)
+    async fn seal_poll(&self, poll: PollId) -> Result<FlushOutcome, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(err("seal poll"))?;
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE polls SET version = version + 1, sealed = TRUE WHERE id = $1 \
+             RETURNING version",
+        )
+        .bind(poll)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err("seal poll"))?;
+        let all = Self::counts(&mut tx, poll).await?;
+        tx.commit().await.map_err(err("seal poll"))?;
+        Ok(sql_common::sealed(seq, all))
+    }
+
+    async fn ledger(
+        &self,
+        poll: PollId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let sql = format!(
+            "SELECT {LEDGER_COLUMNS} FROM votes WHERE poll_id = $1 AND row_id > $2 \
+             ORDER BY row_id LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(poll)
+            .bind(after)
+            .bind(limit)
             .fetch_all(&self.pool)
             .await
-            .map_err(err("list recent voters"))?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+            .map_err(err("read the ledger"))?;
+        Ok(rows.iter().map(|r| ledger_row!(r)).collect())
+    }
+
+    async fn voters_since(&self, since: UnixMillis) -> Result<Vec<Voter>, StoreError> {
+        let rows: Vec<(PollId, String, String)> = sqlx::query_as(
+            "SELECT poll_id, user_id, vote_id FROM votes WHERE current AND voted_at >= $1",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err("list recent voters"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(poll_id, user_id, vote_id)| Voter {
+                poll_id,
+                user_id,
+                vote_id,
+            })
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

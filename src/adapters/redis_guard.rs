@@ -1,4 +1,4 @@
-//! The production [`DedupGuard`]: Redis `SET vote:{pollId}:{userId} 1 NX EX ttl`.
+//! The production [`DedupGuard`]: Redis `SET vote:{pollId}:{userId} {voteId} NX GET EX ttl`.
 //!
 //! One multiplexed connection shared by every request, re-established by the connection
 //! manager when Redis comes back; every command is bounded by a timeout so a dead Redis turns
@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pollcast_actors::{DedupGuard, GuardError, PollId};
+use pollcast_actors::{Claim, DedupGuard, GuardError, PollId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 /// Connection and key settings (from `[dedup]` in config.toml).
@@ -76,17 +76,23 @@ impl RedisGuard {
 
 #[async_trait]
 impl DedupGuard for RedisGuard {
-    async fn claim(&self, poll: PollId, user: &str) -> Result<bool, GuardError> {
+    async fn claim(&self, poll: PollId, user: &str, vote_id: &str) -> Result<Claim, GuardError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key(poll, user))
-            .arg(1)
+            .arg(vote_id)
             .arg("NX")
+            .arg("GET")
             .arg("EX")
             .arg(self.ttl_secs);
-        // SET NX answers OK when it set the key and nil when the key existed: one atomic step,
-        // where the seed app raced a GET against a later SET.
-        let set: Option<String> = self.run("claim", &cmd).await?;
-        Ok(set.is_some())
+        // SET NX GET (Redis 7) sets the key only if it is absent and answers with the value it
+        // found: nil when this vote claimed it, else the vote id of the vote that holds it. One
+        // atomic step, where the seed app raced a GET against a later SET.
+        let holder: Option<String> = self.run("claim", &cmd).await?;
+        Ok(match holder {
+            None => Claim::Fresh,
+            Some(id) if id == vote_id => Claim::Retry,
+            Some(_) => Claim::Taken,
+        })
     }
 
     async fn release(&self, poll: PollId, user: &str) -> Result<(), GuardError> {

@@ -1,13 +1,25 @@
-//! What the SQL stores share: turning rows into domain values. The SQL itself differs per
-//! dialect (SQLite: multi-row VALUES; Postgres: UNNEST over arrays) and stays in each adapter.
+//! What the SQL stores share: the columns of a poll, turning rows into domain values, and
+//! turning a [`BallotPlan`] into a flush outcome. The SQL itself differs per dialect (SQLite:
+//! multi-row VALUES; Postgres: UNNEST over arrays) and stays in each adapter.
 
 use std::collections::{BTreeMap, HashMap};
 
+use pollcast_actors::ballot::{self, BallotPlan, LedgerView};
 use pollcast_actors::domain::UnixMillis;
-use pollcast_actors::{FlushOutcome, NewPoll, OptionCount, Poll, PollId, PollOption};
+use pollcast_actors::{
+    FlushOutcome, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings,
+    WebhookTarget,
+};
 
 /// Polls listed by `GET /polls` at most (newest first).
 pub const LIST_LIMIT: i64 = 1000;
+
+/// The columns [`poll_row!`] reads, in its order.
+pub const POLL_COLUMNS: &str = "id, question, created_at, closed_at, version, voters, closes_at, \
+     max_choices, hide_results, allow_change, webhook_url, webhook_secret, webhook_results_secs";
+
+/// The columns of the ledger rows [`ledger_row!`] reads, in its order.
+pub const LEDGER_COLUMNS: &str = "row_id, user_id, vote_id, choices, voted_at, current";
 
 /// A row of `polls`.
 pub struct PollRow {
@@ -16,6 +28,75 @@ pub struct PollRow {
     pub created_at: UnixMillis,
     pub closed_at: Option<UnixMillis>,
     pub version: i64,
+    pub voters: i64,
+    pub settings: PollSettings,
+}
+
+/// Reads a [`PollRow`] from a row selected with [`POLL_COLUMNS`] (either dialect).
+macro_rules! poll_row {
+    ($r:expr) => {{
+        let r = $r;
+        let url: Option<String> = r.get(10);
+        let secret: Option<String> = r.get(11);
+        let every: Option<i64> = r.get(12);
+        $crate::adapters::sql_common::PollRow {
+            id: r.get(0),
+            question: r.get(1),
+            created_at: r.get(2),
+            closed_at: r.get(3),
+            version: r.get(4),
+            voters: r.get(5),
+            settings: pollcast_actors::PollSettings {
+                closes_at: r.get(6),
+                max_choices: r.get::<i64, _>(7) as u32,
+                hide_results: r.get(8),
+                allow_change: r.get(9),
+                webhook: $crate::adapters::sql_common::webhook(url, secret, every),
+            },
+        }
+    }};
+}
+
+/// Reads a [`LedgerRow`] from a row selected with [`LEDGER_COLUMNS`] (either dialect).
+macro_rules! ledger_row {
+    ($r:expr) => {{
+        let r = $r;
+        pollcast_actors::LedgerRow {
+            row: r.get(0),
+            user_id: r.get(1),
+            vote_id: r.get(2),
+            option_ids: pollcast_actors::ballot::decode_choices(r.get::<&str, _>(3)),
+            voted_at: r.get(4),
+            current: r.get(5),
+        }
+    }};
+}
+
+pub(crate) use {ledger_row, poll_row};
+
+/// The webhook of a poll from its three columns.
+pub fn webhook(
+    url: Option<String>,
+    secret: Option<String>,
+    every: Option<i64>,
+) -> Option<WebhookTarget> {
+    Some(WebhookTarget {
+        url: url?,
+        secret: secret.unwrap_or_default(),
+        results_every_secs: every.map(|s| s as u32),
+    })
+}
+
+/// The webhook columns of a new poll.
+pub fn webhook_columns(settings: &PollSettings) -> (Option<&str>, Option<&str>, Option<i64>) {
+    match &settings.webhook {
+        Some(w) => (
+            Some(&w.url),
+            Some(&w.secret),
+            w.results_every_secs.map(i64::from),
+        ),
+        None => (None, None, None),
+    }
 }
 
 /// Joins poll rows with their options (keyed by poll id), keeping the rows' order.
@@ -29,6 +110,8 @@ pub fn assemble(rows: Vec<PollRow>, mut options: HashMap<PollId, Vec<PollOption>
             created_at: r.created_at,
             closed_at: r.closed_at,
             seq: r.version,
+            voters: r.voters,
+            settings: r.settings,
         })
         .collect()
 }
@@ -48,20 +131,55 @@ pub fn created(id: PollId, poll: NewPoll, created_at: UnixMillis) -> Poll {
         created_at,
         closed_at: None,
         seq: 0,
+        voters: 0,
+        settings: poll.settings,
     }
 }
 
-/// A flush's outcome from the votes inserted per option and the counts read back.
-pub fn outcome(counted: &BTreeMap<i64, i64>, seq: i64, all: Vec<OptionCount>) -> FlushOutcome {
+/// What the ledger holds for a batch's voters, from their rows (user, vote id, choices,
+/// current).
+pub fn ledger_view(rows: impl IntoIterator<Item = (String, String, String, bool)>) -> LedgerView {
+    let mut view = LedgerView::default();
+    for (user, vote_id, choices, current) in rows {
+        if current {
+            view.current
+                .insert(user.clone(), ballot::decode_choices(&choices));
+        }
+        view.applied.insert((user, vote_id));
+    }
+    view
+}
+
+/// The distinct voters of a batch.
+pub fn voters_of(votes: &[pollcast_actors::Vote]) -> Vec<&str> {
+    let mut users: Vec<&str> = votes.iter().map(|v| v.user_id.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
+/// A flush's outcome from its plan, the new version and the counts read back.
+pub fn outcome(plan: &BallotPlan<'_>, seq: i64, all: Vec<OptionCount>) -> FlushOutcome {
+    let deltas: &BTreeMap<OptionId, i64> = &plan.deltas;
     let changed = all
         .iter()
-        .filter(|c| counted.contains_key(&c.option_id))
+        .filter(|c| deltas.contains_key(&c.option_id))
         .copied()
         .collect();
     FlushOutcome {
-        inserted: counted.values().sum::<i64>() as u64,
+        inserted: plan.inserts.len() as u64,
         seq,
         changed,
+        all,
+    }
+}
+
+/// The final outcome of a sealed poll: every option counts as changed.
+pub fn sealed(seq: i64, all: Vec<OptionCount>) -> FlushOutcome {
+    FlushOutcome {
+        inserted: 0,
+        seq,
+        changed: all.clone(),
         all,
     }
 }

@@ -1,15 +1,17 @@
 //! The embedded [`PollStore`]: SQLite through sqlx, migrated on open.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use super::sql_common::{self, LIST_LIMIT, PollRow};
+use super::sql_common::{self, LEDGER_COLUMNS, LIST_LIMIT, POLL_COLUMNS, ledger_row, poll_row};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pollcast_actors::ballot;
 use pollcast_actors::domain::{UnixMillis, now_millis};
 use pollcast_actors::{
-    FlushOutcome, NewPoll, OptionCount, Poll, PollId, PollOption, PollStore, StoreError, Vote,
+    FlushOutcome, LedgerRow, NewPoll, OptionCount, Poll, PollId, PollOption, PollStore, StoreError,
+    Vote, Voter,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -90,14 +92,33 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// Every option's count, inside a flush's transaction.
+    async fn counts(
+        tx: &mut SqliteConnection,
+        poll: PollId,
+    ) -> Result<Vec<OptionCount>, StoreError> {
+        let rows: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT id, votes FROM poll_options WHERE poll_id = ? ORDER BY id")
+                .bind(poll)
+                .fetch_all(tx)
+                .await
+                .map_err(err("read counts"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(option_id, new_count)| OptionCount {
+                option_id,
+                new_count,
+            })
+            .collect())
+    }
+
     async fn polls_where(&self, filter: &str, bind: Option<i64>) -> Result<Vec<Poll>, sqlx::Error> {
         // Why a transaction: a poll's version and its counts are read by two statements, and
         // a flush committing between them would pair an old `seq` with newer counts. In WAL
         // mode a read transaction sees one snapshot.
         let mut conn = self.readers.begin().await?;
         let sql = format!(
-            "SELECT id, question, created_at, closed_at, version FROM polls {filter} \
-             ORDER BY id DESC LIMIT {LIST_LIMIT}"
+            "SELECT {POLL_COLUMNS} FROM polls {filter} ORDER BY id DESC LIMIT {LIST_LIMIT}"
         );
         let mut query = sqlx::query(&sql);
         if let Some(v) = bind {
@@ -109,16 +130,7 @@ impl SqliteStore {
         }
         let ids: Vec<PollId> = rows.iter().map(|r| r.get(0)).collect();
         let options = Self::options_of(&mut conn, &ids).await?;
-        let rows = rows
-            .into_iter()
-            .map(|r| PollRow {
-                id: r.get(0),
-                question: r.get(1),
-                created_at: r.get(2),
-                closed_at: r.get(3),
-                version: r.get(4),
-            })
-            .collect();
+        let rows = rows.iter().map(|r| poll_row!(r)).collect();
         conn.commit().await?;
         Ok(sql_common::assemble(rows, options))
     }
@@ -128,12 +140,22 @@ impl SqliteStore {
 impl PollStore for SqliteStore {
     async fn create_poll(&self, poll: NewPoll) -> Result<Poll, StoreError> {
         let created_at = now_millis();
+        let (url, secret, every) = sql_common::webhook_columns(&poll.settings);
         let mut tx = self.writer.begin().await.map_err(err("create poll"))?;
         let id: PollId = sqlx::query_scalar(
-            "INSERT INTO polls (question, created_at) VALUES (?, ?) RETURNING id",
+            "INSERT INTO polls (question, created_at, closes_at, max_choices, hide_results, \
+             allow_change, webhook_url, webhook_secret, webhook_results_secs) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(&poll.question)
         .bind(created_at)
+        .bind(poll.settings.closes_at)
+        .bind(i64::from(poll.settings.max_choices))
+        .bind(poll.settings.hide_results)
+        .bind(poll.settings.allow_change)
+        .bind(url)
+        .bind(secret)
+        .bind(every)
         .fetch_one(&mut *tx)
         .await
         .map_err(err("create poll"))?;
@@ -161,10 +183,10 @@ impl PollStore for SqliteStore {
         Ok(polls.into_iter().next())
     }
 
-    async fn close_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError> {
+    async fn close_poll(&self, id: PollId, at: UnixMillis) -> Result<Option<Poll>, StoreError> {
         let updated =
             sqlx::query("UPDATE polls SET closed_at = COALESCE(closed_at, ?) WHERE id = ?")
-                .bind(now_millis())
+                .bind(at)
                 .bind(id)
                 .execute(&self.writer)
                 .await
@@ -175,78 +197,170 @@ impl PollStore for SqliteStore {
         self.get_poll(id).await
     }
 
+    async fn polls_to_seal(
+        &self,
+        now: UnixMillis,
+        unsealed_before: UnixMillis,
+    ) -> Result<Vec<(PollId, UnixMillis)>, StoreError> {
+        let mut tx = self.writer.begin().await.map_err(err("close due polls"))?;
+        let mut due: Vec<(PollId, UnixMillis)> = sqlx::query_as(
+            "UPDATE polls SET closed_at = closes_at \
+             WHERE closed_at IS NULL AND closes_at <= ? RETURNING id, closed_at",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err("close due polls"))?;
+        let lost: Vec<(PollId, UnixMillis)> =
+            sqlx::query_as("SELECT id, closed_at FROM polls WHERE NOT sealed AND closed_at < ?")
+                .bind(unsealed_before)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(err("find unsealed polls"))?;
+        tx.commit().await.map_err(err("close due polls"))?;
+        due.extend(lost);
+        Ok(due)
+    }
+
     async fn apply_votes(&self, poll: PollId, votes: &[Vote]) -> Result<FlushOutcome, StoreError> {
         let now = now_millis();
         let mut tx = self.writer.begin().await.map_err(err("begin flush"))?;
-        let mut counted: BTreeMap<i64, i64> = BTreeMap::new();
-        for chunk in votes.chunks(INSERT_CHUNK) {
+        let allow_change: bool = sqlx::query_scalar("SELECT allow_change FROM polls WHERE id = ?")
+            .bind(poll)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("read poll"))?;
+        let mut rows = Vec::new();
+        for users in sql_common::voters_of(votes).chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO votes (poll_id, user_id, option_id, voted_at) ",
+                "SELECT user_id, vote_id, choices, current FROM votes WHERE poll_id = ",
             );
-            q.push_values(chunk, |mut row, v| {
-                row.push_bind(poll)
-                    .push_bind(&v.user_id)
-                    .push_bind(v.option_id)
-                    .push_bind(v.voted_at.unwrap_or(now));
-            });
-            // Why DO NOTHING + RETURNING: the rows returned are exactly the votes not yet in
-            // the ledger, so a replayed vote increments nothing.
-            q.push(" ON CONFLICT (poll_id, user_id) DO NOTHING RETURNING option_id");
-            let inserted: Vec<i64> = q
-                .build_query_scalar()
+            q.push_bind(poll).push(" AND user_id IN (");
+            let mut list = q.separated(", ");
+            for user in users {
+                list.push_bind(*user);
+            }
+            q.push(")");
+            let found: Vec<(String, String, String, bool)> = q
+                .build_query_as()
                 .fetch_all(&mut *tx)
                 .await
-                .map_err(err("insert votes into the ledger"))?;
-            for option in inserted {
-                *counted.entry(option).or_default() += 1;
-            }
+                .map_err(err("read ballots"))?;
+            rows.extend(found);
         }
-        for (option, n) in &counted {
+        let plan = ballot::plan(allow_change, &sql_common::ledger_view(rows), votes);
+        if plan.is_empty() {
+            let seq = sqlx::query_scalar("SELECT version FROM polls WHERE id = ?")
+                .bind(poll)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err("read poll version"))?;
+            let all = Self::counts(&mut tx, poll).await?;
+            tx.commit().await.map_err(err("commit flush"))?;
+            return Ok(sql_common::outcome(&plan, seq, all));
+        }
+        // Why first: the partial unique index allows one current ballot per voter.
+        for user in &plan.replaced {
+            sqlx::query(
+                "UPDATE votes SET current = FALSE WHERE poll_id = ? AND user_id = ? AND current",
+            )
+            .bind(poll)
+            .bind(*user)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("replace ballots"))?;
+        }
+        for chunk in plan.inserts.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) ",
+            );
+            q.push_values(chunk, |mut row, insert| {
+                let v = insert.vote;
+                row.push_bind(poll)
+                    .push_bind(&v.user_id)
+                    .push_bind(v.ledger_id())
+                    .push_bind(ballot::encode_choices(&v.choices))
+                    .push_bind(v.voted_at.unwrap_or(now))
+                    .push_bind(insert.current);
+            });
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(err("insert votes into the ledger"))?;
+        }
+        for (option, n) in &plan.deltas {
             sqlx::query("UPDATE poll_options SET votes = votes + ? WHERE poll_id = ? AND id = ?")
                 .bind(n)
                 .bind(poll)
                 .bind(option)
                 .execute(&mut *tx)
                 .await
-                .map_err(err("increment counts"))?;
+                .map_err(err("update counts"))?;
         }
-        let seq: i64 = if !counted.is_empty() {
-            sqlx::query_scalar(
-                "UPDATE polls SET version = version + 1 WHERE id = ? RETURNING version",
-            )
-            .bind(poll)
-            .fetch_one(&mut *tx)
-            .await
-        } else {
-            sqlx::query_scalar("SELECT version FROM polls WHERE id = ?")
-                .bind(poll)
-                .fetch_one(&mut *tx)
-                .await
-        }
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE polls SET version = version + 1, voters = voters + ? WHERE id = ? \
+             RETURNING version",
+        )
+        .bind(plan.new_voters)
+        .bind(poll)
+        .fetch_one(&mut *tx)
+        .await
         .map_err(err("bump poll version"))?;
-        let all: Vec<OptionCount> =
-            sqlx::query("SELECT id, votes FROM poll_options WHERE poll_id = ? ORDER BY id")
-                .bind(poll)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(err("read counts"))?
-                .into_iter()
-                .map(|r| OptionCount {
-                    option_id: r.get(0),
-                    new_count: r.get(1),
-                })
-                .collect();
+        let all = Self::counts(&mut tx, poll).await?;
         tx.commit().await.map_err(err("commit flush"))?;
-        Ok(sql_common::outcome(&counted, seq, all))
+        Ok(sql_common::outcome(&plan, seq, all))
     }
 
-    async fn voters_since(&self, since: UnixMillis) -> Result<Vec<(PollId, String)>, StoreError> {
-        let rows = sqlx::query("SELECT poll_id, user_id FROM votes WHERE voted_at >= ?")
-            .bind(since)
+    async fn seal_poll(&self, poll: PollId) -> Result<FlushOutcome, StoreError> {
+        let mut tx = self.writer.begin().await.map_err(err("seal poll"))?;
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE polls SET version = version + 1, sealed = TRUE WHERE id = ? RETURNING version",
+        )
+        .bind(poll)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err("seal poll"))?;
+        let all = Self::counts(&mut tx, poll).await?;
+        tx.commit().await.map_err(err("seal poll"))?;
+        Ok(sql_common::sealed(seq, all))
+    }
+
+    async fn ledger(
+        &self,
+        poll: PollId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let sql = format!(
+            "SELECT {LEDGER_COLUMNS} FROM votes WHERE poll_id = ? AND row_id > ? \
+             ORDER BY row_id LIMIT ?"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(poll)
+            .bind(after)
+            .bind(limit)
             .fetch_all(&self.readers)
             .await
-            .map_err(err("list recent voters"))?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+            .map_err(err("read the ledger"))?;
+        Ok(rows.iter().map(|r| ledger_row!(r)).collect())
+    }
+
+    async fn voters_since(&self, since: UnixMillis) -> Result<Vec<Voter>, StoreError> {
+        let rows: Vec<(PollId, String, String)> = sqlx::query_as(
+            "SELECT poll_id, user_id, vote_id FROM votes WHERE current AND voted_at >= ?",
+        )
+        .bind(since)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err("list recent voters"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(poll_id, user_id, vote_id)| Voter {
+                poll_id,
+                user_id,
+                vote_id,
+            })
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

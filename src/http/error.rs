@@ -26,6 +26,9 @@ pub enum ApiError {
     /// Missing or wrong admin token.
     #[error("this endpoint needs `Authorization: Bearer <admin token>`")]
     Unauthorized,
+    /// The poll hides its results until it closes.
+    #[error("poll {0} shows its results once it is closed")]
+    ResultsHidden(PollId),
     /// No such poll.
     #[error("poll {0} does not exist")]
     PollNotFound(PollId),
@@ -71,6 +74,7 @@ impl ApiError {
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::ResultsHidden(_) => (StatusCode::FORBIDDEN, "results_hidden"),
             Self::VoterToken(_) => (StatusCode::UNAUTHORIZED, "invalid_voter_token"),
             Self::PollNotFound(_) => (StatusCode::NOT_FOUND, "poll_not_found"),
             Self::OptionNotFound { .. } => (StatusCode::NOT_FOUND, "option_not_found"),
@@ -95,6 +99,9 @@ impl From<VoteRejection> for ApiError {
             VoteRejection::UnknownPoll(poll) => Self::PollNotFound(poll),
             VoteRejection::UnknownOption { poll, option } => Self::OptionNotFound { poll, option },
             VoteRejection::Closed(poll) => Self::PollClosed(poll),
+            rejection @ VoteRejection::TooManyChoices { .. } => {
+                Self::Invalid(rejection.to_string())
+            }
             VoteRejection::Duplicate(poll) => Self::AlreadyVoted(poll),
             other @ (VoteRejection::Store(_) | VoteRejection::Guard(_) | VoteRejection::Log(_)) => {
                 Self::unavailable(other)

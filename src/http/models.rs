@@ -1,9 +1,9 @@
 //! Request and response bodies of the HTTP API.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
-use pollcast_actors::domain::{UnixMillis, flexible_id};
-use pollcast_actors::{NewPoll, OptionId, Poll, PollId, PollOption, Vote};
+use pollcast_actors::domain::{UnixMillis, flexible_id, flexible_opt_id, rfc3339};
+use pollcast_actors::{NewPoll, OptionId, Poll, PollId, PollSettings, Vote, WebhookTarget};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -28,17 +28,43 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 /// `POST /polls`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreatePollRequest {
     /// The question.
     pub question: String,
     /// Option texts, in display order.
     pub options: Vec<String>,
+    /// Options one voter may choose (default 1).
+    pub max_choices: Option<u32>,
+    /// RFC 3339 time at which the poll closes by itself.
+    pub closes_at: Option<String>,
+    /// Show counts only once the poll is closed.
+    #[serde(default)]
+    pub hide_results: bool,
+    /// Voters may change their ballot until the poll closes.
+    #[serde(default)]
+    pub allow_change: bool,
+    /// Where lifecycle events are delivered.
+    pub webhook: Option<WebhookRequest>,
 }
 
+/// The `webhook` of a `POST /polls`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebhookRequest {
+    /// An `http` or `https` URL.
+    pub url: String,
+    /// Also send the counts this often while the poll is open.
+    pub results_every_secs: Option<u32>,
+}
+
+/// Longest webhook URL.
+pub const WEBHOOK_URL_MAX: usize = 2000;
+
 impl CreatePollRequest {
-    /// Checks lengths and counts; trims whitespace.
-    pub fn validate(self) -> Result<NewPoll, ApiError> {
+    /// Checks lengths, counts and times (against `now`); trims whitespace. A webhook gets a
+    /// fresh signing secret.
+    pub fn validate(self, now: UnixMillis) -> Result<NewPoll, ApiError> {
         let invalid = |m: String| Err(ApiError::Invalid(m));
         let question = self.question.trim().to_owned();
         if question.is_empty() || question.chars().count() > QUESTION_MAX {
@@ -64,44 +90,152 @@ impl CreatePollRequest {
                 return invalid(format!("option {text:?} appears twice"));
             }
         }
-        Ok(NewPoll { question, options })
+        let max_choices = self.max_choices.unwrap_or(1);
+        if max_choices < 1 || max_choices as usize > options.len() {
+            return invalid(format!(
+                "maxChoices must be between 1 and the number of options ({})",
+                options.len()
+            ));
+        }
+        let closes_at = match self.closes_at.as_deref() {
+            None => None,
+            Some(text) => {
+                let at = humantime::parse_rfc3339_weak(text.trim())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_millis() as UnixMillis);
+                match at {
+                    Some(at) if at > now => Some(at),
+                    Some(_) => return invalid("closesAt must be in the future".into()),
+                    None => {
+                        return invalid(format!(
+                            "closesAt must be an RFC 3339 time such as 2026-11-25T18:00:00Z, not {text:?}"
+                        ));
+                    }
+                }
+            }
+        };
+        let webhook = match self.webhook {
+            None => None,
+            Some(w) => Some(w.validate()?),
+        };
+        Ok(NewPoll {
+            question,
+            options,
+            settings: PollSettings {
+                max_choices,
+                closes_at,
+                hide_results: self.hide_results,
+                allow_change: self.allow_change,
+                webhook,
+            },
+        })
     }
 }
 
-/// `POST /vote`: the seed app's body; ids may be numbers or numeric strings.
+impl WebhookRequest {
+    fn validate(self) -> Result<WebhookTarget, ApiError> {
+        let url = self.url.trim().to_owned();
+        let uri: Option<http::Uri> = url.parse().ok();
+        let scheme_ok = uri
+            .as_ref()
+            .and_then(|u| u.scheme_str())
+            .is_some_and(|s| s == "http" || s == "https");
+        let host_ok = uri.as_ref().and_then(|u| u.host()).is_some();
+        if !scheme_ok || !host_ok || url.len() > WEBHOOK_URL_MAX {
+            return Err(ApiError::Invalid(format!(
+                "webhook.url must be an http(s) URL of at most {WEBHOOK_URL_MAX} characters"
+            )));
+        }
+        if self.results_every_secs == Some(0) {
+            return Err(ApiError::Invalid(
+                "webhook.resultsEverySecs must be at least 1".into(),
+            ));
+        }
+        let secret: [u8; 32] = rand::random();
+        Ok(WebhookTarget {
+            url,
+            secret: secret.iter().map(|b| format!("{b:02x}")).collect(),
+            results_every_secs: self.results_every_secs,
+        })
+    }
+}
+
+/// `POST /vote`: the seed app's body; ids may be numbers or numeric strings. Several
+/// choices come as `optionIds`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VoteRequest {
     /// The poll.
     #[serde(deserialize_with = "flexible_id")]
     pub poll_id: PollId,
-    /// The option chosen.
-    #[serde(deserialize_with = "flexible_id")]
-    pub option_id: OptionId,
+    /// The option chosen (single choice).
+    #[serde(default, deserialize_with = "flexible_opt_id")]
+    pub option_id: Option<OptionId>,
+    /// The options chosen (multiple choice).
+    pub option_ids: Option<Vec<OptionId>>,
     /// Who votes (required unless voters present signed tokens).
     pub user_id: Option<String>,
+    /// The client's idempotency key (or the `Idempotency-Key` header).
+    pub vote_id: Option<String>,
+}
+
+/// Longest vote id (idempotency key), in characters.
+pub const VOTE_ID_MAX: usize = 128;
+
+fn printable(text: &str, max: usize) -> bool {
+    !text.is_empty() && text.chars().count() <= max && !text.chars().any(char::is_control)
 }
 
 impl VoteRequest {
-    /// Checks the user id: the body's, or `signed_user` taken from a verified token.
-    pub fn validate(self, signed_user: Option<String>) -> Result<Vote, ApiError> {
+    /// Checks the user id (the body's, or `signed_user` taken from a verified token), the
+    /// choices, and the idempotency key (the body's `voteId` or the `Idempotency-Key`
+    /// header; they must agree when both are given).
+    pub fn validate(
+        self,
+        signed_user: Option<String>,
+        idempotency_key: Option<String>,
+    ) -> Result<Vote, ApiError> {
+        let invalid = |m: &str| Err(ApiError::Invalid(m.into()));
         let Some(user) = signed_user.or(self.user_id) else {
-            return Err(ApiError::Invalid("missing field `userId`".into()));
+            return invalid("missing field `userId`");
         };
         let user = user.trim();
-        if user.is_empty()
-            || user.chars().count() > USER_ID_MAX
-            || user.chars().any(char::is_control)
-        {
+        if !printable(user, USER_ID_MAX) {
             return Err(ApiError::Invalid(format!(
                 "userId must have 1 to {USER_ID_MAX} printable characters"
             )));
         }
+        let choices = match (self.option_id, self.option_ids) {
+            (Some(one), None) => vec![one],
+            (None, Some(many)) if !many.is_empty() => many,
+            (None, _) => return invalid("a vote needs `optionId` or a non-empty `optionIds`"),
+            (Some(_), Some(_)) => return invalid("give `optionId` or `optionIds`, not both"),
+        };
+        let distinct: std::collections::HashSet<_> = choices.iter().collect();
+        if distinct.len() != choices.len() {
+            return invalid("`optionIds` lists an option twice");
+        }
+        let vote_id = match (self.vote_id, idempotency_key) {
+            (Some(a), Some(b)) if a != b => {
+                return invalid("`voteId` and the Idempotency-Key header differ");
+            }
+            (a, b) => a.or(b),
+        };
+        if vote_id
+            .as_deref()
+            .is_some_and(|id| !printable(id, VOTE_ID_MAX))
+        {
+            return Err(ApiError::Invalid(format!(
+                "voteId must have 1 to {VOTE_ID_MAX} printable characters"
+            )));
+        }
         Ok(Vote {
             poll_id: self.poll_id,
-            option_id: self.option_id,
+            choices,
             user_id: user.to_owned(),
             voted_at: None,
+            vote_id,
         })
     }
 }
@@ -113,7 +247,8 @@ pub struct VoteAccepted {
     pub status: &'static str,
 }
 
-/// A poll as every endpoint and the WebSocket snapshot show it.
+/// A poll as every endpoint and the WebSocket snapshot show it. While a poll hides its
+/// results, every count is `null`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PollView {
@@ -122,37 +257,94 @@ pub struct PollView {
     /// The question.
     pub question: String,
     /// Options with their counts.
-    pub options: Vec<PollOption>,
+    pub options: Vec<OptionView>,
     /// Whether it refuses votes.
     pub closed: bool,
     /// RFC 3339 creation time.
     pub created_at: String,
     /// RFC 3339 closing time.
     pub closed_at: Option<String>,
+    /// RFC 3339 time at which it closes by itself.
+    pub closes_at: Option<String>,
+    /// Options one voter may choose.
+    pub max_choices: u32,
+    /// Counts are shown only once it is closed.
+    pub hide_results: bool,
+    /// Voters may change their ballot.
+    pub allow_change: bool,
     /// Sum of all counts.
-    pub total_votes: i64,
+    pub total_votes: Option<i64>,
+    /// Voters counted.
+    pub voters: Option<i64>,
     /// Version of the counts (see the WebSocket messages).
     pub seq: i64,
 }
 
-fn rfc3339(ms: UnixMillis) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(at).to_string()
+/// One option of a [`PollView`].
+#[derive(Debug, Serialize)]
+pub struct OptionView {
+    /// Its id within the poll.
+    pub id: OptionId,
+    /// Its text.
+    pub text: String,
+    /// Its count (`null` while hidden).
+    pub votes: Option<i64>,
 }
 
-impl From<Poll> for PollView {
-    fn from(poll: Poll) -> Self {
+impl PollView {
+    /// The poll as anyone may see it at `now`.
+    pub fn at(poll: Poll, now: UnixMillis) -> Self {
+        let visible = poll.results_visible_at(now);
+        Self::new(poll, visible)
+    }
+
+    /// The poll with its counts whatever its settings (admins).
+    pub fn with_counts(poll: Poll) -> Self {
+        Self::new(poll, true)
+    }
+
+    fn new(poll: Poll, visible: bool) -> Self {
+        let shown = |n: i64| visible.then_some(n);
         Self {
             id: poll.id,
-            total_votes: poll.total_votes(),
+            total_votes: shown(poll.total_votes()),
+            voters: shown(poll.voters),
             question: poll.question,
-            options: poll.options,
+            options: poll
+                .options
+                .into_iter()
+                .map(|o| OptionView {
+                    id: o.id,
+                    text: o.text,
+                    votes: shown(o.votes),
+                })
+                .collect(),
             closed: poll.closed,
             created_at: rfc3339(poll.created_at),
             closed_at: poll.closed_at.map(rfc3339),
+            closes_at: poll.settings.closes_at.map(rfc3339),
+            max_choices: poll.settings.max_choices,
+            hide_results: poll.settings.hide_results,
+            allow_change: poll.settings.allow_change,
             seq: poll.seq,
         }
     }
+}
+
+/// `201` body of `POST /polls`: the poll, and its webhook with the signing secret, shown
+/// this once.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedPoll {
+    /// The poll.
+    #[serde(flatten)]
+    pub poll: PollView,
+    /// The webhook, if one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookTarget>,
+    /// The key of the HMAC that signs its deliveries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
 }
 
 /// First WebSocket message: the poll as it is now.

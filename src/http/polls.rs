@@ -3,13 +3,14 @@
 use std::sync::Arc;
 
 use pollcast_actors::PollId;
+use pollcast_actors::domain::now_millis;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use super::error::ApiError;
-use super::models::{CreatePollRequest, PollView};
+use super::models::{CreatePollRequest, CreatedPoll, PollView};
 use super::{ApiContext, admin, json_body, json_reply, with_ctx};
 
 pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
@@ -43,19 +44,29 @@ pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
 }
 
 async fn create(ctx: Arc<ApiContext>, body: CreatePollRequest) -> Result<Response, Rejection> {
-    let new = body.validate()?;
+    let new = body.validate(now_millis())?;
     let poll = ctx
         .store
         .create_poll(new)
         .await
         .map_err(ApiError::unavailable)?;
     ctx.catalog.remember(&poll);
+    ctx.events.opened(&poll);
     tracing::info!(
         poll_id = poll.id,
         options = poll.options.len(),
+        max_choices = poll.settings.max_choices,
+        closes_at = poll.settings.closes_at,
+        webhook = poll.settings.webhook.is_some(),
         "poll created"
     );
-    Ok(json_reply(&PollView::from(poll), StatusCode::CREATED))
+    let webhook = poll.settings.webhook.clone();
+    let created = CreatedPoll {
+        poll: PollView::at(poll, now_millis()),
+        webhook_secret: webhook.as_ref().map(|w| w.secret.clone()),
+        webhook,
+    };
+    Ok(json_reply(&created, StatusCode::CREATED))
 }
 
 async fn list(ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
@@ -64,7 +75,8 @@ async fn list(ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
         .list_polls()
         .await
         .map_err(ApiError::unavailable)?;
-    let views: Vec<PollView> = polls.into_iter().map(PollView::from).collect();
+    let now = now_millis();
+    let views: Vec<PollView> = polls.into_iter().map(|p| PollView::at(p, now)).collect();
     Ok(json_reply(&views, StatusCode::OK))
 }
 
@@ -75,17 +87,22 @@ async fn get(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
         .await
         .map_err(ApiError::unavailable)?
         .ok_or(ApiError::PollNotFound(id))?;
-    Ok(json_reply(&PollView::from(poll), StatusCode::OK))
+    Ok(json_reply(
+        &PollView::at(poll, now_millis()),
+        StatusCode::OK,
+    ))
 }
 
 async fn close(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
     let poll = ctx
-        .store
-        .close_poll(id)
+        .intake
+        .close(id)
         .await
-        .map_err(ApiError::unavailable)?
+        .map_err(ApiError::from)?
         .ok_or(ApiError::PollNotFound(id))?;
-    ctx.catalog.remember(&poll);
     tracing::info!(poll_id = id, "poll closed");
-    Ok(json_reply(&PollView::from(poll), StatusCode::OK))
+    Ok(json_reply(
+        &PollView::at(poll, now_millis()),
+        StatusCode::OK,
+    ))
 }

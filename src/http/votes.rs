@@ -19,6 +19,7 @@ pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_ctx(ctx))
         .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("idempotency-key"))
         .and(raw_body(ctx))
         .and_then(vote)
         .boxed()
@@ -29,9 +30,10 @@ pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
 async fn vote(
     ctx: Arc<ApiContext>,
     authorization: Option<String>,
+    idempotency_key: Option<String>,
     body: Result<Bytes, ApiError>,
 ) -> Result<Response, Rejection> {
-    let outcome = take(&ctx, authorization, body).await;
+    let outcome = take(&ctx, authorization, idempotency_key, body).await;
     let result = match &outcome {
         Ok(()) => "accepted",
         Err(err) => err.code(),
@@ -56,13 +58,14 @@ fn signed_voter(tokens: &VoterTokens, authorization: Option<&str>) -> Result<Str
 async fn take(
     ctx: &ApiContext,
     authorization: Option<String>,
+    idempotency_key: Option<String>,
     body: Result<Bytes, ApiError>,
 ) -> Result<(), ApiError> {
     let signed_user = match &ctx.voter_tokens {
         Some(tokens) => Some(signed_voter(tokens, authorization.as_deref())?),
         None => None,
     };
-    let vote = parse_json::<VoteRequest>(&body?)?.validate(signed_user)?;
+    let vote = parse_json::<VoteRequest>(&body?)?.validate(signed_user, idempotency_key)?;
     ctx.limits.check_user(&vote.user_id)?;
     ctx.intake.submit(vote).await.map_err(ApiError::from)
 }

@@ -44,7 +44,7 @@ async fn upgrade(poll_id: PollId, ws: Ws, ctx: Arc<ApiContext>) -> Result<Respon
     let snapshot = Snapshot {
         r#type: "snapshot",
         seq: poll.seq,
-        poll: PollView::from(poll),
+        poll: PollView::at(poll, pollcast_actors::domain::now_millis()),
     };
     let first = serde_json::to_string(&snapshot).expect("snapshot serializes");
     let session_state = Session {

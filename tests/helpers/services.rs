@@ -168,7 +168,7 @@ impl Production {
         let mut conn = sqlx::PgConnection::connect(&self.database_url)
             .await
             .unwrap();
-        sqlx::query("SELECT user_id FROM votes WHERE poll_id = $1 ORDER BY user_id")
+        sqlx::query("SELECT user_id FROM votes WHERE poll_id = $1 AND current ORDER BY user_id")
             .bind(poll)
             .fetch_all(&mut conn)
             .await
@@ -200,7 +200,7 @@ pub async fn sqlite_ledger(path: PathBuf, poll: i64) -> Vec<String> {
         .connect()
         .await
         .unwrap();
-    sqlx::query("SELECT user_id FROM votes WHERE poll_id = ? ORDER BY user_id")
+    sqlx::query("SELECT user_id FROM votes WHERE poll_id = ? AND current ORDER BY user_id")
         .bind(poll)
         .fetch_all(&mut conn)
         .await

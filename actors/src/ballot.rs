@@ -1,0 +1,217 @@
+//! The exactly-once rule as one pure function: how a batch of votes changes a poll's
+//! ballots and counts, given what the ledger already holds. Both SQL stores read the ledger,
+//! call [`plan`], and write its result in the same transaction, so the rule is written (and
+//! tested) once.
+//!
+//! - A vote whose (user, vote id) is already in the ledger was applied before: skipped. This
+//!   is what makes replays and client retries harmless.
+//! - A voter's first ballot is counted.
+//! - A later ballot of the same voter is skipped, unless the poll allows changes; then it
+//!   replaces the current one: its options lose a vote, the new ones gain one, and both stay
+//!   in the ledger (the old one no longer current).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::domain::{OptionId, Vote};
+
+/// What the ledger holds for the voters of a batch.
+#[derive(Debug, Default)]
+pub struct LedgerView {
+    /// Each voter's current ballot.
+    pub current: HashMap<String, Vec<OptionId>>,
+    /// (user, vote id) pairs already in the ledger. Only needed where changes are allowed:
+    /// elsewhere a voter with a ballot has nothing more counted anyway.
+    pub applied: HashSet<(String, String)>,
+}
+
+/// A vote to insert into the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerInsert<'a> {
+    /// The vote.
+    pub vote: &'a Vote,
+    /// Whether it is the voter's ballot after this batch (false: a later vote of the same
+    /// batch replaced it).
+    pub current: bool,
+}
+
+/// What a batch changes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BallotPlan<'a> {
+    /// Ledger rows to insert, in log order.
+    pub inserts: Vec<LedgerInsert<'a>>,
+    /// Voters whose ballot in the ledger is replaced (its row is no longer current).
+    pub replaced: Vec<&'a str>,
+    /// How much each option's count moves (no zero entries).
+    pub deltas: BTreeMap<OptionId, i64>,
+    /// Voters counted for the first time.
+    pub new_voters: i64,
+}
+
+impl BallotPlan<'_> {
+    /// Whether the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.inserts.is_empty()
+    }
+}
+
+fn same_choices(a: &[OptionId], b: &[OptionId]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
+}
+
+/// Applies the rule to `votes` (one poll's, in log order).
+pub fn plan<'a>(allow_change: bool, ledger: &LedgerView, votes: &'a [Vote]) -> BallotPlan<'a> {
+    let mut out = BallotPlan::default();
+    // Each voter's ballot as the batch goes, and where it came from: the ledger, or the
+    // index in `out.inserts` of the row that is current so far.
+    let mut ballots: HashMap<&str, (&[OptionId], Option<usize>)> = HashMap::new();
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    for vote in votes {
+        let (user, id) = (vote.user_id.as_str(), vote.ledger_id());
+        if !seen.insert((user, id)) || ledger.applied.contains(&(user.to_owned(), id.to_owned())) {
+            continue;
+        }
+        let before = ballots
+            .get(user)
+            .copied()
+            .or_else(|| ledger.current.get(user).map(|c| (c.as_slice(), None)));
+        match before {
+            Some(_) if !allow_change => continue,
+            Some((old, _)) if same_choices(old, &vote.choices) => continue,
+            Some((old, row)) => {
+                for option in old {
+                    *out.deltas.entry(*option).or_default() -= 1;
+                }
+                match row {
+                    Some(i) => out.inserts[i].current = false,
+                    None => out.replaced.push(user),
+                }
+            }
+            None => out.new_voters += 1,
+        }
+        for option in &vote.choices {
+            *out.deltas.entry(*option).or_default() += 1;
+        }
+        ballots.insert(user, (&vote.choices, Some(out.inserts.len())));
+        out.inserts.push(LedgerInsert {
+            vote,
+            current: true,
+        });
+    }
+    out.deltas.retain(|_, d| *d != 0);
+    out
+}
+
+/// Options as the ledger stores them: `1,3`.
+pub fn encode_choices(choices: &[OptionId]) -> String {
+    let parts: Vec<String> = choices.iter().map(|c| c.to_string()).collect();
+    parts.join(",")
+}
+
+/// The inverse of [`encode_choices`]; a malformed entry is skipped (the schema only ever
+/// stores what `encode_choices` wrote).
+pub fn decode_choices(text: &str) -> Vec<OptionId> {
+    text.split(',').filter_map(|p| p.parse().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vote(user: &str, id: &str, choices: &[OptionId]) -> Vote {
+        Vote {
+            vote_id: Some(id.into()),
+            choices: choices.to_vec(),
+            ..Vote::single(1, 0, user)
+        }
+    }
+
+    fn ledger(current: &[(&str, &[OptionId])], applied: &[(&str, &str)]) -> LedgerView {
+        LedgerView {
+            current: current
+                .iter()
+                .map(|(u, c)| (u.to_string(), c.to_vec()))
+                .collect(),
+            applied: applied
+                .iter()
+                .map(|(u, i)| (u.to_string(), i.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_voters_first_ballot_counts_and_a_second_does_not() {
+        let votes = [
+            vote("a", "1", &[1]),
+            vote("a", "2", &[2]),
+            vote("b", "3", &[2]),
+        ];
+        let plan = plan(false, &LedgerView::default(), &votes);
+        assert_eq!(plan.inserts.len(), 2);
+        assert_eq!(plan.deltas, BTreeMap::from([(1, 1), (2, 1)]));
+        assert_eq!(plan.new_voters, 2);
+    }
+
+    #[test]
+    fn a_voter_already_in_the_ledger_is_not_counted_again() {
+        let votes = [vote("a", "9", &[2])];
+        let plan = plan(false, &ledger(&[("a", &[1])], &[]), &votes);
+        assert!(plan.is_empty());
+        assert!(plan.deltas.is_empty());
+    }
+
+    #[test]
+    fn a_change_moves_the_count_once_and_keeps_the_old_ballot_in_the_ledger() {
+        let votes = [vote("a", "2", &[2])];
+        let plan = plan(true, &ledger(&[("a", &[1])], &[("a", "1")]), &votes);
+        assert_eq!(plan.deltas, BTreeMap::from([(1, -1), (2, 1)]));
+        assert_eq!(plan.replaced, vec!["a"]);
+        assert_eq!(plan.new_voters, 0);
+        assert!(plan.inserts[0].current);
+    }
+
+    #[test]
+    fn replaying_a_change_after_it_was_applied_changes_nothing() {
+        let votes = [vote("a", "1", &[1]), vote("a", "2", &[2])];
+        let applied = ledger(&[("a", &[2])], &[("a", "1"), ("a", "2")]);
+        assert!(plan(true, &applied, &votes).is_empty());
+    }
+
+    #[test]
+    fn changes_within_one_batch_net_out_and_only_the_last_stays_current() {
+        let votes = [
+            vote("a", "1", &[1]),
+            vote("a", "2", &[2]),
+            vote("a", "3", &[3]),
+        ];
+        let plan = plan(true, &LedgerView::default(), &votes);
+        assert_eq!(plan.deltas, BTreeMap::from([(3, 1)]));
+        let current: Vec<bool> = plan.inserts.iter().map(|i| i.current).collect();
+        assert_eq!(current, [false, false, true]);
+        assert!(plan.replaced.is_empty());
+        assert_eq!(plan.new_voters, 1);
+    }
+
+    #[test]
+    fn a_retried_vote_in_the_same_batch_is_applied_once() {
+        let votes = [vote("a", "1", &[1, 2]), vote("a", "1", &[1, 2])];
+        let plan = plan(true, &LedgerView::default(), &votes);
+        assert_eq!(plan.inserts.len(), 1);
+        assert_eq!(plan.deltas, BTreeMap::from([(1, 1), (2, 1)]));
+    }
+
+    #[test]
+    fn changing_to_the_same_options_changes_nothing() {
+        let votes = [vote("a", "2", &[2, 1])];
+        assert!(plan(true, &ledger(&[("a", &[1, 2])], &[]), &votes).is_empty());
+    }
+
+    #[test]
+    fn choices_round_trip_through_their_ledger_form() {
+        assert_eq!(decode_choices(&encode_choices(&[3, 1, 12])), vec![3, 1, 12]);
+        assert_eq!(encode_choices(&[4]), "4");
+    }
+}
