@@ -1,10 +1,14 @@
+mod ballots;
 mod connections;
+mod export;
 mod health;
 mod hostile;
+mod lifecycle;
 mod metrics;
 mod polls;
 mod rate_limits;
 mod tls;
 mod voters;
 mod votes;
+mod webhooks;
 mod ws;

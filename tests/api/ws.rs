@@ -5,10 +5,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::helpers::{Backend, SETTLE, TestApp};
 
-type Socket =
+pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn subscribe(app: &TestApp, poll: i64) -> Socket {
+pub async fn subscribe(app: &TestApp, poll: i64) -> Socket {
     let url = format!("ws://{}/ws/polls/{poll}", app.api.addr);
     tokio_tungstenite::connect_async(url)
         .await
@@ -16,7 +16,7 @@ async fn subscribe(app: &TestApp, poll: i64) -> Socket {
         .0
 }
 
-async fn next_json(socket: &mut Socket) -> Value {
+pub async fn next_json(socket: &mut Socket) -> Value {
     loop {
         let msg = tokio::time::timeout(SETTLE, socket.next())
             .await
