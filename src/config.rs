@@ -37,6 +37,8 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     /// Who a voter is.
     pub voters: VoterSettings,
+    /// Delivery of poll webhooks.
+    pub webhooks: WebhookSettings,
 }
 
 /// Where a vote's userId comes from.
@@ -74,6 +76,37 @@ impl fmt::Debug for VoterSettings {
             .field("identity", &self.identity)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .finish()
+    }
+}
+
+/// `[webhooks]`: how poll events are delivered to the URL each poll names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// Longest one delivery attempt may take (connecting, sending, the response's head).
+    pub timeout_ms: u64,
+    /// Attempts per event, the first included, before it is given up.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubled for each further one (with jitter).
+    pub initial_backoff_ms: u64,
+    /// Longest delay between two attempts.
+    pub max_backoff_ms: u64,
+    /// Events waiting for the dispatcher at most; more are dropped (and counted).
+    pub queue_capacity: usize,
+    /// Delivery attempts in flight at once, across all polls.
+    pub max_in_flight: usize,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 5000,
+            max_attempts: 8,
+            initial_backoff_ms: 500,
+            max_backoff_ms: 60_000,
+            queue_capacity: 10_000,
+            max_in_flight: 64,
+        }
     }
 }
 
@@ -583,6 +616,25 @@ impl Settings {
         if self.admin.token.as_deref().is_some_and(|t| t.len() < 8) {
             return Err(invalid("admin.token", "must be at least 8 characters"));
         }
+        let w = &self.webhooks;
+        if w.timeout_ms == 0 {
+            return Err(invalid("webhooks.timeout_ms", "must be positive"));
+        }
+        if w.max_attempts == 0 {
+            return Err(invalid("webhooks.max_attempts", "must be at least 1"));
+        }
+        if w.initial_backoff_ms == 0 || w.initial_backoff_ms > w.max_backoff_ms {
+            return Err(invalid(
+                "webhooks.initial_backoff_ms",
+                "must be positive and not exceed webhooks.max_backoff_ms",
+            ));
+        }
+        if w.queue_capacity == 0 {
+            return Err(invalid("webhooks.queue_capacity", "must be positive"));
+        }
+        if w.max_in_flight == 0 {
+            return Err(invalid("webhooks.max_in_flight", "must be positive"));
+        }
         Ok(())
     }
 
@@ -636,5 +688,29 @@ mod tests {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
         }
         assert!(shown.contains("postgres://pollcast:***@db:5432/pollcast"));
+    }
+
+    #[test]
+    fn bad_webhook_settings_name_their_key() {
+        type Spoil = fn(&mut WebhookSettings);
+        let cases: [(Spoil, &str); 5] = [
+            (|w| w.timeout_ms = 0, "webhooks.timeout_ms"),
+            (|w| w.max_attempts = 0, "webhooks.max_attempts"),
+            (
+                |w| w.initial_backoff_ms = 70_000,
+                "webhooks.initial_backoff_ms",
+            ),
+            (|w| w.queue_capacity = 0, "webhooks.queue_capacity"),
+            (|w| w.max_in_flight = 0, "webhooks.max_in_flight"),
+        ];
+        for (spoil, key) in cases {
+            let mut settings = Settings::default();
+            spoil(&mut settings.webhooks);
+            match settings.validate() {
+                Err(ConfigError::Invalid { key: named, .. }) => assert_eq!(named, key),
+                other => panic!("{key}: expected an error naming it, got {other:?}"),
+            }
+        }
+        assert!(Settings::default().validate().is_ok());
     }
 }

@@ -78,6 +78,19 @@ fn describe() {
         "pollcast_actor_restarts_total",
         "Actors restarted by their supervisor, by kind"
     );
+    describe_counter!(
+        "pollcast_webhook_deliveries_total",
+        "Webhook events by type and outcome: delivered, failed (attempts exhausted) or \
+         dropped (queue full, superseded, or shutdown)"
+    );
+    describe_counter!(
+        "pollcast_webhook_attempts_total",
+        "Webhook HTTP attempts by result: delivered, rejected (not 2xx), timeout, error"
+    );
+    describe_histogram!(
+        "pollcast_webhook_delivery_seconds",
+        "Duration of one webhook HTTP attempt"
+    );
 }
 
 /// A path with ids replaced, so that latency labels stay few (`/polls/:id/close`). The hot

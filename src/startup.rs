@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use pollcast_actors::domain::now_millis;
 use pollcast_actors::{
-    BroadcastHub, CountsBus, DedupGuard, FaultHooks, NoEvents, PollEvents, PollStore, RootArgs,
-    RootMsg, RootSupervisor, VoteAppender, VoteSourceFactory,
+    BroadcastHub, CountsBus, DedupGuard, FaultHooks, PollEvents, PollStore, RootArgs, RootMsg,
+    RootSupervisor, VoteAppender, VoteSourceFactory,
 };
 use ractor::{Actor, ActorRef, call_t};
 use tokio::task::JoinHandle;
@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::adapters::{
     FileVoteLog, KafkaCountsBus, KafkaSourceFactory, KafkaVoteLog, MemoryGuard, PgPoolSettings,
-    PostgresStore, RedisGuard, RedisGuardSettings, SqliteStore, ensure_topics,
+    PostgresStore, RedisGuard, RedisGuardSettings, SqliteStore, WebhookDispatcher, ensure_topics,
 };
 use crate::config::{DedupKind, LogKind, Settings, VoterIdentity, redact_url};
 use crate::http::Readiness;
@@ -40,6 +40,9 @@ pub struct Application {
     /// The closing scheduler, and what stops it.
     closer: JoinHandle<()>,
     closer_stop: CancellationToken,
+    /// Webhook deliveries, and what stops them.
+    webhooks: Arc<WebhookDispatcher>,
+    webhooks_stop: CancellationToken,
 }
 
 /// How the application stopped.
@@ -233,7 +236,10 @@ impl Application {
         let faults = FaultHooks::default();
         let catalog = PollCatalog::new(store.clone());
         let intake = VoteIntake::new(catalog.clone(), guard.clone(), appender.clone());
-        let events: Arc<dyn PollEvents> = Arc::new(NoEvents);
+        let webhooks_stop = CancellationToken::new();
+        let webhooks =
+            WebhookDispatcher::start(store.clone(), &settings.webhooks, webhooks_stop.clone());
+        let events: Arc<dyn PollEvents> = webhooks.clone();
         let closer_stop = CancellationToken::new();
         let closer = crate::lifecycle::spawn_closer(intake.clone(), closer_stop.clone());
         let ctx = ApiContext {
@@ -295,6 +301,8 @@ impl Application {
             tree,
             closer,
             closer_stop,
+            webhooks,
+            webhooks_stop,
         })
     }
 
@@ -314,8 +322,12 @@ impl Application {
             mut tree,
             closer,
             closer_stop,
+            webhooks,
+            webhooks_stop,
             ..
         } = self;
+        // Why a guard: whatever way this returns, webhook deliveries stop.
+        let stop_webhooks = webhooks_stop.drop_guard();
         // Why stop the scheduler first: a close marker must not be appended behind the
         // final commit; a poll due during shutdown is closed by the next start.
         let stop_closer = closer_stop.drop_guard();
@@ -330,6 +342,9 @@ impl Application {
         let drained = call_t!(root, RootMsg::Shutdown, timeout);
         root.stop(None);
         let _ = tree.await;
+        // After the tree: its final flush may publish closed polls' final counts.
+        drop(stop_webhooks);
+        webhooks.stopped().await;
         match drained {
             Ok(()) => {
                 tracing::info!("stopped cleanly");

@@ -6,6 +6,7 @@
 //! | [`VoteAppender`](pollcast_actors::VoteAppender) / [`VoteSourceFactory`](pollcast_actors::VoteSourceFactory) | [`KafkaVoteLog`] / [`KafkaSourceFactory`] | [`FileVoteLog`] |
 //! | [`CountsBus`](pollcast_actors::CountsBus) | [`KafkaCountsBus`] | none (one process) |
 //! | [`DedupGuard`](pollcast_actors::DedupGuard) | [`RedisGuard`] | [`MemoryGuard`] |
+//! | [`PollEvents`](pollcast_actors::PollEvents) | [`WebhookDispatcher`] | the same |
 
 mod file_log;
 mod kafka_log;
@@ -14,6 +15,7 @@ mod postgres_store;
 mod redis_guard;
 mod sql_common;
 mod sqlite_store;
+mod webhooks;
 
 pub use file_log::FileVoteLog;
 pub use kafka_log::{KafkaCountsBus, KafkaSourceFactory, KafkaVoteLog, ensure_topics};
@@ -21,3 +23,4 @@ pub use memory_guard::MemoryGuard;
 pub use postgres_store::{PgPoolSettings, PostgresStore};
 pub use redis_guard::{RedisGuard, RedisGuardSettings};
 pub use sqlite_store::SqliteStore;
+pub use webhooks::WebhookDispatcher;
