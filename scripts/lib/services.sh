@@ -86,3 +86,20 @@ drop_databases() {
       psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true
     done
 }
+
+# The browser tests drive Debian's headless Chromium through its chromedriver. Installs both
+# when either is missing (as root, or through sudo).
+install_chromium() {
+  [ -x /usr/bin/chromedriver ] && [ -x /usr/bin/chromium ] && return 0
+  say "installing Debian's chromium and chromium-driver for the browser tests (once)"
+  local sudo=
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 \
+      || fail "chromium and chromium-driver are missing and this user is not root; install them: apt-get install chromium chromium-driver"
+    sudo=sudo
+  fi
+  { $sudo apt-get update && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; } >&2 \
+    || fail "could not install chromium and chromium-driver; install them: apt-get install chromium chromium-driver"
+  [ -x /usr/bin/chromedriver ] && [ -x /usr/bin/chromium ] \
+    || fail "chromium-driver installed, but /usr/bin/chromedriver or /usr/bin/chromium is still missing"
+}
