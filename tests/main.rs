@@ -5,5 +5,6 @@
 //! - `process`: the real binary: crash recovery, supervision, configuration, signals.
 
 mod api;
+mod browser;
 mod helpers;
 mod process;

@@ -5,8 +5,10 @@
 
 mod debug;
 pub mod error;
+mod export;
 mod health;
 pub mod models;
+mod page;
 mod polls;
 pub mod rate_limit;
 mod server;
@@ -16,7 +18,7 @@ pub mod ws;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pollcast_actors::{BroadcastHub, FaultHooks, PollStore};
+use pollcast_actors::{BroadcastHub, FaultHooks, PollEvents, PollStore};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +66,8 @@ pub struct ApiContext {
     pub limits: rate_limit::RateLimits,
     /// Renders `GET /metrics`.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Told about polls created here (webhooks).
+    pub events: Arc<dyn PollEvents>,
 }
 
 /// Every route, with errors turned into JSON.
@@ -74,6 +78,8 @@ pub fn routes(
     // Health and metrics are not rate limited: probes must always get through.
     let limited = rate_limit::per_ip(&ctx.limits).and(
         polls::routes(&ctx)
+            .or(export::routes(&ctx))
+            .unify()
             .or(votes::routes(&ctx))
             .unify()
             .or(ws::routes(&ctx))
@@ -83,6 +89,8 @@ pub fn routes(
         .or(limited)
         .unify()
         .or(debug::routes(&ctx))
+        .unify()
+        .or(page::routes())
         .unify();
     let api: BoxedFilter<(Response,)> = match cors(&ctx.cors_origins) {
         Some(cors) => api.with(cors).map(Reply::into_response).boxed(),
@@ -185,27 +193,31 @@ async fn read_limited<B: bytes::Buf>(
 
 /// Passes when no admin token is configured, or when the request carries it.
 fn admin(ctx: &ApiContext) -> impl Filter<Extract = (), Error = Rejection> + Clone + use<> {
-    let token = ctx.admin_token.clone();
-    warp::header::optional::<String>("authorization")
-        .and_then(move |header: Option<String>| {
-            let token = token.clone();
-            async move {
-                let Some(expected) = token else {
-                    return Ok(());
-                };
-                let given = header
-                    .as_deref()
-                    .and_then(|h| h.strip_prefix("Bearer "))
-                    .unwrap_or_default();
-                // Constant-time: the comparison must not leak how much of a guess was right.
-                if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-                    Ok(())
-                } else {
-                    Err(Rejection::from(ApiError::Unauthorized))
-                }
+    is_admin(ctx)
+        .and_then(|admin: bool| async move {
+            if admin {
+                Ok(())
+            } else {
+                Err(Rejection::from(ApiError::Unauthorized))
             }
         })
         .untuple_one()
+}
+
+/// Whether the request carries the admin token (always, when none is configured).
+fn is_admin(ctx: &ApiContext) -> impl Filter<Extract = (bool,), Error = Rejection> + Clone + use<> {
+    let token = ctx.admin_token.clone();
+    warp::header::optional::<String>("authorization").map(move |header: Option<String>| {
+        let Some(expected) = &token else {
+            return true;
+        };
+        let given = header
+            .as_deref()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Constant-time: the comparison must not leak how much of a guess was right.
+        bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+    })
 }
 
 /// A JSON reply with a status.
