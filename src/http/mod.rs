@@ -93,7 +93,16 @@ pub fn routes(
         .or(page::routes())
         .unify();
     let api: BoxedFilter<(Response,)> = match cors(&ctx.cors_origins) {
-        Some(cors) => api.with(cors).map(Reply::into_response).boxed(),
+        // Why recover first: once a request is known to be same-origin its errors must be
+        // answered here, not retried through the CORS branch (which would run it twice).
+        Some(cors) => {
+            let api = api.recover(error::recover).unify().boxed();
+            same_origin()
+                .and(api.clone())
+                .or(api.with(cors).map(Reply::into_response))
+                .unify()
+                .boxed()
+        }
         None => api.boxed(),
     };
     api.recover(error::recover)
@@ -114,6 +123,24 @@ pub fn routes(
                 "request"
             );
         }))
+}
+
+/// Passes requests from pollcast's own page (or without an Origin): the allowlist is for
+/// other sites, and browsers send Origin on same-origin POSTs and WebSocket upgrades too.
+fn same_origin() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("origin")
+        .and(warp::header::optional::<String>("host"))
+        .and_then(|origin: Option<String>, host: Option<String>| async move {
+            let authority = origin
+                .as_deref()
+                .map(|o| o.split_once("://").map_or(o, |(_, rest)| rest));
+            match (authority, host) {
+                (None, _) => Ok(()),
+                (Some(a), Some(h)) if a.eq_ignore_ascii_case(&h) => Ok(()),
+                _ => Err(warp::reject::not_found()),
+            }
+        })
+        .untuple_one()
 }
 
 /// Cross-origin access for the configured origins only (preflights included).

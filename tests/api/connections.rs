@@ -110,4 +110,15 @@ async fn cross_origin_access_is_granted_only_to_configured_origins(backend: Back
     assert_eq!(refused.status().as_u16(), 403);
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["error"], "forbidden");
+    // The page pollcast serves is same-origin: browsers still send Origin on its POSTs.
+    let own_origin = format!("http://{}", app.api.addr);
+    let poll = app
+        .api
+        .post("/polls")
+        .header("origin", &own_origin)
+        .json(&serde_json::json!({ "question": "Q?", "options": ["A", "B"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poll.status().as_u16(), 201, "the page's own requests pass");
 }
