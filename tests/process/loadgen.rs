@@ -89,3 +89,35 @@ async fn loadgen_duplicates_get_409_and_subscribers_see_every_update() {
     );
     assert_eq!(report["fanout"]["missed_updates"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_times_votes_until_a_subscriber_sees_them_without_touching_the_verification() {
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let report = loadgen(
+        &app,
+        &[
+            "--duration",
+            "2s",
+            "--connections",
+            "2",
+            "--probe",
+            "--verify",
+        ],
+    );
+    let probes = report["visibility"]["samples"].as_u64().unwrap();
+    assert!(probes >= 1, "{report}");
+    assert!(report["visibility"]["max_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["verification"]["exact"], true, "{report}");
+    let (_, polls) = app.api.get("/polls").await;
+    let probe = polls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["question"] == "loadgen probe")
+        .expect("the probe's own poll");
+    assert_eq!(
+        probe["totalVotes"].as_u64().unwrap(),
+        probes,
+        "each probe vote was seen once"
+    );
+}

@@ -2,15 +2,17 @@
 //!
 //! ```text
 //! pollcast-loadgen votes --url http://127.0.0.1:8080 --token T --connections 64 --duration 10s \
-//!     --polls 10 [--duplicate-ratio 0.1] [--subscribers 1000] [--verify] [--json]
+//!     --polls 10 [--duplicate-ratio 0.1] [--subscribers 1000] [--probe] [--verify] [--json]
 //! ```
 //!
 //! Votes go over HTTP/1.1 keep-alive connections, one request in flight per connection, each
 //! with a unique userId (or a repeated one, for the duplicate ratio). Subscribers are
 //! WebSocket clients of the first poll; for each counts message they record the delay from
 //! the server's flush (`flushedAt`) to receipt, and any update they missed (a gap in `seq`).
+//! `--probe` times single votes from sending to being seen counted on a WebSocket.
 //! `--verify` then waits for the counts to stop moving and compares them with the 202s.
 
+mod probe;
 mod report;
 mod subscribers;
 mod votes;

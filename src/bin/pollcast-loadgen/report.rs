@@ -77,6 +77,8 @@ pub struct Report {
     pub latency: Latency,
     pub verification: Option<Verification>,
     pub fanout: Option<Fanout>,
+    /// From sending a probe vote to a subscriber seeing it counted (`--probe`).
+    pub visibility: Option<Latency>,
     #[serde(skip)]
     pub json: bool,
 }
@@ -129,6 +131,12 @@ impl Report {
                 f.delay.p99_ms,
                 f.delay.max_ms,
                 f.missed_updates
+            );
+        }
+        if let Some(v) = &self.visibility {
+            println!(
+                "vote→screen {} probes, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                v.samples, v.p50_ms, v.p99_ms, v.max_ms
             );
         }
     }

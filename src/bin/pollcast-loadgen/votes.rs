@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
+use crate::probe::Probe;
 use crate::report::{Latency, Report, Verification, histogram};
 use crate::subscribers::Subscribers;
 
@@ -52,6 +53,10 @@ pub struct VoteArgs {
     /// WebSocket subscribers on the first poll, timing every update.
     #[arg(long, default_value_t = 0)]
     subscribers: usize,
+    /// Also time single votes, in a poll of their own, from sending to seeing them counted
+    /// on a WebSocket (needs --token).
+    #[arg(long)]
+    probe: bool,
     /// After the load, wait for the counts to settle and compare them with the 202s.
     #[arg(long)]
     verify: bool,
@@ -64,12 +69,23 @@ pub struct VoteArgs {
 }
 
 /// A tiny HTTP/1.1 client on one keep-alive connection.
-struct Connection {
+pub struct Connection {
     sender: SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
     host: String,
 }
 
 impl Connection {
+    /// The `host:port` it talks to.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Another connection to the same server.
+    pub async fn reopen(&self) -> anyhow::Result<Self> {
+        Self::open(self.addr, &self.host).await
+    }
+
     async fn open(addr: SocketAddr, host: &str) -> anyhow::Result<Self> {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
@@ -79,6 +95,7 @@ impl Connection {
         tokio::spawn(conn);
         Ok(Self {
             sender,
+            addr,
             host: host.to_owned(),
         })
     }
@@ -104,7 +121,8 @@ impl Connection {
         Ok((status, resp.into_body().collect().await?.to_bytes()))
     }
 
-    async fn json(
+    /// Sends a JSON body and parses the JSON answer (`null` if it is not JSON).
+    pub async fn json(
         &mut self,
         method: Method,
         path: &str,
@@ -271,6 +289,10 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
     } else {
         0
     };
+    let probe = match args.probe {
+        true => Some(Probe::start(&mut setup, args.token.as_deref()).await?),
+        false => None,
+    };
     let subscribers = match args.subscribers {
         0 => None,
         n => Some(Subscribers::connect(&format!("ws://{host}/ws/polls/{}", polls[0]), n).await?),
@@ -355,6 +377,10 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         Some(s) => Some(s.finish(Duration::from_secs(3)).await),
         None => None,
     };
+    let visibility = match probe {
+        Some(p) => Some(p.finish().await?),
+        None => None,
+    };
     Ok(Report {
         url: args.url,
         connections: args.connections,
@@ -368,6 +394,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         latency: Latency::of(&latencies),
         verification,
         fanout,
+        visibility,
         json: args.json,
     })
 }
