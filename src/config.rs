@@ -384,6 +384,10 @@ pub struct AggregatorSettings {
     /// A poll's aggregator is stopped after this long without votes (and started again,
     /// from the store, at its next vote).
     pub idle_timeout_secs: u64,
+    /// How long after a poll closes its final counts are published: votes accepted just
+    /// before the close (by a process whose poll cache had not seen it yet, or whose append
+    /// was slow) still make it into them.
+    pub close_grace_ms: u64,
 }
 
 impl Default for AggregatorSettings {
@@ -391,6 +395,7 @@ impl Default for AggregatorSettings {
         Self {
             flush_interval_ms: 2000,
             idle_timeout_secs: 300,
+            close_grace_ms: 3000,
         }
     }
 }
@@ -585,6 +590,12 @@ impl Settings {
                 "must be between 10 and 60000",
             ));
         }
+        if self.aggregator.close_grace_ms > 60_000 {
+            return Err(invalid(
+                "aggregator.close_grace_ms",
+                "must be at most 60000",
+            ));
+        }
         if self.aggregator.idle_timeout_secs == 0 {
             return Err(invalid("aggregator.idle_timeout_secs", "must be positive"));
         }
@@ -646,6 +657,11 @@ impl Settings {
     /// The flush interval.
     pub fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.aggregator.flush_interval_ms)
+    }
+
+    /// How long after a close the final counts wait for late votes.
+    pub fn close_grace(&self) -> Duration {
+        Duration::from_millis(self.aggregator.close_grace_ms)
     }
 
     /// The restart policy of every supervisor.

@@ -281,6 +281,7 @@ impl Application {
                 tls,
             )),
             flush_interval: settings.flush_interval(),
+            close_grace: settings.close_grace(),
             events,
             ingest: settings.ingest_settings(),
             restart: settings.restart_policy(),

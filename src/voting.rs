@@ -222,12 +222,15 @@ impl VoteIntake {
     /// marker, appended behind every vote already in the log, makes its aggregator publish
     /// the final counts once those are flushed. `None`: no such poll.
     pub async fn close(&self, id: PollId) -> Result<Option<Poll>, VoteRejection> {
-        let Some(poll) = self.catalog.store.close_poll(id, now_millis()).await? else {
+        let Some((poll, newly)) = self.catalog.store.close_poll(id, now_millis()).await? else {
             return Ok(None);
         };
         self.catalog.remember(&poll);
-        let closed_at = poll.closed_at.unwrap_or_else(now_millis);
-        self.log.append(&LogEntry::closed(id, closed_at)).await?;
+        // Closing twice appends one marker: the first (or the scheduler's re-send) seals it.
+        if newly {
+            let closed_at = poll.closed_at.unwrap_or_else(now_millis);
+            self.log.append(&LogEntry::closed(id, closed_at)).await?;
+        }
         Ok(Some(poll))
     }
 

@@ -39,6 +39,8 @@ pub struct AggregatorArgs {
     pub flush_interval: Duration,
     /// Told about every committed flush (webhooks).
     pub events: Arc<dyn PollEvents>,
+    /// How long after a close the final counts wait for late votes.
+    pub close_grace: Duration,
     /// Test-only failure switches.
     pub faults: FaultHooks,
 }
@@ -93,9 +95,10 @@ pub struct AggregatorState {
     shape: Option<PollShape>,
     /// Votes not yet flushed, in log order (the ledger decides which count).
     buffer: Vec<Vote>,
-    /// A close marker was read: once the votes before it are flushed, the final counts are
-    /// published (and this is cleared).
-    closing: Option<UnixMillis>,
+    /// A close marker was read: when the poll closed, and the routing sequence number of
+    /// the batch that carried it. Once the grace after the close has passed and every vote
+    /// is flushed, the final counts are published and this is cleared.
+    closing: Option<(UnixMillis, RouteSeq)>,
     received_through: RouteSeq,
     acked_through: RouteSeq,
     failures: u32,
@@ -199,16 +202,25 @@ impl PollAggregator {
                 Self::publish(state, outcome, None, hide_results);
             }
         }
-        if let Some(closed_at) = state.closing {
-            let outcome = state.args.store.seal_poll(poll_id).await?;
+        let Some((closed_at, marker_seq)) = state.closing else {
+            return Ok(through);
+        };
+        let seal_at = closed_at + state.args.close_grace.as_millis() as UnixMillis;
+        if now_millis() < seal_at {
+            // Why not acknowledge the marker yet: its offset must not be committed before
+            // the seal, or a crash in between would lose it.
+            return Ok(through.min(marker_seq - 1));
+        }
+        // `None`: already sealed (a repeated or replayed marker); nothing to publish again.
+        if let Some(outcome) = state.args.store.seal_poll(poll_id).await? {
             tracing::info!(
                 poll_id,
                 seq = outcome.seq,
                 "poll closed; final counts published"
             );
-            state.closing = None;
             Self::publish(state, outcome, Some(closed_at), hide_results);
         }
+        state.closing = None;
         Ok(through)
     }
     async fn on_tick(&self, myself: &ActorRef<AggregatorMsg>, state: &mut AggregatorState) {
@@ -306,12 +318,18 @@ impl Actor for PollAggregator {
                 for entry in entries {
                     match entry {
                         LogEntry::Vote(vote) => state.buffer.push(vote),
-                        LogEntry::Closed(marker) => state.closing = Some(marker.closed_at),
+                        LogEntry::Closed(marker) if state.closing.is_none() => {
+                            state.closing = Some((marker.closed_at, seq));
+                            // Why a timer of its own: subscribers are watching for the final
+                            // result, which should not wait for the next tick as well.
+                            let grace = state.args.close_grace.as_millis() as UnixMillis;
+                            let wait = (marker.closed_at + grace - now_millis()).max(0);
+                            myself.send_after(Duration::from_millis(wait as u64), || {
+                                AggregatorMsg::Tick
+                            });
+                        }
+                        LogEntry::Closed(_) => {}
                     }
-                }
-                // Why not wait for the tick: subscribers are watching for the final result.
-                if state.closing.is_some() {
-                    self.on_tick(&myself, state).await;
                 }
             }
             AggregatorMsg::Tick => self.on_tick(&myself, state).await,

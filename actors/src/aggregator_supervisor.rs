@@ -30,6 +30,8 @@ pub struct AggregatorSupervisorArgs {
     pub flush_interval: Duration,
     /// Told about every committed flush (webhooks).
     pub events: Arc<dyn PollEvents>,
+    /// How long after a close the final counts wait for late votes.
+    pub close_grace: Duration,
     /// Restart budget and backoff.
     pub restart: RestartPolicy,
     /// Test-only failure switches.
@@ -74,6 +76,7 @@ impl AggregatorSupervisor {
             ingest: state.args.ingest.clone(),
             flush_interval: state.args.flush_interval,
             events: state.args.events.clone(),
+            close_grace: state.args.close_grace,
             faults: state.args.faults.clone(),
         };
         let (aggregator, _) =

@@ -54,14 +54,6 @@ impl BallotPlan<'_> {
     }
 }
 
-fn same_choices(a: &[OptionId], b: &[OptionId]) -> bool {
-    let mut a = a.to_vec();
-    let mut b = b.to_vec();
-    a.sort_unstable();
-    b.sort_unstable();
-    a == b
-}
-
 /// Applies the rule to `votes` (one poll's, in log order).
 pub fn plan<'a>(allow_change: bool, ledger: &LedgerView, votes: &'a [Vote]) -> BallotPlan<'a> {
     let mut out = BallotPlan::default();
@@ -80,7 +72,9 @@ pub fn plan<'a>(allow_change: bool, ledger: &LedgerView, votes: &'a [Vote]) -> B
             .or_else(|| ledger.current.get(user).map(|c| (c.as_slice(), None)));
         match before {
             Some(_) if !allow_change => continue,
-            Some((old, _)) if same_choices(old, &vote.choices) => continue,
+            // Why a same-choice change is still written: every vote this function looked at
+            // must be in the ledger, or a replay would apply it again later, over a newer
+            // change. Its deltas cancel out.
             Some((old, row)) => {
                 for option in old {
                     *out.deltas.entry(*option).or_default() -= 1;
@@ -204,9 +198,31 @@ mod tests {
     }
 
     #[test]
-    fn changing_to_the_same_options_changes_nothing() {
+    fn changing_to_the_same_options_moves_no_count_but_is_recorded() {
         let votes = [vote("a", "2", &[2, 1])];
-        assert!(plan(true, &ledger(&[("a", &[1, 2])], &[]), &votes).is_empty());
+        let plan = plan(true, &ledger(&[("a", &[1, 2])], &[("a", "1")]), &votes);
+        assert!(plan.deltas.is_empty());
+        assert_eq!(plan.inserts.len(), 1);
+        assert_eq!(plan.replaced, vec!["a"]);
+    }
+
+    #[test]
+    fn replaying_a_same_choice_vote_cannot_undo_a_later_change() {
+        // a: v1 [1], v2 [1] (same), v3 [2], all applied; then the log replays them.
+        let votes = [
+            vote("a", "1", &[1]),
+            vote("a", "2", &[1]),
+            vote("a", "3", &[2]),
+        ];
+        let first = plan(true, &LedgerView::default(), &votes);
+        let applied: Vec<(&str, &str)> = first
+            .inserts
+            .iter()
+            .map(|i| (i.vote.user_id.as_str(), i.vote.ledger_id()))
+            .collect();
+        assert_eq!(applied.len(), 3, "every vote looked at is recorded");
+        let replay = plan(true, &ledger(&[("a", &[2])], &applied), &votes);
+        assert!(replay.is_empty(), "{replay:?}");
     }
 
     #[test]

@@ -79,17 +79,22 @@ pub trait PollStore: Send + Sync + 'static {
     async fn get_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError>;
 
     /// Marks a poll closed as of `at` (idempotent: a closed poll keeps its closing time) and
-    /// returns it; `None` if it does not exist.
-    async fn close_poll(&self, id: PollId, at: UnixMillis) -> Result<Option<Poll>, StoreError>;
+    /// returns it, with whether this call closed it; `None` if it does not exist.
+    async fn close_poll(
+        &self,
+        id: PollId,
+        at: UnixMillis,
+    ) -> Result<Option<(Poll, bool)>, StoreError>;
 
-    /// Closes every open poll whose `closes_at` is not after `now` (as of its `closes_at`),
-    /// and returns those, together with polls closed before `unsealed_before` whose final
-    /// counts were never published (their close marker was lost). Several processes may
-    /// call this at once; each due poll is closed by exactly one of them.
+    /// The polls that need a close marker appended now: every open poll whose `closes_at`
+    /// is not after `now` (closed by this call, as of its `closes_at`), and every closed poll
+    /// whose final counts are still unpublished although its last marker was sent before
+    /// `resend_before` (that marker was lost). Several processes may call this at once; each
+    /// poll is returned to exactly one of them.
     async fn polls_to_seal(
         &self,
         now: UnixMillis,
-        unsealed_before: UnixMillis,
+        resend_before: UnixMillis,
     ) -> Result<Vec<(PollId, UnixMillis)>, StoreError>;
 
     /// Applies a batch of votes of one poll, in log order, in a single transaction (see
@@ -101,8 +106,8 @@ pub trait PollStore: Send + Sync + 'static {
     async fn apply_votes(&self, poll: PollId, votes: &[Vote]) -> Result<FlushOutcome, StoreError>;
 
     /// Marks the poll's final counts as published: bumps its version and returns every
-    /// count, for the `closed` message.
-    async fn seal_poll(&self, poll: PollId) -> Result<FlushOutcome, StoreError>;
+    /// count, for the `closed` message; `None` if it was sealed before (a repeated marker).
+    async fn seal_poll(&self, poll: PollId) -> Result<Option<FlushOutcome>, StoreError>;
 
     /// Up to `limit` ledger rows of a poll after `after` (a row number; 0 for the first
     /// page), in the order they were counted.

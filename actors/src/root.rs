@@ -53,6 +53,8 @@ pub struct RootArgs {
     pub flush_interval: Duration,
     /// Told about every committed flush (webhooks).
     pub events: Arc<dyn PollEvents>,
+    /// How long after a close the final counts wait for late votes.
+    pub close_grace: Duration,
     /// How the log is read and committed.
     pub ingest: IngestSettings,
     /// Restart budget of every supervisor.
@@ -147,6 +149,7 @@ impl RootSupervisor {
             ingest: ingest.clone(),
             flush_interval: args.flush_interval,
             events: args.events.clone(),
+            close_grace: args.close_grace,
             restart: args.restart,
             faults: args.faults.clone(),
         };

@@ -18,6 +18,8 @@ CREATE TABLE polls (
     version              INTEGER NOT NULL DEFAULT 0,
     -- Voters with a ballot.
     voters               INTEGER NOT NULL DEFAULT 0,
+    -- When the last close marker was appended (to re-send one that was lost).
+    marker_at            INTEGER,
     -- The final counts of the closed poll were published.
     sealed               BOOLEAN NOT NULL DEFAULT FALSE
 );

@@ -177,42 +177,53 @@ impl PollStore for PostgresStore {
         Ok(polls.into_iter().next())
     }
 
-    async fn close_poll(&self, id: PollId, at: UnixMillis) -> Result<Option<Poll>, StoreError> {
-        let updated =
-            sqlx::query("UPDATE polls SET closed_at = COALESCE(closed_at, $1) WHERE id = $2")
-                .bind(at)
-                .bind(id)
-                .execute(&self.pool)
-                .await
-                .map_err(err("close poll"))?;
-        if updated.rows_affected() == 0 {
-            return Ok(None);
-        }
-        self.get_poll(id).await
+    async fn close_poll(
+        &self,
+        id: PollId,
+        at: UnixMillis,
+    ) -> Result<Option<(Poll, bool)>, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE polls SET closed_at = $1, marker_at = $1 \
+             WHERE id = $2 AND closed_at IS NULL",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(err("close poll"))?;
+        let newly = updated.rows_affected() == 1;
+        Ok(self.get_poll(id).await?.map(|poll| (poll, newly)))
     }
 
     async fn polls_to_seal(
         &self,
         now: UnixMillis,
-        unsealed_before: UnixMillis,
+        resend_before: UnixMillis,
     ) -> Result<Vec<(PollId, UnixMillis)>, StoreError> {
-        // Why one UPDATE … RETURNING: with several processes, each due poll is returned to
-        // exactly one of them (the row lock decides), so it is closed once.
+        // Why conditional UPDATEs: with several processes each row goes to the one whose
+        // update takes it, so each poll gets one marker (the row lock decides).
+        let mut tx = self.pool.begin().await.map_err(err("close due polls"))?;
+        // Lost markers first, so that the polls closed just below are not counted twice.
         let mut due: Vec<(PollId, UnixMillis)> = sqlx::query_as(
-            "UPDATE polls SET closed_at = closes_at \
+            "UPDATE polls SET marker_at = $1 \
+             WHERE NOT sealed AND closed_at IS NOT NULL AND COALESCE(marker_at, 0) < $2 \
+             RETURNING id, closed_at",
+        )
+        .bind(now)
+        .bind(resend_before)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err("find unsealed polls"))?;
+        let closed: Vec<(PollId, UnixMillis)> = sqlx::query_as(
+            "UPDATE polls SET closed_at = closes_at, marker_at = $1 \
              WHERE closed_at IS NULL AND closes_at <= $1 RETURNING id, closed_at",
         )
         .bind(now)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(err("close due polls"))?;
-        let lost: Vec<(PollId, UnixMillis)> =
-            sqlx::query_as("SELECT id, closed_at FROM polls WHERE NOT sealed AND closed_at < $1")
-                .bind(unsealed_before)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(err("find unsealed polls"))?;
-        due.extend(lost);
+        tx.commit().await.map_err(err("close due polls"))?;
+        due.extend(closed);
         Ok(due)
     }
 
@@ -314,19 +325,22 @@ impl PollStore for PostgresStore {
         Ok(sql_common::outcome(&plan, seq, all))
     }
 
-    async fn seal_poll(&self, poll: PollId) -> Result<FlushOutcome, StoreError> {
+    async fn seal_poll(&self, poll: PollId) -> Result<Option<FlushOutcome>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(err("seal poll"))?;
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE polls SET version = version + 1, sealed = TRUE WHERE id = $1 \
-             RETURNING version",
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE polls SET version = version + 1, sealed = TRUE \
+             WHERE id = $1 AND NOT sealed RETURNING version",
         )
         .bind(poll)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(err("seal poll"))?;
+        let Some(seq) = seq else {
+            return Ok(None);
+        };
         let all = Self::counts(&mut tx, poll).await?;
         tx.commit().await.map_err(err("seal poll"))?;
-        Ok(sql_common::sealed(seq, all))
+        Ok(Some(sql_common::sealed(seq, all)))
     }
 
     async fn ledger(

@@ -19,7 +19,8 @@ use sqlx::sqlite::{
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
-/// Rows per multi-row INSERT (4 bound parameters each, well under SQLite's limit).
+/// Rows per multi-row INSERT or IN list (6 bound parameters per ledger row: 6000, under the
+/// 32766 of the SQLite that sqlx bundles).
 const INSERT_CHUNK: usize = 1000;
 
 /// A [`PollStore`] in one SQLite file.
@@ -192,42 +193,55 @@ impl PollStore for SqliteStore {
         Ok(polls.into_iter().next())
     }
 
-    async fn close_poll(&self, id: PollId, at: UnixMillis) -> Result<Option<Poll>, StoreError> {
-        let updated =
-            sqlx::query("UPDATE polls SET closed_at = COALESCE(closed_at, ?) WHERE id = ?")
-                .bind(at)
-                .bind(id)
-                .execute(&self.writer)
-                .await
-                .map_err(err("close poll"))?;
-        if updated.rows_affected() == 0 {
-            return Ok(None);
-        }
-        self.get_poll(id).await
+    async fn close_poll(
+        &self,
+        id: PollId,
+        at: UnixMillis,
+    ) -> Result<Option<(Poll, bool)>, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE polls SET closed_at = ?, marker_at = ? \
+             WHERE id = ? AND closed_at IS NULL",
+        )
+        .bind(at)
+        .bind(at)
+        .bind(id)
+        .execute(&self.writer)
+        .await
+        .map_err(err("close poll"))?;
+        let newly = updated.rows_affected() == 1;
+        Ok(self.get_poll(id).await?.map(|poll| (poll, newly)))
     }
 
     async fn polls_to_seal(
         &self,
         now: UnixMillis,
-        unsealed_before: UnixMillis,
+        resend_before: UnixMillis,
     ) -> Result<Vec<(PollId, UnixMillis)>, StoreError> {
+        // Why conditional UPDATEs: with several processes each row goes to the one whose
+        // update takes it, so each poll gets one marker (the row lock decides).
         let mut tx = self.writer.begin().await.map_err(err("close due polls"))?;
+        // Lost markers first, so that the polls closed just below are not counted twice.
         let mut due: Vec<(PollId, UnixMillis)> = sqlx::query_as(
-            "UPDATE polls SET closed_at = closes_at \
+            "UPDATE polls SET marker_at = ? \
+             WHERE NOT sealed AND closed_at IS NOT NULL AND COALESCE(marker_at, 0) < ? \
+             RETURNING id, closed_at",
+        )
+        .bind(now)
+        .bind(resend_before)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err("find unsealed polls"))?;
+        let closed: Vec<(PollId, UnixMillis)> = sqlx::query_as(
+            "UPDATE polls SET closed_at = closes_at, marker_at = ? \
              WHERE closed_at IS NULL AND closes_at <= ? RETURNING id, closed_at",
         )
+        .bind(now)
         .bind(now)
         .fetch_all(&mut *tx)
         .await
         .map_err(err("close due polls"))?;
-        let lost: Vec<(PollId, UnixMillis)> =
-            sqlx::query_as("SELECT id, closed_at FROM polls WHERE NOT sealed AND closed_at < ?")
-                .bind(unsealed_before)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(err("find unsealed polls"))?;
         tx.commit().await.map_err(err("close due polls"))?;
-        due.extend(lost);
+        due.extend(closed);
         Ok(due)
     }
 
@@ -243,18 +257,22 @@ impl PollStore for SqliteStore {
         result.await.map_err(|_| stopped())?
     }
 
-    async fn seal_poll(&self, poll: PollId) -> Result<FlushOutcome, StoreError> {
+    async fn seal_poll(&self, poll: PollId) -> Result<Option<FlushOutcome>, StoreError> {
         let mut tx = self.writer.begin().await.map_err(err("seal poll"))?;
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE polls SET version = version + 1, sealed = TRUE WHERE id = ? RETURNING version",
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE polls SET version = version + 1, sealed = TRUE \
+             WHERE id = ? AND NOT sealed RETURNING version",
         )
         .bind(poll)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(err("seal poll"))?;
+        let Some(seq) = seq else {
+            return Ok(None);
+        };
         let all = Self::counts(&mut tx, poll).await?;
         tx.commit().await.map_err(err("seal poll"))?;
-        Ok(sql_common::sealed(seq, all))
+        Ok(Some(sql_common::sealed(seq, all)))
     }
 
     async fn ledger(
@@ -352,7 +370,13 @@ async fn commit_group(
                     .map(|()| outcome)
                     .map_err(err("release savepoint")),
                 Err(e) => {
-                    let _ = savepoint.rollback().await;
+                    // Why give up on the group when the rollback fails: SQLite has rolled the
+                    // whole transaction back (disk full, I/O error), and statements after it
+                    // would run, and commit, on their own.
+                    if let Err(gone) = savepoint.rollback().await {
+                        tracing::warn!(error = %gone, "flush group aborted");
+                        return failed(&e);
+                    }
                     Err(e)
                 }
             },

@@ -1259,7 +1259,7 @@ mod tests {
             &self,
             _id: PollId,
             _at: UnixMillis,
-        ) -> Result<Option<Poll>, StoreError> {
+        ) -> Result<Option<(Poll, bool)>, StoreError> {
             Err(unused("close_poll"))
         }
         async fn polls_to_seal(
@@ -1276,7 +1276,7 @@ mod tests {
         ) -> Result<FlushOutcome, StoreError> {
             Err(unused("apply_votes"))
         }
-        async fn seal_poll(&self, _poll: PollId) -> Result<FlushOutcome, StoreError> {
+        async fn seal_poll(&self, _poll: PollId) -> Result<Option<FlushOutcome>, StoreError> {
             Err(unused("seal_poll"))
         }
         async fn ledger(

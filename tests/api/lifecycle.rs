@@ -58,6 +58,17 @@ async fn closing_a_poll_publishes_its_final_counts_after_its_last_votes(backend:
     assert!(closed["closedAt"].as_str().is_some());
     assert_eq!(app.api.vote(poll, 1, "late").await.0, 410);
     assert_eq!(app.api.poll(poll).await["totalVotes"], 5);
+
+    // Closing again changes nothing and publishes nothing more.
+    let again = app
+        .api
+        .post(&format!("/polls/{poll}/close"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 200);
+    let more = tokio::time::timeout(Duration::from_secs(2), next_json(&mut socket)).await;
+    assert!(more.is_err(), "a second closed message: {more:?}");
 }
 
 async fn a_poll_closes_by_itself_at_its_closing_time(backend: Backend) {

@@ -155,6 +155,8 @@ pub fn test_settings(dir: &Path) -> Settings {
     settings.store.url = format!("sqlite://{}", dir.join("pollcast.db").display());
     settings.log.path = dir.join("log");
     settings.aggregator.flush_interval_ms = TEST_FLUSH_MS;
+    // Short, but still a grace: closing tests see the wait for late votes.
+    settings.aggregator.close_grace_ms = 300;
     settings.admin.token = Some(ADMIN_TOKEN.into());
     // Load tests send thousands of votes from one address; the limits have their own tests.
     settings.rate_limit.per_ip_per_sec = 0;
