@@ -7,10 +7,6 @@ use clap::Parser;
 use pollcast::telemetry::{self, LogFormat};
 use pollcast::{Application, Settings};
 
-/// Why mimalloc: with tens of thousands of WebSocket sessions glibc's per-thread arenas kept
-/// freed buffers resident, and malloc/free led the vote path's instruction profile.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Live-polling vote service.
 #[derive(Debug, Parser)]

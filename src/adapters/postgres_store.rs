@@ -256,7 +256,12 @@ impl PollStore for PostgresStore {
                 .map_err(err("read poll version"))?;
             let all = Self::counts(&mut tx, poll).await?;
             tx.commit().await.map_err(err("commit flush"))?;
-            return Ok(sql_common::outcome(&plan, seq, all));
+            return Ok(sql_common::outcome(
+                &plan.deltas,
+                plan.inserts.len() as u64,
+                seq,
+                all,
+            ));
         }
         if !plan.replaced.is_empty() {
             // Why first: the partial unique index allows one current ballot per voter.
@@ -322,7 +327,12 @@ impl PollStore for PostgresStore {
         .map_err(err("bump poll version"))?;
         let all = Self::counts(&mut tx, poll).await?;
         tx.commit().await.map_err(err("commit flush"))?;
-        Ok(sql_common::outcome(&plan, seq, all))
+        Ok(sql_common::outcome(
+            &plan.deltas,
+            plan.inserts.len() as u64,
+            seq,
+            all,
+        ))
     }
 
     async fn seal_poll(&self, poll: PollId) -> Result<Option<FlushOutcome>, StoreError> {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use pollcast_actors::ballot::{self, BallotPlan, LedgerView};
+use pollcast_actors::ballot::{self, LedgerView};
 use pollcast_actors::domain::UnixMillis;
 use pollcast_actors::{
     FlushOutcome, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings,
@@ -158,16 +158,21 @@ pub fn voters_of(votes: &[pollcast_actors::Vote]) -> Vec<&str> {
     users
 }
 
-/// A flush's outcome from its plan, the new version and the counts read back.
-pub fn outcome(plan: &BallotPlan<'_>, seq: i64, all: Vec<OptionCount>) -> FlushOutcome {
-    let deltas: &BTreeMap<OptionId, i64> = &plan.deltas;
+/// A flush's outcome from the count deltas, the ledger rows inserted, the new version and
+/// the counts read back.
+pub fn outcome(
+    deltas: &BTreeMap<OptionId, i64>,
+    inserted: u64,
+    seq: i64,
+    all: Vec<OptionCount>,
+) -> FlushOutcome {
     let changed = all
         .iter()
         .filter(|c| deltas.contains_key(&c.option_id))
         .copied()
         .collect();
     FlushOutcome {
-        inserted: plan.inserts.len() as u64,
+        inserted,
         seq,
         changed,
         all,

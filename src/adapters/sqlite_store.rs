@@ -1,6 +1,6 @@
 //! The embedded [`PollStore`]: SQLite through sqlx, migrated on open.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::sql_common::{self, LEDGER_COLUMNS, LIST_LIMIT, POLL_COLUMNS, ledger_row, poll_row};
 use std::str::FromStr;
@@ -10,13 +10,13 @@ use async_trait::async_trait;
 use pollcast_actors::ballot;
 use pollcast_actors::domain::{UnixMillis, now_millis};
 use pollcast_actors::{
-    FlushOutcome, LedgerRow, NewPoll, OptionCount, Poll, PollId, PollOption, PollStore, StoreError,
-    Vote, Voter,
+    FlushOutcome, LedgerRow, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollStore,
+    StoreError, Vote, Voter,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 /// Rows per multi-row INSERT or IN list (6 bound parameters per ledger row: 6000, under the
@@ -333,75 +333,131 @@ struct FlushJob {
 }
 
 /// The embedded store's writer: applies every flush waiting at that moment in one
-/// transaction, each under its own savepoint (a failing poll fails alone), so 10,000 active
-/// polls cost one fsync per group, not 10,000 per flush interval.
+/// transaction, so 10,000 active polls cost one fsync per group, not 10,000 per flush
+/// interval.
 async fn group_commit(writer: SqlitePool, mut jobs: mpsc::Receiver<FlushJob>) {
     let mut batch = Vec::with_capacity(GROUP_MAX);
+    // Whether each poll allows vote changes: fixed at creation, so read once per poll.
+    let mut allow_change: HashMap<PollId, bool> = HashMap::new();
     while jobs.recv_many(&mut batch, GROUP_MAX).await > 0 {
-        let results = commit_group(&writer, &batch).await;
+        let results = match commit_group(&writer, &batch, &mut allow_change).await {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            // Why one by one then: a failure is rare (the aggregators validated the votes),
+            // and one poll's failure must not fail the others.
+            Err(e) => {
+                tracing::debug!(error = %e, "flush group failed; applying its flushes one by one");
+                let mut results = Vec::with_capacity(batch.len());
+                for job in &batch {
+                    results.push(commit_one(&writer, job, &mut allow_change).await);
+                }
+                results
+            }
+        };
         for (job, result) in batch.drain(..).zip(results) {
             let _ = job.reply.send(result);
         }
     }
 }
 
+/// Every flush of the group in one transaction; all or nothing. Why no savepoint each: two
+/// more statements per poll is what 10,000 active polls cannot afford.
 async fn commit_group(
     writer: &SqlitePool,
     batch: &[FlushJob],
-) -> Vec<Result<FlushOutcome, StoreError>> {
-    let failed = |e: &dyn std::fmt::Display| {
-        batch
-            .iter()
-            .map(|_| Err(StoreError::new("commit flush", e.to_string())))
-            .collect()
-    };
-    let mut tx = match writer.begin().await {
-        Ok(tx) => tx,
-        Err(e) => return failed(&e),
-    };
-    let mut results = Vec::with_capacity(batch.len());
+    allow_change: &mut HashMap<PollId, bool>,
+) -> Result<Vec<FlushOutcome>, StoreError> {
+    let mut tx = writer.begin().await.map_err(err("begin flush"))?;
+    let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch {
-        // Why a savepoint each: one poll's failure must not undo the others'.
-        let result = match Connection::begin(&mut *tx).await {
-            Ok(mut savepoint) => match apply_in(&mut savepoint, job.poll, &job.votes).await {
-                Ok(outcome) => savepoint
-                    .commit()
-                    .await
-                    .map(|()| outcome)
-                    .map_err(err("release savepoint")),
-                Err(e) => {
-                    // Why give up on the group when the rollback fails: SQLite has rolled the
-                    // whole transaction back (disk full, I/O error), and statements after it
-                    // would run, and commit, on their own.
-                    if let Err(gone) = savepoint.rollback().await {
-                        tracing::warn!(error = %gone, "flush group aborted");
-                        return failed(&e);
-                    }
-                    Err(e)
-                }
-            },
-            Err(e) => Err(StoreError::new("open savepoint", e)),
-        };
-        results.push(result);
+        outcomes.push(apply_in(&mut tx, job.poll, &job.votes, allow_change).await?);
     }
-    match tx.commit().await {
-        Ok(()) => results,
-        Err(e) => failed(&e),
+    tx.commit().await.map_err(err("commit flush"))?;
+    Ok(outcomes)
+}
+
+async fn commit_one(
+    writer: &SqlitePool,
+    job: &FlushJob,
+    allow_change: &mut HashMap<PollId, bool>,
+) -> Result<FlushOutcome, StoreError> {
+    let mut tx = writer.begin().await.map_err(err("begin flush"))?;
+    let outcome = apply_in(&mut tx, job.poll, &job.votes, allow_change).await?;
+    tx.commit().await.map_err(err("commit flush"))?;
+    Ok(outcome)
+}
+
+/// One poll's flush, inside a transaction (see [`group_commit`]).
+async fn apply_in(
+    tx: &mut SqliteConnection,
+    poll: PollId,
+    votes: &[Vote],
+    allow_change: &mut HashMap<PollId, bool>,
+) -> Result<FlushOutcome, StoreError> {
+    let changes = match allow_change.get(&poll) {
+        Some(known) => *known,
+        None => {
+            let known: bool = sqlx::query_scalar("SELECT allow_change FROM polls WHERE id = ?")
+                .bind(poll)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err("read poll"))?;
+            allow_change.insert(poll, known);
+            known
+        }
+    };
+    if changes {
+        apply_changes(tx, poll, votes).await
+    } else {
+        apply_first_ballots(tx, poll, votes).await
     }
 }
 
-/// One poll's flush, inside the group's transaction (see [`group_commit`]).
-async fn apply_in(
+/// Where voters cannot change their vote, [`ballot::plan`] comes down to "insert, unless
+/// the voter has a ballot or the vote is in the ledger": exactly what `ON CONFLICT DO
+/// NOTHING` on the ledger's two unique keys does, in one statement without reading first.
+async fn apply_first_ballots(
     tx: &mut SqliteConnection,
     poll: PollId,
     votes: &[Vote],
 ) -> Result<FlushOutcome, StoreError> {
     let now = now_millis();
-    let allow_change: bool = sqlx::query_scalar("SELECT allow_change FROM polls WHERE id = ?")
-        .bind(poll)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(err("read poll"))?;
+    let mut deltas: BTreeMap<OptionId, i64> = BTreeMap::new();
+    let mut inserted = 0i64;
+    for chunk in votes.chunks(INSERT_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) ",
+        );
+        q.push_values(chunk, |mut row, v| {
+            row.push_bind(poll)
+                .push_bind(&v.user_id)
+                .push_bind(v.ledger_id())
+                .push_bind(ballot::encode_choices(&v.choices))
+                .push_bind(v.voted_at.unwrap_or(now))
+                .push_bind(true);
+        });
+        q.push(" ON CONFLICT DO NOTHING RETURNING choices");
+        let counted: Vec<String> = q
+            .build_query_scalar()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err("insert votes into the ledger"))?;
+        inserted += counted.len() as i64;
+        for choices in counted {
+            for option in ballot::decode_choices(&choices) {
+                *deltas.entry(option).or_default() += 1;
+            }
+        }
+    }
+    finish_flush(tx, poll, &deltas, inserted as u64, inserted).await
+}
+
+/// Where voters may change their vote: read their ballots, plan, write.
+async fn apply_changes(
+    tx: &mut SqliteConnection,
+    poll: PollId,
+    votes: &[Vote],
+) -> Result<FlushOutcome, StoreError> {
+    let now = now_millis();
     let mut rows = Vec::new();
     for users in sql_common::voters_of(votes).chunks(INSERT_CHUNK) {
         let mut q = QueryBuilder::<Sqlite>::new(
@@ -420,16 +476,7 @@ async fn apply_in(
             .map_err(err("read ballots"))?;
         rows.extend(found);
     }
-    let plan = ballot::plan(allow_change, &sql_common::ledger_view(rows), votes);
-    if plan.is_empty() {
-        let seq = sqlx::query_scalar("SELECT version FROM polls WHERE id = ?")
-            .bind(poll)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(err("read poll version"))?;
-        let all = SqliteStore::counts(tx, poll).await?;
-        return Ok(sql_common::outcome(&plan, seq, all));
-    }
+    let plan = ballot::plan(true, &sql_common::ledger_view(rows), votes);
     // Why first: the partial unique index allows one current ballot per voter.
     for user in &plan.replaced {
         sqlx::query(
@@ -459,7 +506,20 @@ async fn apply_in(
             .await
             .map_err(err("insert votes into the ledger"))?;
     }
-    for (option, n) in &plan.deltas {
+    let inserted = plan.inserts.len() as u64;
+    finish_flush(tx, poll, &plan.deltas, inserted, plan.new_voters).await
+}
+
+/// Applies the count deltas, bumps the poll's version (when anything was recorded), and
+/// reads every count back.
+async fn finish_flush(
+    tx: &mut SqliteConnection,
+    poll: PollId,
+    deltas: &BTreeMap<OptionId, i64>,
+    inserted: u64,
+    new_voters: i64,
+) -> Result<FlushOutcome, StoreError> {
+    for (option, n) in deltas {
         sqlx::query("UPDATE poll_options SET votes = votes + ? WHERE poll_id = ? AND id = ?")
             .bind(n)
             .bind(poll)
@@ -468,17 +528,24 @@ async fn apply_in(
             .await
             .map_err(err("update counts"))?;
     }
-    let seq: i64 = sqlx::query_scalar(
-        "UPDATE polls SET version = version + 1, voters = voters + ? WHERE id = ? \
-         RETURNING version",
-    )
-    .bind(plan.new_voters)
-    .bind(poll)
-    .fetch_one(&mut *tx)
-    .await
+    let seq: i64 = if inserted > 0 {
+        sqlx::query_scalar(
+            "UPDATE polls SET version = version + 1, voters = voters + ? WHERE id = ? \
+             RETURNING version",
+        )
+        .bind(new_voters)
+        .bind(poll)
+        .fetch_one(&mut *tx)
+        .await
+    } else {
+        sqlx::query_scalar("SELECT version FROM polls WHERE id = ?")
+            .bind(poll)
+            .fetch_one(&mut *tx)
+            .await
+    }
     .map_err(err("bump poll version"))?;
     let all = SqliteStore::counts(tx, poll).await?;
-    Ok(sql_common::outcome(&plan, seq, all))
+    Ok(sql_common::outcome(deltas, inserted, seq, all))
 }
 
 #[cfg(test)]
