@@ -7,7 +7,6 @@ use clap::Parser;
 use pollcast::telemetry::{self, LogFormat};
 use pollcast::{Application, Settings};
 
-
 /// Live-polling vote service.
 #[derive(Debug, Parser)]
 #[command(version, about)]

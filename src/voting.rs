@@ -18,7 +18,7 @@ use tokio::time::Instant;
 const CATALOG_TTL: Duration = Duration::from_secs(1);
 
 /// What the vote path needs to know about a poll.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PollMeta {
     options: HashSet<OptionId>,
     max_choices: usize,
@@ -73,9 +73,28 @@ impl PollCatalog {
         {
             return Ok(cached);
         }
-        match self.store.get_poll(id).await {
-            Ok(Some(poll)) => Ok(Some(self.remember(&poll))),
-            Ok(None) => Ok(None),
+        // Why only the closed flag once a poll is known: everything else about it is fixed
+        // at creation.
+        let fresh = match &cached {
+            Some(meta) => self.store.is_closed(id).await.map(|closed| {
+                closed.map(|closed| {
+                    let meta = Arc::new(PollMeta {
+                        closed,
+                        loaded: Instant::now(),
+                        ..(**meta).clone()
+                    });
+                    self.polls.insert(id, meta.clone());
+                    meta
+                })
+            }),
+            None => self
+                .store
+                .get_poll(id)
+                .await
+                .map(|poll| poll.map(|poll| self.remember(&poll))),
+        };
+        match fresh {
+            Ok(meta) => Ok(meta),
             Err(err) => match cached {
                 Some(stale) => {
                     tracing::debug!(poll_id = id, error = %err, "store unreachable; using the cached poll");

@@ -78,6 +78,10 @@ pub trait PollStore: Send + Sync + 'static {
     /// One poll with its current counts.
     async fn get_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError>;
 
+    /// Whether a poll is closed (`None`: no such poll). Cheaper than [`Self::get_poll`]:
+    /// the vote path re-checks it every second for every active poll.
+    async fn is_closed(&self, id: PollId) -> Result<Option<bool>, StoreError>;
+
     /// Marks a poll closed as of `at` (idempotent: a closed poll keeps its closing time) and
     /// returns it, with whether this call closed it; `None` if it does not exist.
     async fn close_poll(

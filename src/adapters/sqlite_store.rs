@@ -193,6 +193,16 @@ impl PollStore for SqliteStore {
         Ok(polls.into_iter().next())
     }
 
+    async fn is_closed(&self, id: PollId) -> Result<Option<bool>, StoreError> {
+        let closed: Option<bool> =
+            sqlx::query_scalar("SELECT closed_at IS NOT NULL FROM polls WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.readers)
+                .await
+                .map_err(err("read poll state"))?;
+        Ok(closed)
+    }
+
     async fn close_poll(
         &self,
         id: PollId,

@@ -1255,6 +1255,9 @@ mod tests {
             }
             Ok(self.polls.lock().unwrap().get(&id).cloned())
         }
+        async fn is_closed(&self, _id: PollId) -> Result<Option<bool>, StoreError> {
+            Err(unused("is_closed"))
+        }
         async fn close_poll(
             &self,
             _id: PollId,
