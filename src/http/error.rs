@@ -17,6 +17,9 @@ pub enum ApiError {
     /// The body is not JSON.
     #[error("malformed JSON: {0}")]
     Malformed(String),
+    /// A request that is not what the endpoint takes (other than its body).
+    #[error("{0}")]
+    BadRequest(String),
     /// The body is JSON but not a valid request.
     #[error("{0}")]
     Invalid(String),
@@ -71,6 +74,7 @@ impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),

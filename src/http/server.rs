@@ -205,6 +205,13 @@ where
     let id = request_id(&req);
     req.headers_mut().insert("x-request-id", id.clone());
     req.extensions_mut().insert(PeerAddr(peer));
+    if req.headers().contains_key(hyper::header::UPGRADE) {
+        // Why take it here: warp's own WebSocket filter cannot size tungstenite's buffers, so
+        // the WebSocket route upgrades the connection itself (see `ws.rs`).
+        let upgrade = hyper::upgrade::on(&mut req);
+        req.extensions_mut()
+            .insert(super::ws::PendingUpgrade::new(upgrade));
+    }
     let span = tracing::info_span!(
         "request",
         request_id = id.to_str().unwrap_or_default(),

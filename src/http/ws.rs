@@ -1,15 +1,22 @@
 //! `GET /ws/polls/{id}`: a snapshot of the poll, then its counts after every flush.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use pollcast_actors::{PollId, Subscription};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_util::sync::CancellationToken;
 use warp::filters::BoxedFilter;
-use warp::filters::ws::{Message, WebSocket, Ws};
+use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -21,17 +28,65 @@ use super::{ApiContext, with_ctx};
 const MAX_INCOMING: usize = 4 * 1024;
 /// A client that cannot take a message for this long is dropped, so it holds no memory.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// tungstenite's read buffer. Why so small: its default (128 KiB) is zero-filled on the first
+/// read, which made 10,000 idle subscribers cost over a gigabyte; clients send only pongs.
+const READ_BUFFER: usize = 4 * 1024;
+
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// The connection upgrade of a request, set aside by the server before routing (warp keeps
+/// its own out of reach). Cloneable so that a filter can take it from the extensions.
+#[derive(Clone)]
+pub struct PendingUpgrade(Arc<Mutex<Option<OnUpgrade>>>);
+
+impl PendingUpgrade {
+    /// Holds `upgrade` until the WebSocket route takes it.
+    pub fn new(upgrade: OnUpgrade) -> Self {
+        Self(Arc::new(Mutex::new(Some(upgrade))))
+    }
+
+    fn take(&self) -> Option<OnUpgrade> {
+        self.0.lock().expect("not poisoned").take()
+    }
+}
 
 pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
     warp::path!("ws" / "polls" / PollId)
         .and(warp::get())
-        .and(warp::ws())
+        .and(websocket_key())
+        .and(warp::ext::optional::<PendingUpgrade>())
         .and(with_ctx(ctx))
         .and_then(upgrade)
         .boxed()
 }
 
-async fn upgrade(poll_id: PollId, ws: Ws, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
+/// The handshake's key, once the request is a WebSocket upgrade (RFC 6455 §4.2.1).
+fn websocket_key() -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+    warp::header::<String>("connection")
+        .and_then(|connection: String| async move {
+            let upgrade = connection
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+            if upgrade {
+                Ok(())
+            } else {
+                Err(Rejection::from(ApiError::BadRequest(
+                    "a WebSocket needs `Connection: upgrade`".into(),
+                )))
+            }
+        })
+        .untuple_one()
+        .and(warp::header::exact_ignore_case("upgrade", "websocket"))
+        .and(warp::header::exact("sec-websocket-version", "13"))
+        .and(warp::header::<String>("sec-websocket-key"))
+}
+
+async fn upgrade(
+    poll_id: PollId,
+    key: String,
+    pending: Option<PendingUpgrade>,
+    ctx: Arc<ApiContext>,
+) -> Result<Response, Rejection> {
     // Subscribe before reading the snapshot: an update flushed in between is then delivered
     // (and dropped if the snapshot already includes it) instead of lost.
     let subscription = ctx.hub.subscribe(poll_id);
@@ -41,6 +96,9 @@ async fn upgrade(poll_id: PollId, ws: Ws, ctx: Arc<ApiContext>) -> Result<Respon
         .await
         .map_err(ApiError::unavailable)?
         .ok_or(ApiError::PollNotFound(poll_id))?;
+    let Some(on_upgrade) = pending.and_then(|p| p.take()) else {
+        return Err(ApiError::BadRequest("this connection cannot be upgraded".into()).into());
+    };
     let snapshot = Snapshot {
         r#type: "snapshot",
         seq: poll.seq,
@@ -55,11 +113,34 @@ async fn upgrade(poll_id: PollId, ws: Ws, ctx: Arc<ApiContext>) -> Result<Respon
         shutdown: ctx.shutdown.clone(),
         keepalive: ctx.keepalive,
     };
-    let sessions = ctx.sessions.clone();
-    Ok(ws
-        .max_message_size(MAX_INCOMING)
-        .on_upgrade(move |socket| sessions.track_future(session(socket, session_state)))
-        .into_response())
+    ctx.sessions.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(poll_id, error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(MAX_INCOMING))
+            .max_frame_size(Some(MAX_INCOMING));
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        session(socket, session_state).await;
+    });
+    let mut reply = warp::reply::with_status("", StatusCode::SWITCHING_PROTOCOLS).into_response();
+    let headers = reply.headers_mut();
+    headers.insert("connection", HeaderValue::from_static("upgrade"));
+    headers.insert("upgrade", HeaderValue::from_static("websocket"));
+    let accept = derive_accept_key(key.as_bytes());
+    headers.insert(
+        "sec-websocket-accept",
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    Ok(reply)
 }
 
 /// How a session keeps its client alive, and when it gives up on a silent one.
@@ -80,7 +161,7 @@ struct Session {
     keepalive: Keepalive,
 }
 
-async fn session(socket: WebSocket, mut s: Session) {
+async fn session(socket: Socket, mut s: Session) {
     let poll_id = s.poll_id;
     let (mut tx, mut rx) = socket.split();
     tracing::debug!(poll_id, "subscriber connected");
@@ -94,16 +175,16 @@ async fn session(socket: WebSocket, mut s: Session) {
     loop {
         tokio::select! {
             _ = s.shutdown.cancelled() => {
-                send(&mut tx, Message::close_with(1001u16, "server shutting down")).await;
+                send(&mut tx, close_away("server shutting down")).await;
                 break;
             }
             _ = ping.tick() => {
                 if heard.elapsed() >= s.keepalive.idle_timeout {
                     tracing::debug!(poll_id, "closing a silent subscriber");
-                    send(&mut tx, Message::close_with(1001u16, "idle")).await;
+                    send(&mut tx, close_away("idle")).await;
                     break;
                 }
-                if !send(&mut tx, Message::ping(Vec::new())).await {
+                if !send(&mut tx, Message::Ping(Bytes::new())).await {
                     break;
                 }
             }
@@ -139,8 +220,16 @@ async fn session(socket: WebSocket, mut s: Session) {
     tracing::debug!(poll_id, "subscriber disconnected");
 }
 
+/// A close frame "going away" (1001).
+fn close_away(reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::Away,
+        reason: reason.into(),
+    }))
+}
+
 /// Sends one message; `false` if the client is gone or did not take it in time.
-async fn send(tx: &mut SplitSink<WebSocket, Message>, msg: Message) -> bool {
+async fn send(tx: &mut SplitSink<Socket, Message>, msg: Message) -> bool {
     matches!(
         tokio::time::timeout(SEND_TIMEOUT, tx.send(msg)).await,
         Ok(Ok(()))
