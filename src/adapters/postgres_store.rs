@@ -74,13 +74,7 @@ impl PostgresStore {
                 .fetch_all(tx)
                 .await
                 .map_err(err("read counts"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(option_id, new_count)| OptionCount {
-                option_id,
-                new_count,
-            })
-            .collect())
+        Ok(sql_common::option_counts(rows))
     }
 
     async fn polls_where(&self, id: Option<PollId>) -> Result<Vec<Poll>, sqlx::Error> {
@@ -391,14 +385,7 @@ impl PollStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(err("list recent voters"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(poll_id, user_id, vote_id)| Voter {
-                poll_id,
-                user_id,
-                vote_id,
-            })
-            .collect())
+        Ok(sql_common::voters(rows))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

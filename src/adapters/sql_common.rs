@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use pollcast_actors::ballot::{self, LedgerView};
 use pollcast_actors::domain::UnixMillis;
 use pollcast_actors::{
-    FlushOutcome, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings,
+    FlushOutcome, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings, Voter,
     WebhookTarget,
 };
 
@@ -177,6 +177,27 @@ pub fn outcome(
         changed,
         all,
     }
+}
+
+/// Voters from `(poll_id, user_id, vote_id)` rows.
+pub fn voters(rows: Vec<(PollId, String, String)>) -> Vec<Voter> {
+    rows.into_iter()
+        .map(|(poll_id, user_id, vote_id)| Voter {
+            poll_id,
+            user_id,
+            vote_id,
+        })
+        .collect()
+}
+
+/// Counts from `(option id, votes)` rows.
+pub fn option_counts(rows: Vec<(OptionId, i64)>) -> Vec<OptionCount> {
+    rows.into_iter()
+        .map(|(option_id, new_count)| OptionCount {
+            option_id,
+            new_count,
+        })
+        .collect()
 }
 
 /// The final outcome of a sealed poll: every option counts as changed.

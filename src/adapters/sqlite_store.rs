@@ -113,13 +113,7 @@ impl SqliteStore {
                 .fetch_all(tx)
                 .await
                 .map_err(err("read counts"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(option_id, new_count)| OptionCount {
-                option_id,
-                new_count,
-            })
-            .collect())
+        Ok(sql_common::option_counts(rows))
     }
 
     async fn polls_where(&self, filter: &str, bind: Option<i64>) -> Result<Vec<Poll>, sqlx::Error> {
@@ -313,14 +307,7 @@ impl PollStore for SqliteStore {
         .fetch_all(&self.readers)
         .await
         .map_err(err("list recent voters"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(poll_id, user_id, vote_id)| Voter {
-                poll_id,
-                user_id,
-                vote_id,
-            })
-            .collect())
+        Ok(sql_common::voters(rows))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -6,9 +6,7 @@ use serde_json::{Value, json};
 use crate::helpers::{ADMIN_TOKEN, Api, Backend, SETTLE, TestApp};
 
 async fn create(api: &Api, body: Value) -> i64 {
-    let resp = api.post("/polls").json(&body).send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 201, "creating {body}");
-    resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
+    api.create_poll_with(body).await["id"].as_i64().unwrap()
 }
 
 async fn vote_with_key(api: &Api, body: Value, key: &str) -> u16 {

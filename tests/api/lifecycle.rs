@@ -6,13 +6,7 @@ use pollcast_actors::domain::{now_millis, rfc3339};
 use serde_json::{Value, json};
 
 use super::ws::{next_json, subscribe};
-use crate::helpers::{Api, Backend, SETTLE, TestApp};
-
-async fn create(api: &Api, body: Value) -> Value {
-    let resp = api.post("/polls").json(&body).send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 201, "creating {body}");
-    resp.json().await.unwrap()
-}
+use crate::helpers::{Backend, SETTLE, TestApp};
 
 /// Reads messages until one of type `kind` arrives.
 async fn next_of_type(socket: &mut super::ws::Socket, kind: &str) -> Value {
@@ -44,13 +38,7 @@ async fn closing_a_poll_publishes_its_final_counts_after_its_last_votes(backend:
     for i in 0..5 {
         assert_eq!(app.api.vote(poll, 2, &format!("u{i}")).await.0, 202);
     }
-    let resp = app
-        .api
-        .post(&format!("/polls/{poll}/close"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+    app.api.close_poll(poll).await;
     let closed = next_of_type(&mut socket, "closed").await;
     assert_eq!(closed["pollId"], poll);
     assert_eq!(count_of(&closed, 2), 5);
@@ -60,13 +48,7 @@ async fn closing_a_poll_publishes_its_final_counts_after_its_last_votes(backend:
     assert_eq!(app.api.poll(poll).await["totalVotes"], 5);
 
     // Closing again changes nothing and publishes nothing more.
-    let again = app
-        .api
-        .post(&format!("/polls/{poll}/close"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status().as_u16(), 200);
+    app.api.close_poll(poll).await;
     let more = tokio::time::timeout(Duration::from_secs(2), next_json(&mut socket)).await;
     assert!(more.is_err(), "a second closed message: {more:?}");
 }
@@ -74,8 +56,7 @@ async fn closing_a_poll_publishes_its_final_counts_after_its_last_votes(backend:
 async fn a_poll_closes_by_itself_at_its_closing_time(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| s.aggregator.flush_interval_ms = 100).await;
     let closes_at = now_millis() + 2500;
-    let poll = create(
-        &app.api,
+    let poll = app.api.create_poll_with(
         json!({ "question": "Quick?", "options": ["Yes", "No"], "closesAt": rfc3339(closes_at) }),
     )
     .await;
@@ -104,11 +85,12 @@ async fn a_closing_time_in_the_past_or_malformed_is_422(backend: Backend) {
 
 async fn hidden_results_show_no_counts_until_the_poll_closes(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| s.aggregator.flush_interval_ms = 100).await;
-    let poll = create(
-        &app.api,
-        json!({ "question": "Secret?", "options": ["A", "B"], "hideResults": true }),
-    )
-    .await;
+    let poll = app
+        .api
+        .create_poll_with(
+            json!({ "question": "Secret?", "options": ["A", "B"], "hideResults": true }),
+        )
+        .await;
     let id = poll["id"].as_i64().unwrap();
     assert_eq!(poll["hideResults"], true);
     let mut socket = subscribe(&app, id).await;

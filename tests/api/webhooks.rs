@@ -219,13 +219,7 @@ async fn opened_and_closed_events_are_delivered_signed(backend: Backend) {
         assert_eq!(app.api.vote(poll, option, user).await.0, 202);
     }
     app.api.wait_for_total(poll, 3, SETTLE).await;
-    let resp = app
-        .api
-        .post(&format!("/polls/{poll}/close"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+    app.api.close_poll(poll).await;
 
     let closed = receiver.wait_for(poll, "poll.closed", |_| true).await;
     assert_signed(&closed, &secret);

@@ -80,6 +80,24 @@ impl Api {
         resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
     }
 
+    /// Creates a poll from a whole `POST /polls` body and returns the 201 body.
+    pub async fn create_poll_with(&self, body: Value) -> Value {
+        let resp = self.post("/polls").json(&body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 201, "creating {body}");
+        resp.json().await.unwrap()
+    }
+
+    /// Closes a poll (with the admin token) and returns the 200 body.
+    pub async fn close_poll(&self, poll: i64) -> Value {
+        let resp = self
+            .post(&format!("/polls/{poll}/close"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "closing poll {poll}");
+        resp.json().await.unwrap()
+    }
+
     /// Posts a vote; returns the status and body.
     pub async fn vote(&self, poll: i64, option: i64, user: &str) -> (u16, Value) {
         self.vote_body(json!({ "pollId": poll, "optionId": option, "userId": user }))
