@@ -1,5 +1,5 @@
 //! The vote-to-screen probe: how long from sending a vote until a WebSocket subscriber sees
-//! it counted. It votes, one at a time, in a poll of its own (so `--verify` is untouched)
+//! it counted. Each prober votes, one at a time, in a poll of its own (so `--verify` is untouched)
 //! while the load runs, and times each vote until a counts message includes it.
 
 use std::sync::Arc;
@@ -20,15 +20,33 @@ use crate::votes::Connection;
 /// Longest wait for one probe vote to show; past it the sample is recorded as this long.
 const GIVE_UP: Duration = Duration::from_secs(30);
 
+/// Probes running at once, each with its own poll and subscriber: one probe takes about
+/// a flush interval, so a single one would give too few samples for a p99.
+const PROBERS: usize = 4;
+
 /// A running probe; [`Probe::finish`] stops it and reports.
 pub struct Probe {
     stop: Arc<AtomicBool>,
-    task: JoinHandle<anyhow::Result<Histogram<u64>>>,
+    tasks: Vec<JoinHandle<anyhow::Result<Histogram<u64>>>>,
 }
 
 impl Probe {
-    /// Creates the probe's poll, subscribes to it, and starts voting.
+    /// Creates the probes' polls, subscribes to them, and starts voting.
     pub async fn start(conn: &mut Connection, token: Option<&str>) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::with_capacity(PROBERS);
+        for _ in 0..PROBERS {
+            tasks.push(Self::prober(conn, token, stop.clone()).await?);
+        }
+        Ok(Self { stop, tasks })
+    }
+
+    /// One prober: its poll, its subscriber, its votes one at a time.
+    async fn prober(
+        conn: &mut Connection,
+        token: Option<&str>,
+        stopping: Arc<AtomicBool>,
+    ) -> anyhow::Result<JoinHandle<anyhow::Result<Histogram<u64>>>> {
         let body = json!({ "question": "loadgen probe", "options": ["seen", "unused"] });
         let (status, poll) = conn.json(Method::POST, "/polls", token, body).await?;
         if status != StatusCode::CREATED {
@@ -40,9 +58,7 @@ impl Probe {
             .await
             .context("subscribing the probe")?;
         let mut voter = conn.reopen().await?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let task = tokio::spawn(async move {
+        Ok(tokio::spawn(async move {
             let mut delays = histogram();
             let mut sent = 0i64;
             while !stopping.load(Ordering::Relaxed) {
@@ -78,15 +94,17 @@ impl Probe {
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
             Ok(delays)
-        });
-        Ok(Self { stop, task })
+        }))
     }
 
-    /// Stops voting and reports the vote-to-screen delays.
+    /// Stops voting and reports the vote-to-screen delays of every prober.
     pub async fn finish(self) -> anyhow::Result<Latency> {
         self.stop.store(true, Ordering::Relaxed);
-        let delays = self.task.await??;
-        Ok(Latency::of(&delays))
+        let mut all = histogram();
+        for task in self.tasks {
+            all.add(task.await??).expect("same bounds");
+        }
+        Ok(Latency::of(&all))
     }
 }
 
