@@ -80,10 +80,9 @@ impl PollShape {
 
     /// The HTTP layer checks the same; records written by other producers may not be.
     fn admits(&self, vote: &Vote) -> bool {
-        let distinct: HashSet<_> = vote.choices.iter().collect();
         !vote.choices.is_empty()
             && vote.choices.len() <= self.max_choices
-            && distinct.len() == vote.choices.len()
+            && !vote.repeats_a_choice()
             && vote.choices.iter().all(|c| self.options.contains(c))
     }
 }
@@ -223,6 +222,7 @@ impl PollAggregator {
         state.closing = None;
         Ok(through)
     }
+
     async fn on_tick(&self, myself: &ActorRef<AggregatorMsg>, state: &mut AggregatorState) {
         if state.retry_at.is_some_and(|at| Instant::now() < at) {
             return;

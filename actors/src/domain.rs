@@ -72,6 +72,13 @@ impl Vote {
         serde_json::to_vec(self).expect("vote serializes")
     }
 
+    /// Whether an option appears twice among the choices. Why no set: a poll has at most
+    /// 32 options, and this runs for every vote.
+    pub fn repeats_a_choice(&self) -> bool {
+        let c = &self.choices;
+        (1..c.len()).any(|i| c[..i].contains(&c[i]))
+    }
+
     /// The vote id the ledger keys this vote by (records of the seed app have none).
     pub fn ledger_id(&self) -> &str {
         self.vote_id.as_deref().unwrap_or("")
@@ -413,6 +420,17 @@ mod tests {
         ] {
             assert!(Vote::from_json(bad).is_err());
         }
+    }
+
+    #[test]
+    fn a_repeated_choice_is_found() {
+        let with = |choices: &[OptionId]| Vote {
+            choices: choices.to_vec(),
+            ..Vote::single(1, 1, "u")
+        };
+        assert!(with(&[1, 3, 1]).repeats_a_choice());
+        assert!(!with(&[1, 3, 2]).repeats_a_choice());
+        assert!(!with(&[4]).repeats_a_choice());
     }
 
     #[test]

@@ -374,7 +374,7 @@ async fn commit_group(
     // Why only with distinct polls: the statements below cannot tell two flushes of one
     // poll apart (a restarted aggregator's flush may still be queued behind its old one).
     let distinct: HashSet<PollId> = fixed.iter().map(|i| batch[*i].poll).collect();
-    if fixed.len() > 1 && distinct.len() == fixed.len() {
+    if distinct.len() == fixed.len() {
         let many = apply_first_ballots_of_many(&mut tx, batch, &fixed).await?;
         for (i, outcome) in fixed.iter().zip(many) {
             outcomes[*i] = Some(outcome);
@@ -384,7 +384,7 @@ async fn commit_group(
     for (job, outcome) in batch.iter().zip(outcomes) {
         done.push(match outcome {
             Some(outcome) => outcome,
-            None => apply_in(&mut tx, job.poll, &job.votes, allow_change).await?,
+            None => apply_in(&mut tx, job, allow_change).await?,
         });
     }
     tx.commit().await.map_err(err("commit flush"))?;
@@ -409,9 +409,12 @@ async fn allows_change(
     Ok(changes)
 }
 
-/// [`apply_first_ballots`] for the flushes `which` of a group at once: a handful of
-/// statements for the whole group instead of 3 + k for each poll, which is what 10,000
-/// active polls spend their time on.
+/// The flushes `which` of polls where voters cannot change their vote. There
+/// [`ballot::plan`] comes down to "insert, unless the voter has a ballot or the vote is in
+/// the ledger": exactly what `ON CONFLICT DO NOTHING` on the ledger's two unique keys does,
+/// without reading first. And all of them at once: a handful of statements for the whole
+/// group instead of 3 + k for each poll, which is what 10,000 active polls spend their time
+/// on.
 async fn apply_first_ballots_of_many(
     tx: &mut SqliteConnection,
     batch: &[FlushJob],
@@ -541,7 +544,7 @@ async fn commit_one(
     allow_change: &mut HashMap<PollId, bool>,
 ) -> Result<FlushOutcome, StoreError> {
     let mut tx = writer.begin().await.map_err(err("begin flush"))?;
-    let outcome = apply_in(&mut tx, job.poll, &job.votes, allow_change).await?;
+    let outcome = apply_in(&mut tx, job, allow_change).await?;
     tx.commit().await.map_err(err("commit flush"))?;
     Ok(outcome)
 }
@@ -549,54 +552,15 @@ async fn commit_one(
 /// One poll's flush, inside a transaction (see [`group_commit`]).
 async fn apply_in(
     tx: &mut SqliteConnection,
-    poll: PollId,
-    votes: &[Vote],
+    job: &FlushJob,
     allow_change: &mut HashMap<PollId, bool>,
 ) -> Result<FlushOutcome, StoreError> {
-    if allows_change(tx, poll, allow_change).await? {
-        apply_changes(tx, poll, votes).await
+    if allows_change(tx, job.poll, allow_change).await? {
+        apply_changes(tx, job.poll, &job.votes).await
     } else {
-        apply_first_ballots(tx, poll, votes).await
+        let mut one = apply_first_ballots_of_many(tx, std::slice::from_ref(job), &[0]).await?;
+        Ok(one.pop().expect("one outcome per flush"))
     }
-}
-
-/// Where voters cannot change their vote, [`ballot::plan`] comes down to "insert, unless
-/// the voter has a ballot or the vote is in the ledger": exactly what `ON CONFLICT DO
-/// NOTHING` on the ledger's two unique keys does, in one statement without reading first.
-async fn apply_first_ballots(
-    tx: &mut SqliteConnection,
-    poll: PollId,
-    votes: &[Vote],
-) -> Result<FlushOutcome, StoreError> {
-    let now = now_millis();
-    let mut deltas: BTreeMap<OptionId, i64> = BTreeMap::new();
-    let mut inserted = 0i64;
-    for chunk in votes.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) ",
-        );
-        q.push_values(chunk, |mut row, v| {
-            row.push_bind(poll)
-                .push_bind(&v.user_id)
-                .push_bind(v.ledger_id())
-                .push_bind(ballot::encode_choices(&v.choices))
-                .push_bind(v.voted_at.unwrap_or(now))
-                .push_bind(true);
-        });
-        q.push(" ON CONFLICT DO NOTHING RETURNING choices");
-        let counted: Vec<String> = q
-            .build_query_scalar()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err("insert votes into the ledger"))?;
-        inserted += counted.len() as i64;
-        for choices in counted {
-            for option in ballot::decode_choices(&choices) {
-                *deltas.entry(option).or_default() += 1;
-            }
-        }
-    }
-    finish_flush(tx, poll, &deltas, inserted as u64, inserted).await
 }
 
 /// Where voters may change their vote: read their ballots, plan, write.

@@ -212,10 +212,6 @@ impl VoteRequest {
             (None, _) => return invalid("a vote needs `optionId` or a non-empty `optionIds`"),
             (Some(_), Some(_)) => return invalid("give `optionId` or `optionIds`, not both"),
         };
-        let distinct: std::collections::HashSet<_> = choices.iter().collect();
-        if distinct.len() != choices.len() {
-            return invalid("`optionIds` lists an option twice");
-        }
         let vote_id = match (self.vote_id, idempotency_key) {
             (Some(a), Some(b)) if a != b => {
                 return invalid("`voteId` and the Idempotency-Key header differ");
@@ -230,13 +226,17 @@ impl VoteRequest {
                 "voteId must have 1 to {VOTE_ID_MAX} printable characters"
             )));
         }
-        Ok(Vote {
+        let vote = Vote {
             poll_id: self.poll_id,
             choices,
             user_id: user.to_owned(),
             voted_at: None,
             vote_id,
-        })
+        };
+        if vote.repeats_a_choice() {
+            return invalid("`optionIds` lists an option twice");
+        }
+        Ok(vote)
     }
 }
 
