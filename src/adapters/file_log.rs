@@ -13,6 +13,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -330,6 +331,7 @@ impl VoteSourceFactory for FileSourceFactory {
                 dir: self.dir.clone(),
                 position: committed,
                 segment: None,
+                buf: Vec::new(),
             }),
             durable_end: self.durable_end.clone(),
         }))
@@ -340,8 +342,55 @@ impl VoteSourceFactory for FileSourceFactory {
 struct Reader {
     dir: PathBuf,
     position: u64,
-    /// Open segment: its base and a reader at `position`.
-    segment: Option<(u64, BufReader<File>)>,
+    /// The segment holding `position`: its base and the open file. Kept open between reads:
+    /// listing the directory and opening the file again for every batch cost more system
+    /// calls than the votes themselves.
+    segment: Option<(u64, File)>,
+    /// Bytes of the last read, reused.
+    buf: Vec<u8>,
+}
+
+/// Bytes read from a segment at once; a whole record of the largest size fits.
+const READ_CHUNK: u64 = RECORD_MAX as u64 + HEADER;
+
+/// The record at the start of `buf`: its payload and its whole length, `Ok(None)` if `buf`
+/// ends inside it.
+fn split_record(buf: &[u8]) -> io::Result<Option<(&[u8], usize)>> {
+    let Some((header, rest)) = buf.split_first_chunk::<{ HEADER as usize }>() else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if len > RECORD_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "record too long",
+        ));
+    }
+    let Some(payload) = rest.get(..len as usize) else {
+        return Ok(None);
+    };
+    if crc32fast::hash(payload) != crc {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "checksum mismatch",
+        ));
+    }
+    Ok(Some((payload, HEADER as usize + payload.len())))
+}
+
+/// Fills `buf` from `file` at `at` up to its end of file: the number of bytes read.
+fn read_fully_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], at + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 impl Reader {
@@ -355,64 +404,62 @@ impl Reader {
             .ok_or_else(|| {
                 io::Error::new(io::ErrorKind::NotFound, "offset below the oldest segment")
             })?;
-        let mut file = File::open(segment_path(&self.dir, base))?;
-        file.seek(SeekFrom::Start(position - base))?;
-        self.segment = Some((base, BufReader::with_capacity(256 * 1024, file)));
+        let file = File::open(segment_path(&self.dir, base))?;
+        self.segment = Some((base, file));
         Ok(())
     }
 
+    /// Reads up to `max` records, never past `durable_end`. Why only durable bytes: past it
+    /// may lie a group whose write failed and whose offsets the writer reuses.
     fn read(&mut self, max: usize, durable_end: u64) -> io::Result<Vec<LogRecord>> {
         let mut records = Vec::new();
-        let mut retried = false;
         while records.len() < max && self.position < durable_end {
             if self.segment.is_none() {
                 self.open_segment_at(self.position)?;
             }
-            let (_, reader) = self.segment.as_mut().expect("opened above");
-            let payload = match read_record(reader) {
-                Ok(payload) => payload,
-                Err(e) if e.kind() == io::ErrorKind::InvalidData && !retried => {
-                    // The buffer may hold bytes of a group whose write failed and was cut
-                    // off; read the durable bytes again from the file.
-                    retried = true;
-                    self.segment = None;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let Some(payload) = payload else {
-                // End of this segment while durable data lies beyond: the next segment starts
-                // exactly here.
+            let (base, file) = self.segment.as_ref().expect("opened above");
+            let want = (durable_end - self.position).min(READ_CHUNK) as usize;
+            self.buf.resize(want, 0);
+            let read = read_fully_at(file, &mut self.buf, self.position - base)?;
+            let mut used = 0;
+            while records.len() < max {
+                let Some((payload, len)) = split_record(&self.buf[used..read])? else {
+                    break;
+                };
+                let offset = self.position + used as u64;
+                used += len;
+                let entry = match LogEntry::from_json(payload) {
+                    Ok(entry) => Some(entry),
+                    Err(e) => {
+                        tracing::warn!(offset, error = %e, "skipping a vote log record that is not a vote");
+                        None
+                    }
+                };
+                records.push(LogRecord {
+                    partition: 0,
+                    offset: offset as Offset,
+                    next_offset: (self.position + used as u64) as Offset,
+                    entry,
+                });
+            }
+            self.position += used as u64;
+            if read < want && used == read {
+                // The end of this segment while durable data lies beyond: the next segment
+                // starts exactly here.
                 self.segment = None;
-                let next = segment_path(&self.dir, self.position);
-                if !next.exists() {
+                if !segment_path(&self.dir, self.position).exists() {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "vote log segment missing",
                     ));
                 }
-                continue;
-            };
-            let offset = self.position;
-            self.position += HEADER + payload.len() as u64;
-            let entry = match LogEntry::from_json(&payload) {
-                Ok(entry) => Some(entry),
-                Err(e) => {
-                    tracing::warn!(offset, error = %e, "skipping a vote log record that is not a vote");
-                    None
-                }
-            };
-            records.push(LogRecord {
-                partition: 0,
-                offset: offset as Offset,
-                next_offset: self.position as Offset,
-                entry,
-            });
+            } else if used == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a vote log segment ends inside a record",
+                ));
+            }
         }
-        // Why drop the buffer: it may hold bytes past the durable end, of a group whose
-        // write then failed and whose offsets the writer reuses; the next read must see only
-        // what the file holds then.
-        self.segment = None;
         Ok(records)
     }
 }
