@@ -8,6 +8,7 @@
 pub mod adapters;
 pub mod config;
 pub mod http;
+pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
 pub mod startup;

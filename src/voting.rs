@@ -201,7 +201,7 @@ impl VoteIntake {
         // Why always an id: the ledger keys votes by (poll, user, vote id), so a vote without
         // a client key still replays as itself, and a later change is told apart from it.
         vote.vote_id
-            .get_or_insert_with(|| format!("s-{:032x}", rand::random::<u128>()));
+            .get_or_insert_with(|| crate::ids::random_id("s-"));
         let allow_change = meta.allow_change;
         let this = self.clone();
         // Why a task: if the client hangs up mid-request, hyper drops the handler future.

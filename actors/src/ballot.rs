@@ -101,8 +101,17 @@ pub fn plan<'a>(allow_change: bool, ledger: &LedgerView, votes: &'a [Vote]) -> B
 
 /// Options as the ledger stores them: `1,3`.
 pub fn encode_choices(choices: &[OptionId]) -> String {
-    let parts: Vec<String> = choices.iter().map(|c| c.to_string()).collect();
-    parts.join(",")
+    use std::fmt::Write;
+    // Why by hand: it runs for every vote flushed, and a Vec of Strings joined cost an
+    // allocation per choice.
+    let mut text = String::with_capacity(choices.len() * 4);
+    for (i, choice) in choices.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        write!(text, "{choice}").expect("writing to a String cannot fail");
+    }
+    text
 }
 
 /// The inverse of [`encode_choices`]; a malformed entry is skipped (the schema only ever

@@ -33,8 +33,8 @@ pub fn rfc3339(ms: UnixMillis) -> String {
 /// The seed app's producers send ids as JSON strings (`{"pollId": "1", ...}`); both forms
 /// deserialize, so records written by either app are counted. A single choice is written as
 /// `optionId` (the seed's field), several as `optionIds`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "VoteRecord", into = "VoteRecord")]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "VoteRecord")]
 pub struct Vote {
     /// The poll voted in.
     pub poll_id: PollId,
@@ -85,8 +85,8 @@ impl Vote {
     }
 }
 
-/// The wire form of a [`Vote`].
-#[derive(Serialize, Deserialize)]
+/// The wire form of a [`Vote`], read.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct VoteRecord {
     #[serde(deserialize_with = "flexible_id")]
@@ -128,20 +128,38 @@ impl TryFrom<VoteRecord> for Vote {
     }
 }
 
-impl From<Vote> for VoteRecord {
-    fn from(v: Vote) -> Self {
-        let (option_id, option_ids) = match v.choices.as_slice() {
+/// The wire form of a [`Vote`], written. Why borrowed: every vote is serialized once on
+/// its way into the log, and converting an owned copy cost three allocations each time.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VoteRecordRef<'a> {
+    poll_id: PollId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    option_id: Option<OptionId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    option_ids: Option<&'a [OptionId]>,
+    user_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    voted_at: Option<UnixMillis>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vote_id: Option<&'a str>,
+}
+
+impl Serialize for Vote {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (option_id, option_ids) = match self.choices.as_slice() {
             [one] => (Some(*one), None),
-            _ => (None, Some(v.choices)),
+            many => (None, Some(many)),
         };
-        VoteRecord {
-            poll_id: v.poll_id,
+        VoteRecordRef {
+            poll_id: self.poll_id,
             option_id,
             option_ids,
-            user_id: v.user_id,
-            voted_at: v.voted_at,
-            vote_id: v.vote_id,
+            user_id: &self.user_id,
+            voted_at: self.voted_at,
+            vote_id: self.vote_id.as_deref(),
         }
+        .serialize(serializer)
     }
 }
 

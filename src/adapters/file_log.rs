@@ -12,7 +12,7 @@
 //! when the log is opened.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -262,8 +262,7 @@ impl Writer {
     fn write_durably(&mut self, buf: &[u8]) -> io::Result<()> {
         let written = self
             .file
-            .seek(SeekFrom::Start(self.end - self.base))
-            .and_then(|_| self.file.write_all(buf))
+            .write_all_at(buf, self.end - self.base)
             .and_then(|_| self.file.sync_data());
         if let Err(e) = written {
             // Leave no partial group behind: the callers are told it failed.

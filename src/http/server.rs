@@ -231,6 +231,5 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
     {
         return given.clone();
     }
-    let id: u128 = rand::random();
-    HeaderValue::from_str(&format!("{id:032x}")).expect("hex is a valid header value")
+    HeaderValue::from_bytes(&crate::ids::random_hex()).expect("hex is a valid header value")
 }
