@@ -427,6 +427,14 @@ async fn apply_first_ballots_of_many(
         .collect();
     let mut deltas: HashMap<PollId, BTreeMap<OptionId, i64>> = HashMap::new();
     let mut inserted: HashMap<PollId, i64> = HashMap::new();
+    // Why a watermark rather than `RETURNING`: returning every inserted row streamed each
+    // one back through sqlx's worker channel (a string allocation and often a thread
+    // wake-up per vote). Row ids only grow (AUTOINCREMENT) and this connection is the only
+    // writer, so the rows above the watermark are exactly the ones this flush inserted.
+    let watermark: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(row_id), 0) FROM votes")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err("read the ledger's last row"))?;
     for chunk in rows.chunks(INSERT_CHUNK) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) ",
@@ -439,18 +447,24 @@ async fn apply_first_ballots_of_many(
                 .push_bind(v.voted_at.unwrap_or(now))
                 .push_bind(true);
         });
-        q.push(" ON CONFLICT DO NOTHING RETURNING poll_id, choices");
-        let counted: Vec<(PollId, String)> = q
-            .build_query_as()
-            .fetch_all(&mut *tx)
+        q.push(" ON CONFLICT DO NOTHING");
+        q.build()
+            .execute(&mut *tx)
             .await
             .map_err(err("insert votes into the ledger"))?;
-        for (poll, choices) in counted {
-            *inserted.entry(poll).or_default() += 1;
-            let poll_deltas = deltas.entry(poll).or_default();
-            for option in ballot::decode_choices(&choices) {
-                *poll_deltas.entry(option).or_default() += 1;
-            }
+    }
+    let counted: Vec<(PollId, String, i64)> = sqlx::query_as(
+        "SELECT poll_id, choices, COUNT(*) FROM votes WHERE row_id > ? GROUP BY poll_id, choices",
+    )
+    .bind(watermark)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(err("count the inserted votes"))?;
+    for (poll, choices, n) in counted {
+        *inserted.entry(poll).or_default() += n;
+        let poll_deltas = deltas.entry(poll).or_default();
+        for option in ballot::decode_choices(&choices) {
+            *poll_deltas.entry(option).or_default() += n;
         }
     }
     let moves: Vec<(PollId, OptionId, i64)> = deltas
