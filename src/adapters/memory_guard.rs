@@ -1,5 +1,6 @@
 //! The embedded [`DedupGuard`]: an in-process map of claims with expiry.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -12,8 +13,22 @@ use tokio::time::Instant;
 /// How often expired claims are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-/// Each claim holds the vote id it was made for, to tell a retry from a duplicate.
-type Claims = DashMap<(PollId, Box<str>), (Box<str>, Instant)>;
+/// What a claim remembers: a fingerprint of the vote id it was made for, to tell a retry
+/// from a duplicate, and when it expires.
+///
+/// Why a fingerprint and not the id: a claim is kept for every vote of the TTL, and the id
+/// (a heap string of ~34 bytes, allocated per vote) was most of its size; 16 bytes inline
+/// take 29 MB off 450,000 claims (docs/BENCHMARKS.md). Two different ids of one voter that
+/// share a 64-bit fingerprint would pass as a retry: the ledger's one-ballot-per-voter key
+/// still counts that voter once.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    vote: u64,
+    /// Milliseconds since the guard's epoch.
+    expires: u64,
+}
+
+type Claims = DashMap<(PollId, Box<str>), Held>;
 
 /// Claims live in memory for `ttl`; the process's own restarts are covered by warming the
 /// map from the store's ledger ([`MemoryGuard::warm`]).
@@ -21,6 +36,19 @@ type Claims = DashMap<(PollId, Box<str>), (Box<str>, Instant)>;
 pub struct MemoryGuard {
     claims: Arc<Claims>,
     ttl: Duration,
+    epoch: Instant,
+}
+
+/// The same for the same id within a process (`DefaultHasher::new` has fixed keys), which
+/// is as long as a claim lives.
+fn fingerprint(vote_id: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    vote_id.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn millis_since(epoch: Instant) -> u64 {
+    Instant::now().saturating_duration_since(epoch).as_millis() as u64
 }
 
 impl MemoryGuard {
@@ -29,28 +57,36 @@ impl MemoryGuard {
     pub fn new(ttl: Duration) -> Self {
         let claims = Arc::new(Claims::new());
         let weak: Weak<Claims> = Arc::downgrade(&claims);
+        let epoch = Instant::now();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             tick.tick().await;
             loop {
                 tick.tick().await;
                 let Some(claims) = weak.upgrade() else { return };
-                let now = Instant::now();
-                claims.retain(|_, (_, expires)| *expires > now);
+                let now = millis_since(epoch);
+                claims.retain(|_, held| held.expires > now);
             }
         });
-        Self { claims, ttl }
+        Self { claims, ttl, epoch }
+    }
+
+    fn expiry(&self) -> u64 {
+        millis_since(self.epoch) + self.ttl.as_millis() as u64
     }
 
     /// Claims every (poll, user) already counted, so a duplicate after a restart still gets
     /// a 409 instead of a 202 that the ledger would then ignore.
     pub fn warm(&self, voters: impl IntoIterator<Item = Voter>) -> usize {
-        let expires = Instant::now() + self.ttl;
+        let expires = self.expiry();
         let before = self.claims.len();
         for v in voters {
             let key = (v.poll_id, v.user_id.into_boxed_str());
-            self.claims
-                .insert(key, (v.vote_id.into_boxed_str(), expires));
+            let held = Held {
+                vote: fingerprint(&v.vote_id),
+                expires,
+            };
+            self.claims.insert(key, held);
         }
         self.claims.len() - before
     }
@@ -59,11 +95,15 @@ impl MemoryGuard {
 #[async_trait]
 impl DedupGuard for MemoryGuard {
     async fn claim(&self, poll: PollId, user: &str, vote_id: &str) -> Result<Claim, GuardError> {
-        let now = Instant::now();
-        let fresh = (Box::<str>::from(vote_id), now + self.ttl);
+        let now = millis_since(self.epoch);
+        let vote = fingerprint(vote_id);
+        let fresh = Held {
+            vote,
+            expires: now + self.ttl.as_millis() as u64,
+        };
         match self.claims.entry((poll, user.into())) {
-            Entry::Occupied(e) if e.get().1 > now && &*e.get().0 == vote_id => Ok(Claim::Retry),
-            Entry::Occupied(e) if e.get().1 > now => Ok(Claim::Taken),
+            Entry::Occupied(e) if e.get().expires > now && e.get().vote == vote => Ok(Claim::Retry),
+            Entry::Occupied(e) if e.get().expires > now => Ok(Claim::Taken),
             Entry::Occupied(mut e) => {
                 e.insert(fresh);
                 Ok(Claim::Fresh)
