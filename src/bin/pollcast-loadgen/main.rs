@@ -11,7 +11,10 @@
 //! the server's flush (`flushedAt`) to receipt, and any update they missed (a gap in `seq`).
 //! `--probe` times single votes from sending to being seen counted on a WebSocket.
 //! `--verify` then waits for the counts to stop moving and compares them with the 202s.
+//! With `--server-pid` (a server on this machine) the report also says how much CPU the
+//! server and the load generator each spent per vote, and how idle the machine was.
 
+mod cpu;
 mod probe;
 mod report;
 mod subscribers;

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::cpu::CpuUse;
+
 /// Percentiles of a latency histogram recorded in microseconds, in milliseconds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Latency {
@@ -75,6 +77,8 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub accepted_per_sec: f64,
     pub latency: Latency,
+    /// CPU used while the votes were sent (not during set-up or verification).
+    pub cpu: CpuUse,
     pub verification: Option<Verification>,
     pub fanout: Option<Fanout>,
     /// From sending a probe vote to a subscriber seeing it counted (`--probe`).
@@ -111,6 +115,16 @@ impl Report {
         println!(
             "latency      p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
             l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+        );
+        let c = &self.cpu;
+        let figure =
+            |x: Option<f64>, unit: &str| x.map_or("n/a".into(), |x| format!("{x:.1}{unit}"));
+        println!(
+            "cpu          load generator {} per vote, server {} per vote, machine idle {} ({} cores)",
+            figure(c.loadgen_us_per_vote, " us"),
+            figure(c.server_us_per_vote, " us"),
+            figure(c.machine_idle.map(|i| i * 100.0), " %"),
+            c.cores
         );
         if let Some(v) = &self.verification {
             println!(

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
+use crate::cpu::CpuSample;
 use crate::probe::Probe;
 use crate::report::{Latency, Report, Verification, histogram};
 use crate::subscribers::Subscribers;
@@ -60,6 +61,10 @@ pub struct VoteArgs {
     /// After the load, wait for the counts to settle and compare them with the 202s.
     #[arg(long)]
     verify: bool,
+    /// The server's process id, when it runs on this machine: its CPU time during the load
+    /// is reported beside the load generator's (Linux).
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -342,6 +347,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         });
         bar
     });
+    let cpu_before = CpuSample::now(args.server_pid);
     let workers: Vec<_> = (0..args.connections.max(1))
         .map(|_| tokio::spawn(worker(addr, host.clone(), shared.clone())))
         .collect();
@@ -358,6 +364,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         latencies.add(&h).expect("same bounds");
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_before.until(&CpuSample::now(args.server_pid), total.accepted);
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
@@ -392,6 +399,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         errors: total.errors,
         accepted_per_sec: total.accepted as f64 / seconds,
         latency: Latency::of(&latencies),
+        cpu,
         verification,
         fanout,
         visibility,

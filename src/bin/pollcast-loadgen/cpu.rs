@@ -1,0 +1,137 @@
+//! Where the CPU went during the load: this load generator's, the server's (`--server-pid`,
+//! same machine) and the machine's idle share, from Linux's `/proc`.
+//!
+//! Why a load generator reports this: on a shared machine the load generator and the server
+//! compete for the same cores, so a throughput figure alone cannot say whether the server,
+//! the load or waiting (idle cores) set it. Elsewhere than Linux the figures are absent.
+
+use std::fs;
+
+use serde::Serialize;
+
+/// One reading of the counters.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSample {
+    /// This process's user + system time, in clock ticks.
+    own: Option<u64>,
+    /// The server's, in clock ticks.
+    server: Option<u64>,
+    /// The machine's (idle, total) time over all cores, in clock ticks.
+    machine: Option<(u64, u64)>,
+}
+
+/// CPU use between two samples.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuUse {
+    /// Logical cores of the machine.
+    pub cores: usize,
+    /// CPU seconds this load generator used.
+    pub loadgen_cpu_s: Option<f64>,
+    /// CPU seconds the server used (with `--server-pid`).
+    pub server_cpu_s: Option<f64>,
+    /// Load generator CPU per accepted vote, in microseconds.
+    pub loadgen_us_per_vote: Option<f64>,
+    /// Server CPU per accepted vote, in microseconds.
+    pub server_us_per_vote: Option<f64>,
+    /// Share of the machine's CPU time (all cores) that was idle, 0 to 1.
+    pub machine_idle: Option<f64>,
+}
+
+/// User + system ticks of a process: fields 14 and 15 of `/proc/<pid>/stat`, counted after
+/// the parenthesised command name (which may itself hold spaces).
+fn process_ticks(pid: &str) -> Option<u64> {
+    parse_process_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_process_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name, field 3 (state) comes first: utime is field 14, stime 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// (idle + iowait, total) ticks over all cores, from the first line of `/proc/stat`.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+    let total = ticks.iter().take(8).sum();
+    Some((ticks.get(3)? + ticks.get(4).unwrap_or(&0), total))
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+impl CpuSample {
+    /// Reads the counters now; `server_pid` is the server's process id on this machine.
+    pub fn now(server_pid: Option<u32>) -> Self {
+        Self {
+            own: process_ticks("self"),
+            server: server_pid.and_then(|pid| process_ticks(&pid.to_string())),
+            machine: machine_ticks(),
+        }
+    }
+
+    /// What was used from `self` to `later`, for `votes` accepted votes.
+    pub fn until(&self, later: &CpuSample, votes: u64) -> CpuUse {
+        let hz = ticks_per_second();
+        let seconds = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?) as f64 / hz);
+        let per_vote = |s: Option<f64>| s.filter(|_| votes > 0).map(|s| s * 1e6 / votes as f64);
+        let loadgen = seconds(self.own, later.own);
+        let server = seconds(self.server, later.server);
+        let machine_idle = match (self.machine, later.machine) {
+            (Some((idle0, total0)), Some((idle1, total1))) if total1 > total0 => {
+                Some((idle1 - idle0) as f64 / (total1 - total0) as f64)
+            }
+            _ => None,
+        };
+        CpuUse {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            loadgen_cpu_s: loadgen,
+            server_cpu_s: server,
+            loadgen_us_per_vote: per_vote(loadgen),
+            server_us_per_vote: per_vote(server),
+            machine_idle,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_cpu_time_grows_while_working() {
+        let before = CpuSample::now(Some(std::process::id()));
+        let mut x = 0u64;
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(100) {
+            x = x.wrapping_mul(31).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let used = before.until(&CpuSample::now(Some(std::process::id())), 1000);
+        let own = used.loadgen_cpu_s.expect("Linux /proc");
+        assert!(own >= 0.05, "{own} s of CPU for 100 ms of spinning");
+        assert_eq!(used.server_cpu_s, used.loadgen_cpu_s, "same process");
+        assert!(used.loadgen_us_per_vote.unwrap() >= 50.0);
+        let idle = used.machine_idle.expect("Linux /proc/stat");
+        assert!((0.0..=1.0).contains(&idle));
+    }
+
+    #[test]
+    fn a_process_name_with_spaces_and_parentheses_does_not_shift_the_fields() {
+        let stat = "4242 (a) b (c) S 1 2 3 4 5 6 7 8 9 10 70 30 0 0 20 0 1";
+        assert_eq!(parse_process_ticks(stat), Some(100));
+        assert_eq!(parse_process_ticks("4242 (short) S 1 2"), None);
+        assert!(process_ticks("0").is_none(), "no process 0 in /proc");
+    }
+}
