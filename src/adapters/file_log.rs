@@ -10,6 +10,12 @@
 //! answers them all: a 202 always means "on disk", yet a burst of votes costs one fsync. The
 //! reader only sees data that is already durable, and a torn tail left by a crash is cut off
 //! when the log is opened.
+//!
+//! Segments are zero-filled ahead of the data, a chunk at a time, so that most groups
+//! overwrite blocks that already exist: `fdatasync` then has no file size to journal, which
+//! on ext4 made a write + sync 0.10 ms and 40 µs of CPU instead of 0.165 ms and 62 µs
+//! (docs/BENCHMARKS.md). A zero record header (a record is never empty) marks the end of a
+//! segment's data.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
@@ -32,6 +38,8 @@ const QUEUE: usize = 64 * 1024;
 const GROUP_MAX: usize = 4096;
 /// Largest record accepted (a vote is well under 1 KiB).
 const RECORD_MAX: u32 = 1 << 20;
+/// Zeros written ahead of the data when a group would go past them.
+const PREALLOCATE: u64 = 1 << 20;
 const OFFSET_FILE: &str = "consumer.offset";
 
 struct Append {
@@ -82,6 +90,10 @@ fn read_record(reader: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     }
     let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
     let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if len == 0 {
+        // The zero-filled space ahead of the data.
+        return Ok(None);
+    }
     if len > RECORD_MAX {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -115,6 +127,13 @@ fn valid_length(path: &Path) -> io::Result<u64> {
     }
 }
 
+/// Whether the record header at `at` is all zeros (or the file ends there).
+fn zeros_at(file: &File, at: u64) -> io::Result<bool> {
+    let mut header = [0u8; HEADER as usize];
+    let read = read_fully_at(file, &mut header, at)?;
+    Ok(header[..read].iter().all(|b| *b == 0))
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -144,7 +163,11 @@ impl FileVoteLog {
             .map_err(io_err("stat the log"))
             .map(|m| m.len())?;
         if on_disk > valid {
-            tracing::warn!(segment = %path.display(), cut = on_disk - valid, "cutting a torn record off the vote log");
+            // Why cut the zero-filled space too: bytes of a torn group may lie beyond the
+            // first zeros, and the writer fills afresh what it needs.
+            if !zeros_at(&file, valid).map_err(io_err("read the log tail"))? {
+                tracing::warn!(segment = %path.display(), at = valid, "cutting a torn record off the vote log");
+            }
             file.set_len(valid).map_err(io_err("truncate the log"))?;
             file.sync_all().map_err(io_err("sync the log"))?;
         }
@@ -157,6 +180,7 @@ impl FileVoteLog {
             base,
             file,
             end,
+            allocated: valid,
             durable: durable_tx,
         };
         std::thread::Builder::new()
@@ -229,6 +253,8 @@ struct Writer {
     base: u64,
     file: File,
     end: u64,
+    /// Bytes of the current segment that exist on disk (data, then zeros).
+    allocated: u64,
     durable: watch::Sender<u64>,
 }
 
@@ -260,14 +286,26 @@ impl Writer {
     }
 
     fn write_durably(&mut self, buf: &[u8]) -> io::Result<()> {
+        let at = self.end - self.base;
+        let data_end = at + buf.len() as u64;
+        // Past the zeros: write more, in the same sync, so later groups overwrite.
+        let allocate_to = (data_end > self.allocated).then_some(data_end + PREALLOCATE);
         let written = self
             .file
-            .write_all_at(buf, self.end - self.base)
+            .write_all_at(buf, at)
+            .and_then(|_| match allocate_to {
+                Some(to) => write_zeros(&self.file, data_end, to),
+                None => Ok(()),
+            })
             .and_then(|_| self.file.sync_data());
         if let Err(e) = written {
             // Leave no partial group behind: the callers are told it failed.
-            let _ = self.file.set_len(self.end - self.base);
+            let _ = self.file.set_len(at);
+            self.allocated = at;
             return Err(e);
+        }
+        if let Some(to) = allocate_to {
+            self.allocated = to;
         }
         self.end += buf.len() as u64;
         self.durable.send_replace(self.end);
@@ -297,8 +335,21 @@ impl Writer {
         }
         self.file = file;
         self.base = self.end;
+        self.allocated = 0;
         Ok(())
     }
+}
+
+/// Writes zeros over `from..to` of `file`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 struct FileSourceFactory {
@@ -352,14 +403,25 @@ struct Reader {
 /// Bytes read from a segment at once; a whole record of the largest size fits.
 const READ_CHUNK: u64 = RECORD_MAX as u64 + HEADER;
 
-/// The record at the start of `buf`: its payload and its whole length, `Ok(None)` if `buf`
-/// ends inside it.
-fn split_record(buf: &[u8]) -> io::Result<Option<(&[u8], usize)>> {
+/// What lies at the start of a buffer read from a segment.
+enum Split<'a> {
+    /// A whole record: its payload and its length with the header.
+    Record(&'a [u8], usize),
+    /// The buffer ends inside a record.
+    Partial,
+    /// A zero header: the end of the segment's data.
+    End,
+}
+
+fn split_record(buf: &[u8]) -> io::Result<Split<'_>> {
     let Some((header, rest)) = buf.split_first_chunk::<{ HEADER as usize }>() else {
-        return Ok(None);
+        return Ok(Split::Partial);
     };
     let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
     let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if len == 0 {
+        return Ok(Split::End);
+    }
     if len > RECORD_MAX {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -367,7 +429,7 @@ fn split_record(buf: &[u8]) -> io::Result<Option<(&[u8], usize)>> {
         ));
     }
     let Some(payload) = rest.get(..len as usize) else {
-        return Ok(None);
+        return Ok(Split::Partial);
     };
     if crc32fast::hash(payload) != crc {
         return Err(io::Error::new(
@@ -375,7 +437,7 @@ fn split_record(buf: &[u8]) -> io::Result<Option<(&[u8], usize)>> {
             "checksum mismatch",
         ));
     }
-    Ok(Some((payload, HEADER as usize + payload.len())))
+    Ok(Split::Record(payload, HEADER as usize + payload.len()))
 }
 
 /// Fills `buf` from `file` at `at` up to its end of file: the number of bytes read.
@@ -421,9 +483,15 @@ impl Reader {
             self.buf.resize(want, 0);
             let read = read_fully_at(file, &mut self.buf, self.position - base)?;
             let mut used = 0;
+            let mut data_ended = false;
             while records.len() < max {
-                let Some((payload, len)) = split_record(&self.buf[used..read])? else {
-                    break;
+                let (payload, len) = match split_record(&self.buf[used..read])? {
+                    Split::Record(payload, len) => (payload, len),
+                    Split::Partial => break,
+                    Split::End => {
+                        data_ended = true;
+                        break;
+                    }
                 };
                 let offset = self.position + used as u64;
                 used += len;
@@ -442,9 +510,9 @@ impl Reader {
                 });
             }
             self.position += used as u64;
-            if read < want && used == read {
-                // The end of this segment while durable data lies beyond: the next segment
-                // starts exactly here.
+            if data_ended || (read < want && used == read) {
+                // The end of this segment's data (its zero-filled space, or the file's end)
+                // while durable data lies beyond: the next segment starts exactly here.
                 self.segment = None;
                 if !segment_path(&self.dir, self.position).exists() {
                     return Err(io::Error::new(
@@ -622,6 +690,48 @@ mod tests {
             .map(|r| user_of(&r))
             .collect();
         assert_eq!(users, ["whole", "after"]);
+    }
+
+    #[tokio::test]
+    async fn segments_are_zero_filled_ahead_and_reopen_with_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+            for i in 0..3 {
+                log.append(&vote(&format!("u{i}"))).await.unwrap();
+            }
+        }
+        let on_disk = fs::metadata(segment_path(dir.path(), 0)).unwrap().len();
+        assert!(on_disk >= PREALLOCATE, "{on_disk} bytes: zeros written ahead");
+        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+        log.append(&vote("u3")).await.unwrap();
+        let mut source = log.source_factory().open().await.unwrap();
+        let users: Vec<_> = read_all(&mut source).await.iter().map(user_of).collect();
+        assert_eq!(users, ["u0", "u1", "u2", "u3"]);
+    }
+
+    #[tokio::test]
+    async fn a_record_torn_inside_the_zero_filled_space_is_cut_off_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let end = {
+            let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+            log.append(&vote("whole")).await.unwrap();
+            *log.durable_end.borrow()
+        };
+        // What a crash in the middle of a group leaves: a header and part of its payload.
+        let file = OpenOptions::new()
+            .write(true)
+            .open(segment_path(dir.path(), 0))
+            .unwrap();
+        file.write_all_at(&[200, 0, 0, 0, 9, 9, 9, 9, b'{', b'"'], end)
+            .unwrap();
+        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+        log.append(&vote("after")).await.unwrap();
+        let mut source = log.source_factory().open().await.unwrap();
+        let records = read_all(&mut source).await;
+        let users: Vec<_> = records.iter().map(user_of).collect();
+        assert_eq!(users, ["whole", "after"]);
+        assert_eq!(records[1].offset, end as Offset, "written where the torn record was");
     }
 
     #[tokio::test]
