@@ -342,7 +342,7 @@ impl Writer {
 
 /// Writes zeros over `from..to` of `file`.
 fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
-    const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let mut at = from;
     while at < to {
         let n = (to - at).min(ZEROS.len() as u64) as usize;
@@ -702,7 +702,10 @@ mod tests {
             }
         }
         let on_disk = fs::metadata(segment_path(dir.path(), 0)).unwrap().len();
-        assert!(on_disk >= PREALLOCATE, "{on_disk} bytes: zeros written ahead");
+        assert!(
+            on_disk >= PREALLOCATE,
+            "{on_disk} bytes: zeros written ahead"
+        );
         let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
         log.append(&vote("u3")).await.unwrap();
         let mut source = log.source_factory().open().await.unwrap();
@@ -731,7 +734,10 @@ mod tests {
         let records = read_all(&mut source).await;
         let users: Vec<_> = records.iter().map(user_of).collect();
         assert_eq!(users, ["whole", "after"]);
-        assert_eq!(records[1].offset, end as Offset, "written where the torn record was");
+        assert_eq!(
+            records[1].offset, end as Offset,
+            "written where the torn record was"
+        );
     }
 
     #[tokio::test]
