@@ -2,7 +2,8 @@
 //! it durably to the vote log. This is the whole hot path of `POST /vote`.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -17,8 +18,13 @@ use tokio::time::Instant;
 /// process within this delay).
 const CATALOG_TTL: Duration = Duration::from_secs(1);
 
+/// How often the closed flags of the polls voted in are re-read together. Why ahead of the
+/// TTL: an active poll is then never stale when a vote comes, so 10,000 active polls cost
+/// one query every half second instead of 10,000 a second (docs/BENCHMARKS.md).
+const REFRESH_EVERY: Duration = Duration::from_millis(500);
+
 /// What the vote path needs to know about a poll.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PollMeta {
     options: HashSet<OptionId>,
     max_choices: usize,
@@ -26,6 +32,8 @@ pub struct PollMeta {
     closes_at: Option<UnixMillis>,
     allow_change: bool,
     loaded: Instant,
+    /// Set by every vote; the refresher re-reads only the polls voted in since its last pass.
+    voted: AtomicBool,
 }
 
 impl PollMeta {
@@ -37,6 +45,21 @@ impl PollMeta {
             closes_at: poll.settings.closes_at,
             allow_change: poll.settings.allow_change,
             loaded: Instant::now(),
+            voted: AtomicBool::new(false),
+        }
+    }
+
+    /// The same poll, closed or not as read at `loaded`. Why `||`: a poll never reopens, and
+    /// a read that began before this process closed it must not undo the close.
+    fn reread(&self, closed: bool, loaded: Instant) -> Self {
+        Self {
+            options: self.options.clone(),
+            max_choices: self.max_choices,
+            closed: self.closed || closed,
+            closes_at: self.closes_at,
+            allow_change: self.allow_change,
+            loaded,
+            voted: AtomicBool::new(false),
         }
     }
 
@@ -55,8 +78,16 @@ pub struct PollCatalog {
 }
 
 impl PollCatalog {
-    /// An empty cache in front of `store`.
+    /// An empty cache in front of `store`, re-reading the closed flags of the polls being
+    /// voted in in the background for as long as the cache lives.
     pub fn new(store: Arc<dyn PollStore>) -> Self {
+        let catalog = Self::unrefreshed(store);
+        let (store, polls) = (catalog.store.clone(), Arc::downgrade(&catalog.polls));
+        tokio::spawn(refresh_while_alive(store, polls));
+        catalog
+    }
+
+    fn unrefreshed(store: Arc<dyn PollStore>) -> Self {
         Self {
             store,
             polls: Arc::default(),
@@ -67,6 +98,18 @@ impl PollCatalog {
     /// a poll already known is served from the cache: votes only need the log and the guard,
     /// so a store outage must not stop them.
     pub async fn get(&self, id: PollId) -> Result<Option<Arc<PollMeta>>, StoreError> {
+        let meta = self.read(id).await?;
+        if let Some(meta) = &meta {
+            // Why load first: a store on a cache line shared by every voter of the poll
+            // costs, where a load does not.
+            if !meta.voted.load(Ordering::Relaxed) {
+                meta.voted.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(meta)
+    }
+
+    async fn read(&self, id: PollId) -> Result<Option<Arc<PollMeta>>, StoreError> {
         let cached = self.polls.get(&id).map(|m| m.clone());
         if let Some(meta) = &cached
             && meta.loaded.elapsed() < CATALOG_TTL
@@ -76,17 +119,16 @@ impl PollCatalog {
         // Why only the closed flag once a poll is known: everything else about it is fixed
         // at creation.
         let fresh = match &cached {
-            Some(meta) => self.store.is_closed(id).await.map(|closed| {
-                closed.map(|closed| {
-                    let meta = Arc::new(PollMeta {
-                        closed,
-                        loaded: Instant::now(),
-                        ..(**meta).clone()
-                    });
-                    self.polls.insert(id, meta.clone());
-                    meta
+            Some(meta) => {
+                let loaded = Instant::now();
+                self.store.is_closed(id).await.map(|closed| {
+                    closed.map(|closed| {
+                        let meta = Arc::new(meta.reread(closed, loaded));
+                        self.polls.insert(id, meta.clone());
+                        meta
+                    })
                 })
-            }),
+            }
             None => self
                 .store
                 .get_poll(id)
@@ -110,6 +152,52 @@ impl PollCatalog {
         let meta = Arc::new(PollMeta::of(poll));
         self.polls.insert(poll.id, meta.clone());
         meta
+    }
+
+    /// Re-reads, in one query, the closed flag of every poll voted in since the last
+    /// refresh; returns how many. Polls nobody votes in are left to expire.
+    pub async fn refresh(&self) -> Result<usize, StoreError> {
+        refresh(&*self.store, &self.polls).await
+    }
+}
+
+async fn refresh(
+    store: &dyn PollStore,
+    polls: &DashMap<PollId, Arc<PollMeta>>,
+) -> Result<usize, StoreError> {
+    let voted: Vec<PollId> = polls
+        .iter()
+        .filter(|meta| meta.voted.swap(false, Ordering::Relaxed))
+        .map(|meta| *meta.key())
+        .collect();
+    if voted.is_empty() {
+        return Ok(0);
+    }
+    let loaded = Instant::now();
+    let closed: HashSet<PollId> = store.closed_among(&voted).await?.into_iter().collect();
+    for id in &voted {
+        if let Some(mut meta) = polls.get_mut(id) {
+            let fresh = Arc::new(meta.reread(closed.contains(id), loaded));
+            *meta = fresh;
+        }
+    }
+    Ok(voted.len())
+}
+
+async fn refresh_while_alive(
+    store: Arc<dyn PollStore>,
+    polls: Weak<DashMap<PollId, Arc<PollMeta>>>,
+) {
+    let mut tick = tokio::time::interval(REFRESH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(polls) = polls.upgrade() else { return };
+        if let Err(err) = refresh(&*store, &polls).await {
+            // The polls then expire and are read one by one, or served stale while the store
+            // is down (see `get`).
+            tracing::debug!(error = %err, "could not re-read the closed flags of active polls");
+        }
     }
 }
 
@@ -271,5 +359,84 @@ impl VoteIntake {
             tracing::info!(poll_id, "poll closed on schedule");
         }
         Ok(due.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pollcast_actors::NewPoll;
+
+    use super::*;
+    use crate::adapters::SqliteStore;
+
+    /// A catalog without its background refresher (the tests refresh by hand), over a
+    /// SQLite store holding `n` open polls.
+    async fn catalog_of(n: usize) -> (tempfile::TempDir, PollCatalog, Vec<PollId>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = Arc::new(SqliteStore::open(&url).await.unwrap());
+        let mut polls = Vec::new();
+        for i in 0..n {
+            let poll = store
+                .create_poll(NewPoll {
+                    question: format!("Q{i}"),
+                    options: vec!["A".into(), "B".into()],
+                    settings: Default::default(),
+                })
+                .await
+                .unwrap();
+            polls.push(poll.id);
+        }
+        (dir, PollCatalog::unrefreshed(store), polls)
+    }
+
+    async fn closed(catalog: &PollCatalog, poll: PollId) -> bool {
+        catalog.get(poll).await.unwrap().unwrap().closed
+    }
+
+    #[tokio::test]
+    async fn a_refresh_sees_a_poll_closed_elsewhere_before_its_ttl_is_up() {
+        let (_dir, catalog, polls) = catalog_of(3).await;
+        for &poll in &polls {
+            assert!(!closed(&catalog, poll).await);
+        }
+        // As another process would: through the store, not this catalog.
+        catalog
+            .store
+            .close_poll(polls[1], now_millis())
+            .await
+            .unwrap();
+        assert!(!closed(&catalog, polls[1]).await, "still cached as open");
+        assert_eq!(catalog.refresh().await.unwrap(), 3);
+        let mut seen = Vec::new();
+        for &poll in &polls {
+            seen.push(closed(&catalog, poll).await);
+        }
+        assert_eq!(seen, [false, true, false]);
+    }
+
+    #[tokio::test]
+    async fn only_polls_voted_in_since_the_last_refresh_are_read_again() {
+        let (_dir, catalog, polls) = catalog_of(2).await;
+        catalog.get(polls[0]).await.unwrap();
+        catalog.get(polls[1]).await.unwrap();
+        catalog.get(polls[1]).await.unwrap();
+        assert_eq!(catalog.refresh().await.unwrap(), 2);
+        catalog.get(polls[0]).await.unwrap();
+        assert_eq!(catalog.refresh().await.unwrap(), 1);
+        assert_eq!(catalog.refresh().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refresh_never_reopens_a_poll_closed_here() {
+        let (_dir, catalog, polls) = catalog_of(1).await;
+        catalog.get(polls[0]).await.unwrap();
+        // Closed by this process while the refresh's read (which saw it open) was under way.
+        let mut poll = catalog.store.get_poll(polls[0]).await.unwrap().unwrap();
+        poll.closed = true;
+        catalog.remember(&poll);
+        catalog.get(polls[0]).await.unwrap();
+        assert_eq!(catalog.refresh().await.unwrap(), 1);
+        assert!(closed(&catalog, polls[0]).await);
     }
 }

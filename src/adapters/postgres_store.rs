@@ -181,6 +181,14 @@ impl PollStore for PostgresStore {
         Ok(closed)
     }
 
+    async fn closed_among(&self, ids: &[PollId]) -> Result<Vec<PollId>, StoreError> {
+        sqlx::query_scalar("SELECT id FROM polls WHERE closed_at IS NOT NULL AND id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("read poll states"))
+    }
+
     async fn close_poll(
         &self,
         id: PollId,

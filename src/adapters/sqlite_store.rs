@@ -197,6 +197,19 @@ impl PollStore for SqliteStore {
         Ok(closed)
     }
 
+    async fn closed_among(&self, ids: &[PollId]) -> Result<Vec<PollId>, StoreError> {
+        // One JSON array parameter, whatever the number of ids (SQLite caps parameters).
+        let ids = serde_json::to_string(ids).expect("ids serialize");
+        sqlx::query_scalar(
+            "SELECT id FROM polls WHERE closed_at IS NOT NULL \
+             AND id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ids)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err("read poll states"))
+    }
+
     async fn close_poll(
         &self,
         id: PollId,

@@ -137,8 +137,49 @@ async fn hidden_results_show_no_counts_until_the_poll_closes(backend: Backend) {
     assert_eq!(count_of(&first, 1), 1);
     assert_eq!(app.api.poll(id).await["totalVotes"], 1);
 }
+async fn a_poll_closed_by_another_process_soon_refuses_votes_here(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (open, closing) = (
+        app.api.create_poll(&["A", "B"]).await,
+        app.api.create_poll(&["A", "B"]).await,
+    );
+    for poll in [open, closing] {
+        assert_eq!(app.api.vote(poll, 1, "before").await.0, 202);
+    }
+    // Another process's close reaches this one only through the store.
+    let store = pollcast::startup::open_store(&app.env.settings())
+        .await
+        .unwrap();
+    store.close_poll(closing, now_millis()).await.unwrap();
+    assert_eq!(
+        store
+            .closed_among(&[open, closing, closing + 1000])
+            .await
+            .unwrap(),
+        [closing],
+        "only the closed poll, and no unknown one"
+    );
+    let closed_at = std::time::Instant::now();
+    let mut voter = 0;
+    loop {
+        voter += 1;
+        let status = app.api.vote(closing, 1, &format!("after-{voter}")).await.0;
+        if status == 410 {
+            break;
+        }
+        assert_eq!(status, 202);
+        assert!(
+            closed_at.elapsed() < Duration::from_secs(3),
+            "votes still taken {:?} after the close",
+            closed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.api.vote(open, 1, "after").await.0, 202, "the open poll");
+}
 
 crate::contract_tests!(
+    a_poll_closed_by_another_process_soon_refuses_votes_here,
     closing_a_poll_publishes_its_final_counts_after_its_last_votes,
     a_poll_closes_by_itself_at_its_closing_time,
     a_closing_time_in_the_past_or_malformed_is_422,
