@@ -23,6 +23,26 @@ use tokio::sync::{mpsc, oneshot};
 /// 32766 of the SQLite that sqlx bundles).
 const INSERT_CHUNK: usize = 1000;
 
+/// The lengths [`sized_chunks`] cuts into, largest first; each divides the one before.
+const CHUNK_SIZES: [usize; 5] = [INSERT_CHUNK, 200, 40, 8, 1];
+
+/// Splits `items` into runs whose lengths all come from [`CHUNK_SIZES`], largest first.
+///
+/// Why: a statement with a row per item has one SQL text per length, sqlx caches prepared
+/// statements by text, and SQLite parses and plans every new text again. With 10,000 active
+/// polls nearly every flush group had new lengths, and preparing them was 7 % of the
+/// embedded server's instructions (callgrind, docs/BENCHMARKS.md); five lengths per
+/// statement are prepared once and reused.
+fn sized_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        let size = *CHUNK_SIZES.iter().find(|size| **size <= rest.len())?;
+        let (chunk, after) = rest.split_at(size);
+        rest = after;
+        Some(chunk)
+    })
+}
+
 /// A [`PollStore`] in one SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -448,7 +468,7 @@ async fn apply_first_ballots_of_many(
         .fetch_one(&mut *tx)
         .await
         .map_err(err("read the ledger's last row"))?;
-    for chunk in rows.chunks(INSERT_CHUNK) {
+    for chunk in sized_chunks(&rows) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) ",
         );
@@ -484,7 +504,7 @@ async fn apply_first_ballots_of_many(
         .iter()
         .flat_map(|(poll, d)| d.iter().map(move |(option, n)| (*poll, *option, *n)))
         .collect();
-    for chunk in moves.chunks(INSERT_CHUNK) {
+    for chunk in sized_chunks(&moves) {
         let mut q = QueryBuilder::<Sqlite>::new("WITH d(poll_id, id, n) AS (");
         q.push_values(chunk, |mut row, (poll, option, n)| {
             row.push_bind(*poll).push_bind(*option).push_bind(*n);
@@ -499,7 +519,7 @@ async fn apply_first_ballots_of_many(
             .map_err(err("update counts"))?;
     }
     let bumps: Vec<(PollId, i64)> = inserted.iter().map(|(p, n)| (*p, *n)).collect();
-    for chunk in bumps.chunks(INSERT_CHUNK) {
+    for chunk in sized_chunks(&bumps) {
         let mut q = QueryBuilder::<Sqlite>::new("WITH d(poll_id, n) AS (");
         q.push_values(chunk, |mut row, (poll, n)| {
             row.push_bind(*poll).push_bind(*n);
@@ -516,7 +536,7 @@ async fn apply_first_ballots_of_many(
     let polls: Vec<PollId> = which.iter().map(|i| batch[*i].poll).collect();
     let mut versions: HashMap<PollId, i64> = HashMap::new();
     let mut counts: HashMap<PollId, Vec<(OptionId, i64)>> = HashMap::new();
-    for ids in polls.chunks(INSERT_CHUNK) {
+    for ids in sized_chunks(&polls) {
         let mut q = QueryBuilder::<Sqlite>::new("SELECT id, version FROM polls WHERE id IN (");
         let mut list = q.separated(", ");
         for id in ids {
@@ -598,7 +618,7 @@ async fn apply_changes(
 ) -> Result<FlushOutcome, StoreError> {
     let now = now_millis();
     let mut rows = Vec::new();
-    for users in sql_common::voters_of(votes).chunks(INSERT_CHUNK) {
+    for users in sized_chunks(&sql_common::voters_of(votes)) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "SELECT user_id, vote_id, choices, current FROM votes WHERE poll_id = ",
         );
@@ -627,7 +647,7 @@ async fn apply_changes(
         .await
         .map_err(err("replace ballots"))?;
     }
-    for chunk in plan.inserts.chunks(INSERT_CHUNK) {
+    for chunk in sized_chunks(&plan.inserts) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) ",
         );
@@ -690,6 +710,19 @@ async fn finish_flush(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_come_in_a_handful_of_lengths_and_cover_every_item() {
+        let items: Vec<usize> = (0..2_357).collect();
+        let chunks: Vec<&[usize]> = sized_chunks(&items).collect();
+        let lengths: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        assert_eq!(
+            lengths,
+            [1000, 1000, 200, 40, 40, 40, 8, 8, 8, 8, 1, 1, 1, 1, 1]
+        );
+        assert_eq!(chunks.concat(), items);
+        assert_eq!(sized_chunks::<u8>(&[]).count(), 0);
+    }
 
     #[tokio::test]
     async fn flushes_committed_together_fail_alone() {
