@@ -381,6 +381,9 @@ impl Default for DedupSettings {
 pub struct AggregatorSettings {
     /// How often each poll's buffered votes are flushed to the store.
     pub flush_interval_ms: u64,
+    /// A poll with this many buffered votes is flushed at once, before its interval is up:
+    /// a big flush holds the store's writer, and other polls' flushes wait behind it.
+    pub flush_max_votes: usize,
     /// A poll's aggregator is stopped after this long without votes (and started again,
     /// from the store, at its next vote).
     pub idle_timeout_secs: u64,
@@ -394,6 +397,7 @@ impl Default for AggregatorSettings {
     fn default() -> Self {
         Self {
             flush_interval_ms: 2000,
+            flush_max_votes: 20_000,
             idle_timeout_secs: 300,
             close_grace_ms: 3000,
         }
@@ -588,6 +592,12 @@ impl Settings {
             return Err(invalid(
                 "aggregator.flush_interval_ms",
                 "must be between 10 and 60000",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.aggregator.flush_max_votes) {
+            return Err(invalid(
+                "aggregator.flush_max_votes",
+                "must be between 1 and 1000000",
             ));
         }
         if self.aggregator.close_grace_ms > 60_000 {

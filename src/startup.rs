@@ -281,6 +281,7 @@ impl Application {
                 tls,
             )),
             flush_interval: settings.flush_interval(),
+            flush_max_votes: settings.aggregator.flush_max_votes,
             close_grace: settings.close_grace(),
             events,
             ingest: settings.ingest_settings(),

@@ -28,6 +28,8 @@ pub struct AggregatorSupervisorArgs {
     pub ingest: ActorRef<IngestMsg>,
     /// Flush interval of every aggregator.
     pub flush_interval: Duration,
+    /// Largest buffer of every aggregator before it flushes early.
+    pub flush_max_votes: usize,
     /// Told about every committed flush (webhooks).
     pub events: Arc<dyn PollEvents>,
     /// How long after a close the final counts wait for late votes.
@@ -75,6 +77,7 @@ impl AggregatorSupervisor {
             broadcaster: state.args.broadcaster.clone(),
             ingest: state.args.ingest.clone(),
             flush_interval: state.args.flush_interval,
+            flush_max_votes: state.args.flush_max_votes,
             events: state.args.events.clone(),
             close_grace: state.args.close_grace,
             faults: state.args.faults.clone(),

@@ -51,6 +51,8 @@ pub struct RootArgs {
     pub http: Arc<dyn HttpServer>,
     /// How often aggregators flush.
     pub flush_interval: Duration,
+    /// How many buffered votes make an aggregator flush before its tick.
+    pub flush_max_votes: usize,
     /// Told about every committed flush (webhooks).
     pub events: Arc<dyn PollEvents>,
     /// How long after a close the final counts wait for late votes.
@@ -148,6 +150,7 @@ impl RootSupervisor {
             broadcaster: broadcaster.clone(),
             ingest: ingest.clone(),
             flush_interval: args.flush_interval,
+            flush_max_votes: args.flush_max_votes,
             events: args.events.clone(),
             close_grace: args.close_grace,
             restart: args.restart,
