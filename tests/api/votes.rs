@@ -202,6 +202,27 @@ async fn votes_accepted_before_a_graceful_shutdown_are_counted_after_restart(bac
     app.shutdown().await;
 }
 
+async fn a_poll_with_flush_max_votes_waiting_is_flushed_before_its_interval(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.aggregator.flush_interval_ms = 60_000;
+        s.aggregator.flush_max_votes = 10;
+    })
+    .await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    for i in 0..10 {
+        assert_eq!(app.api.vote(poll, 1, &format!("u{i}")).await.0, 202);
+    }
+    // Well before the 60 s interval: only the size cap can have flushed them.
+    app.api.wait_for_total(poll, 10, SETTLE).await;
+    assert_eq!(app.api.vote(poll, 2, "below-the-cap").await.0, 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        app.api.poll(poll).await["totalVotes"],
+        10,
+        "one vote waits for the interval"
+    );
+}
+
 async fn an_idle_polls_aggregator_is_retired_and_its_next_votes_still_count(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| s.aggregator.idle_timeout_secs = 1).await;
     let poll = app.api.create_poll(&["A", "B"]).await;
@@ -260,5 +281,6 @@ crate::contract_tests!(
     a_flood_of_unique_votes_is_counted_exactly,
     chunked_bodies_are_read_and_limited_like_any_other,
     an_idle_polls_aggregator_is_retired_and_its_next_votes_still_count,
+    a_poll_with_flush_max_votes_waiting_is_flushed_before_its_interval,
     votes_accepted_before_a_graceful_shutdown_are_counted_after_restart,
 );
