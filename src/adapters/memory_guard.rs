@@ -71,14 +71,15 @@ impl MemoryGuard {
         Self { claims, ttl, epoch }
     }
 
-    fn expiry(&self) -> u64 {
-        millis_since(self.epoch) + self.ttl.as_millis() as u64
+    /// When a claim made at `now` (milliseconds since the epoch) expires.
+    fn expires_after(&self, now: u64) -> u64 {
+        now + self.ttl.as_millis() as u64
     }
 
     /// Claims every (poll, user) already counted, so a duplicate after a restart still gets
     /// a 409 instead of a 202 that the ledger would then ignore.
     pub fn warm(&self, voters: impl IntoIterator<Item = Voter>) -> usize {
-        let expires = self.expiry();
+        let expires = self.expires_after(millis_since(self.epoch));
         let before = self.claims.len();
         for v in voters {
             let key = (v.poll_id, v.user_id.into_boxed_str());
@@ -99,7 +100,7 @@ impl DedupGuard for MemoryGuard {
         let vote = fingerprint(vote_id);
         let fresh = Held {
             vote,
-            expires: now + self.ttl.as_millis() as u64,
+            expires: self.expires_after(now),
         };
         match self.claims.entry((poll, user.into())) {
             Entry::Occupied(e) if e.get().expires > now && e.get().vote == vote => Ok(Claim::Retry),
