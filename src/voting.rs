@@ -313,7 +313,7 @@ impl VoteIntake {
             return Err(VoteRejection::Duplicate(vote.poll_id));
         }
         let (poll_id, user_id) = (vote.poll_id, vote.user_id.clone());
-        if let Err(err) = self.log.append(&LogEntry::Vote(vote)).await {
+        if let Err(err) = self.log.append(LogEntry::Vote(vote)).await {
             if claim == Claim::Fresh
                 && let Err(release) = self.guard.release(poll_id, &user_id).await
             {
@@ -336,7 +336,7 @@ impl VoteIntake {
         // Closing twice appends one marker: the first (or the scheduler's re-send) seals it.
         if newly {
             let closed_at = poll.closed_at.unwrap_or_else(now_millis);
-            self.log.append(&LogEntry::closed(id, closed_at)).await?;
+            self.log.append(LogEntry::closed(id, closed_at)).await?;
         }
         Ok(Some(poll))
     }
@@ -354,7 +354,7 @@ impl VoteIntake {
             .await?;
         for (poll_id, closed_at) in &due {
             self.log
-                .append(&LogEntry::closed(*poll_id, *closed_at))
+                .append(LogEntry::closed(*poll_id, *closed_at))
                 .await?;
             tracing::info!(poll_id, "poll closed on schedule");
         }

@@ -269,7 +269,15 @@ impl LogEntry {
 
     /// Serializes the record value.
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("log entry serializes")
+        let mut json = Vec::new();
+        self.write_json(&mut json);
+        json
+    }
+
+    /// Appends the record value to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        // Integers and strings cannot fail to serialize, nor can a Vec be written to.
+        serde_json::to_writer(out, self).expect("log entry serializes");
     }
 }
 

@@ -177,7 +177,9 @@ pub struct LedgerRow {
 pub trait VoteAppender: Send + Sync + 'static {
     /// Appends a vote (or a close marker) and returns only once it is durable (fsync'd
     /// locally, or acknowledged by all in-sync Kafka replicas). What got `Ok` is never lost.
-    async fn append(&self, entry: &LogEntry) -> Result<(), LogError>;
+    /// Why by value: a log may keep the entry itself (the embedded one hands it to its
+    /// reader) rather than a copy.
+    async fn append(&self, entry: LogEntry) -> Result<(), LogError>;
 
     /// Cheap check that the log can take appends, for readiness checks.
     async fn ping(&self) -> Result<(), LogError> {

@@ -182,7 +182,7 @@ impl KafkaVoteLog {
 
 #[async_trait]
 impl VoteAppender for KafkaVoteLog {
-    async fn append(&self, entry: &LogEntry) -> Result<(), LogError> {
+    async fn append(&self, entry: LogEntry) -> Result<(), LogError> {
         let key = entry.poll_id().to_string();
         let payload = entry.to_json();
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
