@@ -170,7 +170,7 @@ impl PollAggregator {
         };
         let hide_results = shape.hide_results;
         let before = state.buffer.len();
-        let votes: Vec<Vote> = state.buffer.drain(..).filter(|v| shape.admits(v)).collect();
+        let votes: Arc<[Vote]> = state.buffer.drain(..).filter(|v| shape.admits(v)).collect();
         if votes.len() < before {
             tracing::warn!(
                 poll_id,
@@ -180,10 +180,10 @@ impl PollAggregator {
         }
         if !votes.is_empty() {
             let started = Instant::now();
-            let outcome = match state.args.store.apply_votes(poll_id, &votes).await {
+            let outcome = match state.args.store.apply_votes(poll_id, votes.clone()).await {
                 Ok(outcome) => outcome,
                 Err(err) => {
-                    state.buffer = votes;
+                    state.buffer = votes.to_vec();
                     return Err(err);
                 }
             };

@@ -5,6 +5,7 @@
 //! Handles are shared as `Arc<dyn …>` so that choosing an adapter in config.toml does not
 //! multiply the actor tree by every combination of backends.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -119,8 +120,13 @@ pub trait PollStore: Send + Sync + 'static {
     /// skipped, a voter's first ballot is counted, and a later one replaces it only where
     /// the poll allows changes. Replaying a batch therefore changes nothing.
     ///
-    /// Every vote must be for `poll` and choose only its options.
-    async fn apply_votes(&self, poll: PollId, votes: &[Vote]) -> Result<FlushOutcome, StoreError>;
+    /// Every vote must be for `poll` and choose only its options. Why shared: a store that
+    /// hands the batch to a writer task of its own would otherwise copy every vote.
+    async fn apply_votes(
+        &self,
+        poll: PollId,
+        votes: Arc<[Vote]>,
+    ) -> Result<FlushOutcome, StoreError>;
 
     /// Marks the poll's final counts as published: bumps its version and returns every
     /// count, for the `closed` message; `None` if it was sealed before (a repeated marker).

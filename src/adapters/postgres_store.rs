@@ -1,6 +1,7 @@
 //! The production [`PollStore`]: Postgres through sqlx, schema in `migrations/postgres`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -239,7 +240,11 @@ impl PollStore for PostgresStore {
         Ok(due)
     }
 
-    async fn apply_votes(&self, poll: PollId, votes: &[Vote]) -> Result<FlushOutcome, StoreError> {
+    async fn apply_votes(
+        &self,
+        poll: PollId,
+        votes: Arc<[Vote]>,
+    ) -> Result<FlushOutcome, StoreError> {
         let now = now_millis();
         let mut tx = self.pool.begin().await.map_err(err("begin flush"))?;
         // Why FOR UPDATE: during a partition hand-over two processes may flush the same poll
@@ -255,11 +260,11 @@ impl PollStore for PostgresStore {
              WHERE poll_id = $1 AND user_id = ANY($2)",
         )
         .bind(poll)
-        .bind(sql_common::voters_of(votes))
+        .bind(sql_common::voters_of(&votes))
         .fetch_all(&mut *tx)
         .await
         .map_err(err("read ballots"))?;
-        let plan = ballot::plan(allow_change, &sql_common::ledger_view(rows), votes);
+        let plan = ballot::plan(allow_change, &sql_common::ledger_view(rows), &votes);
         if plan.is_empty() {
             let seq = sqlx::query_scalar("SELECT version FROM polls WHERE id = $1")
                 .bind(poll)

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::sql_common::{self, LEDGER_COLUMNS, LIST_LIMIT, POLL_COLUMNS, ledger_row, poll_row};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -282,13 +283,13 @@ impl PollStore for SqliteStore {
         Ok(due)
     }
 
-    async fn apply_votes(&self, poll: PollId, votes: &[Vote]) -> Result<FlushOutcome, StoreError> {
+    async fn apply_votes(
+        &self,
+        poll: PollId,
+        votes: Arc<[Vote]>,
+    ) -> Result<FlushOutcome, StoreError> {
         let (reply, result) = oneshot::channel();
-        let job = FlushJob {
-            poll,
-            votes: votes.to_vec(),
-            reply,
-        };
+        let job = FlushJob { poll, votes, reply };
         let stopped = || StoreError::new("flush", "the SQLite writer has stopped");
         self.flushes.send(job).await.map_err(|_| stopped())?;
         result.await.map_err(|_| stopped())?
@@ -358,7 +359,7 @@ const GROUP_MAX: usize = 512;
 /// A flush waiting for the group commit.
 struct FlushJob {
     poll: PollId,
-    votes: Vec<Vote>,
+    votes: Arc<[Vote]>,
     reply: oneshot::Sender<Result<FlushOutcome, StoreError>>,
 }
 
@@ -737,14 +738,14 @@ mod tests {
             })
             .await
             .unwrap();
-        let good: Vec<Vote> = (0..50)
+        let good: Arc<[Vote]> = (0..50)
             .map(|i| Vote::single(poll.id, 1 + i % 2, format!("u{i}")))
             .collect();
-        let bad = vec![Vote::single(poll.id + 1000, 1, "nobody")];
+        let bad: Arc<[Vote]> = Arc::new([Vote::single(poll.id + 1000, 1, "nobody")]);
         // Sent at once, so the writer applies them in one group.
         let (ok, failed) = tokio::join!(
-            store.apply_votes(poll.id, &good),
-            store.apply_votes(poll.id + 1000, &bad)
+            store.apply_votes(poll.id, good.clone()),
+            store.apply_votes(poll.id + 1000, bad)
         );
         assert!(
             failed.is_err(),
@@ -761,7 +762,7 @@ mod tests {
                 .total_votes(),
             50
         );
-        let again = store.apply_votes(poll.id, &good).await.unwrap();
+        let again = store.apply_votes(poll.id, good).await.unwrap();
         assert_eq!(again.inserted, 0, "a replay changes nothing");
     }
 
@@ -799,7 +800,7 @@ mod tests {
                 polls
                     .iter()
                     .zip(&batches)
-                    .map(|(poll, votes)| store.apply_votes(*poll, votes)),
+                    .map(|(poll, votes)| store.apply_votes(*poll, votes.as_slice().into())),
             )
         };
         for (i, outcome) in flush_all().await.into_iter().enumerate() {

@@ -1275,7 +1275,7 @@ mod tests {
         async fn apply_votes(
             &self,
             _poll: PollId,
-            _votes: &[pollcast_actors::Vote],
+            _votes: Arc<[pollcast_actors::Vote]>,
         ) -> Result<FlushOutcome, StoreError> {
             Err(unused("apply_votes"))
         }
