@@ -76,11 +76,13 @@ pub fn routes(
 ) -> impl Filter<Extract = (impl Reply,), Error = std::convert::Infallible> + Clone + Send + Sync + 'static
 {
     // Health and metrics are not rate limited: probes must always get through.
+    // Why `POST /vote` first: it is nearly every request, and each route tried before the
+    // one that matches costs a boxed future and its own path checks.
     let limited = rate_limit::per_ip(&ctx.limits).and(
-        polls::routes(&ctx)
-            .or(export::routes(&ctx))
+        votes::routes(&ctx)
+            .or(polls::routes(&ctx))
             .unify()
-            .or(votes::routes(&ctx))
+            .or(export::routes(&ctx))
             .unify()
             .or(ws::routes(&ctx))
             .unify(),
