@@ -93,8 +93,10 @@ fn describe() {
     );
 }
 
-/// A path with ids replaced, so that latency labels stay few (`/polls/:id/close`). The hot
-/// paths are answered without allocating.
+/// The route a path belongs to, with ids replaced (`/polls/:id/close`), so that latency
+/// labels stay few; any path that is not a route of the API is `other`: a scanner's random
+/// paths must not each become a series of their own. The hot paths are answered without
+/// allocating.
 pub fn route_label(path: &str) -> Cow<'static, str> {
     match path {
         "/vote" => return Cow::Borrowed("/vote"),
@@ -115,7 +117,20 @@ pub fn route_label(path: &str) -> Cow<'static, str> {
         })
         .collect::<Vec<_>>()
         .join("/");
-    Cow::Owned(label)
+    const ROUTES: &[&str] = &[
+        "/",
+        "/app.js",
+        "/app.css",
+        "/polls/:id",
+        "/polls/:id/close",
+        "/polls/:id/export",
+        "/ws/polls/:id",
+        "/debug/faults/aggregator-panic/:id",
+    ];
+    match ROUTES.iter().find(|route| **route == label) {
+        Some(route) => Cow::Borrowed(route),
+        None => Cow::Borrowed("other"),
+    }
 }
 
 /// A label for a status code; the common ones without allocating.
@@ -148,5 +163,12 @@ mod tests {
         assert_eq!(route_label("/polls/17/close"), "/polls/:id/close");
         assert_eq!(route_label("/ws/polls/3"), "/ws/polls/:id");
         assert_eq!(route_label("/vote"), "/vote");
+    }
+
+    #[test]
+    fn paths_that_are_no_route_share_one_label() {
+        assert_eq!(route_label("/wp-admin/setup.php"), "other");
+        assert_eq!(route_label("/polls/17/nonsense"), "other");
+        assert_eq!(route_label("/"), "/");
     }
 }
