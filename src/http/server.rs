@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Request};
+use http::{HeaderName, HeaderValue, Request};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -32,6 +32,9 @@ const SESSION_GRACE: Duration = Duration::from_secs(5);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests get to finish at shutdown.
 const REQUEST_GRACE: Duration = Duration::from_secs(10);
+/// Why a named constant rather than the string: inserting a header by a `&str` name that
+/// is not a standard one allocates a copy of the name, twice per request.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The address of the client (the TCP peer), in every request's extensions.
 #[derive(Debug, Clone, Copy)]
@@ -203,7 +206,7 @@ where
     S: Service<Request<Incoming>, Response = warp::reply::Response, Error = Infallible>,
 {
     let id = request_id(&req);
-    req.headers_mut().insert("x-request-id", id.clone());
+    req.headers_mut().insert(X_REQUEST_ID, id.clone());
     req.extensions_mut().insert(PeerAddr(peer));
     if req.headers().contains_key(hyper::header::UPGRADE) {
         // Why take it here: warp's own WebSocket filter cannot size tungstenite's buffers, so
@@ -219,13 +222,13 @@ where
         path = req.uri().path(),
     );
     let mut resp = service.call(req).instrument(span).await?;
-    resp.headers_mut().insert("x-request-id", id);
+    resp.headers_mut().insert(X_REQUEST_ID, id);
     Ok(resp)
 }
 
 /// The client's `x-request-id` when it is short and printable, else a new random one.
 fn request_id(req: &Request<Incoming>) -> HeaderValue {
-    if let Some(given) = req.headers().get("x-request-id")
+    if let Some(given) = req.headers().get(&X_REQUEST_ID)
         && given.len() <= 64
         && given.as_bytes().iter().all(|b| b.is_ascii_graphic())
     {
