@@ -1,17 +1,18 @@
 //! `POST /vote`
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use pollcast_actors::domain::now_millis;
 use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
+use warp::http::header::CONTENT_TYPE;
+use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use super::error::ApiError;
 use super::models::{VoteAccepted, VoteRequest, parse_json};
-use super::{ApiContext, json_reply, raw_body, with_ctx};
+use super::{ApiContext, raw_body, with_ctx};
 use crate::voter_token::{TokenError, VoterTokens};
 
 pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
@@ -25,6 +26,29 @@ pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
+/// The body of every 202, serialized once: it never changes.
+static ACCEPTED_BODY: LazyLock<Bytes> = LazyLock::new(|| {
+    let accepted = VoteAccepted {
+        status: "Vote queued",
+    };
+    Bytes::from(serde_json::to_vec(&accepted).expect("a struct of one string serializes"))
+});
+
+/// `pollcast_votes_total{result="accepted"}`, looked up once: with the result as a
+/// variable label, every vote paid for building and hashing its key. Why lazily: the
+/// recorder is installed at startup, before the first vote.
+static ACCEPTED_VOTES: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!("pollcast_votes_total", "result" => "accepted"));
+
+fn accepted() -> Response {
+    let mut response = Response::new(ACCEPTED_BODY.clone().into());
+    *response.status_mut() = StatusCode::ACCEPTED;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
 /// Why the body is parsed here rather than by a filter: every outcome, malformed bodies
 /// included, is counted in `pollcast_votes_total` by result.
 async fn vote(
@@ -33,17 +57,16 @@ async fn vote(
     idempotency_key: Option<String>,
     body: Result<Bytes, ApiError>,
 ) -> Result<Response, Rejection> {
-    let outcome = take(&ctx, authorization, idempotency_key, body).await;
-    let result = match &outcome {
-        Ok(()) => "accepted",
-        Err(err) => err.code(),
-    };
-    metrics::counter!("pollcast_votes_total", "result" => result).increment(1);
-    outcome?;
-    let accepted = VoteAccepted {
-        status: "Vote queued",
-    };
-    Ok(json_reply(&accepted, StatusCode::ACCEPTED))
+    match take(&ctx, authorization, idempotency_key, body).await {
+        Ok(()) => {
+            ACCEPTED_VOTES.increment(1);
+            Ok(accepted())
+        }
+        Err(err) => {
+            metrics::counter!("pollcast_votes_total", "result" => err.code()).increment(1);
+            Err(err.into())
+        }
+    }
 }
 
 /// The userId of the bearer token of a request, in signed voter identity mode.
