@@ -110,13 +110,12 @@ pub fn routes(
     api.recover(error::recover)
         .unify()
         .with(warp::log::custom(|info| {
-            metrics::histogram!(
-                "pollcast_http_request_duration_seconds",
-                "method" => crate::metrics::method_label(info.method()),
-                "route" => crate::metrics::route_label(info.path()),
-                "status" => crate::metrics::status_label(info.status()),
-            )
-            .record(info.elapsed().as_secs_f64());
+            crate::metrics::record_request(
+                info.method(),
+                info.path(),
+                info.status(),
+                info.elapsed().as_secs_f64(),
+            );
             tracing::debug!(
                 method = %info.method(),
                 path = info.path(),
