@@ -2,8 +2,11 @@
 //! it durably to the vote log. This is the whole hot path of `POST /vote`.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll as TaskPoll, ready};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -201,6 +204,64 @@ async fn refresh_while_alive(
     }
 }
 
+/// A future that runs to completion even if whoever awaits it goes away: it is polled in
+/// place while awaited, and what is left of it becomes a task of its own if it is dropped
+/// unfinished. Why not always a task: spawning one per vote, and waking the handler when it
+/// ended, cost more than the claim; a client hanging up mid-vote is the rare case.
+struct FinishOnDrop<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    future: Option<Pin<Box<F>>>,
+}
+
+impl<F> FinishOnDrop<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn new(future: F) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<F> Future for FinishOnDrop<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<F::Output> {
+        let future = self.future.as_mut().expect("not polled after it finished");
+        let output = ready!(future.as_mut().poll(cx));
+        self.future = None;
+        TaskPoll::Ready(output)
+    }
+}
+
+impl<F> Drop for FinishOnDrop<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        let Some(rest) = self.future.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(rest);
+            }
+            // Only when the runtime itself is being torn down: nothing can run any more.
+            Err(_) => tracing::warn!("a vote in progress was abandoned at shutdown"),
+        }
+    }
+}
+
 /// Why a vote was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum VoteRejection {
@@ -292,12 +353,10 @@ impl VoteIntake {
             .get_or_insert_with(|| crate::ids::random_id("s-"));
         let allow_change = meta.allow_change;
         let this = self.clone();
-        // Why a task: if the client hangs up mid-request, hyper drops the handler future.
+        // Why: if the client hangs up mid-request, hyper drops the handler future.
         // Claim-then-append must still finish as a unit, or the voter would stay locked out
         // by a claim whose vote never reached the log.
-        tokio::spawn(async move { this.claim_and_append(vote, allow_change).await })
-            .await
-            .expect("vote task does not panic")
+        FinishOnDrop::new(async move { this.claim_and_append(vote, allow_change).await }).await
     }
 
     async fn claim_and_append(&self, vote: Vote, allow_change: bool) -> Result<(), VoteRejection> {
@@ -388,6 +447,30 @@ mod tests {
             polls.push(poll.id);
         }
         (dir, PollCatalog::unrefreshed(store), polls)
+    }
+
+    #[tokio::test]
+    async fn work_dropped_midway_is_finished_in_a_task_of_its_own() {
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (finished, done) = tokio::sync::oneshot::channel();
+        let mut work = FinishOnDrop::new(async move {
+            wait.await.unwrap();
+            finished.send(()).unwrap();
+        });
+        // Polled for a while, as a request handler is, then dropped: the client hung up.
+        let awaited = tokio::time::timeout(Duration::from_millis(20), &mut work).await;
+        assert!(awaited.is_err(), "still waiting");
+        drop(work);
+        go.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), done)
+            .await
+            .expect("finished after the drop")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn work_awaited_to_the_end_gives_its_output() {
+        assert_eq!(FinishOnDrop::new(async { 42 }).await, 42);
     }
 
     async fn closed(catalog: &PollCatalog, poll: PollId) -> bool {
