@@ -102,7 +102,7 @@ impl Tail {
             return None;
         }
         let n = self.records.len().min(max);
-        Some(self.records.drain(..n).collect())
+        (n > 0).then(|| self.records.drain(..n).collect())
     }
 }
 
@@ -340,6 +340,7 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Append>) {
         let mut group = Vec::with_capacity(GROUP_MAX);
         let mut lengths = Vec::with_capacity(GROUP_MAX);
+        let mut answers = Vec::with_capacity(GROUP_MAX);
         let mut buf = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             group.push(first);
@@ -361,25 +362,30 @@ impl Writer {
             if let Err(e) = &result {
                 tracing::error!(error = %e, votes = group.len(), "vote log write failed; votes refused");
             }
-            let shared = self.tail.clone();
-            let mut tail = result.is_ok().then(|| lock(&shared));
-            let mut at = start;
-            for (append, len) in group.drain(..).zip(&lengths) {
-                let _ = append.done.send(result.clone());
-                if let Some(tail) = &mut tail {
+            if result.is_ok() {
+                let mut tail = lock(&self.tail);
+                let mut at = start;
+                for (append, len) in group.drain(..).zip(&lengths) {
                     tail.push(LogRecord {
                         partition: 0,
                         offset: at as Offset,
                         next_offset: (at + len) as Offset,
                         entry: Some(append.entry),
                     });
+                    answers.push(append.done);
+                    at += len;
                 }
-                at += len;
-            }
-            if let Some(tail) = tail {
                 drop(tail);
-                // Why only now: a reader woken by the new end finds the tail holding it.
+                // Why before answering: whoever got `Ok` finds the log's end past its vote,
+                // and a reader woken by the new end finds the tail holding it.
                 self.durable.send_replace(self.end);
+            } else {
+                answers.extend(group.drain(..).map(|append| append.done));
+            }
+            for done in answers.drain(..) {
+                let _ = done.send(result.clone());
+            }
+            if result.is_ok() {
                 self.roll_if_full();
             }
         }
