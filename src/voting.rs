@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -237,7 +238,15 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<F::Output> {
         let future = self.future.as_mut().expect("not polled after it finished");
-        let output = ready!(future.as_mut().poll(cx));
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)));
+        let output = match polled {
+            Ok(polled) => ready!(polled),
+            Err(panic) => {
+                // A future that panicked cannot go on: not one to finish on drop.
+                self.future = None;
+                std::panic::resume_unwind(panic);
+            }
+        };
         self.future = None;
         TaskPoll::Ready(output)
     }
@@ -466,6 +475,30 @@ mod tests {
             .await
             .expect("finished after the drop")
             .unwrap();
+    }
+
+    /// Panics the first time it is polled; counts every poll.
+    struct PanicsOnFirstPoll(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Future for PanicsOnFirstPoll {
+        type Output = ();
+
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> TaskPoll<()> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("the vote path failed");
+            }
+            TaskPoll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn work_that_panicked_is_not_finished_on_drop() {
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let work = FinishOnDrop::new(PanicsOnFirstPoll(polls.clone()));
+        let caught = tokio::spawn(work).await;
+        assert!(caught.unwrap_err().is_panic());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled once, never again");
     }
 
     #[tokio::test]
