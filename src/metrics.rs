@@ -142,10 +142,15 @@ pub fn route_label(path: &str) -> Cow<'static, str> {
         "/metrics" => return Cow::Borrowed("/metrics"),
         _ => {}
     }
+    // warp serves a route with one trailing slash too, and reads ids as signed integers.
+    let path = match path.strip_suffix('/') {
+        Some(trimmed) if !trimmed.is_empty() => trimmed,
+        _ => path,
+    };
     let label = path
         .split('/')
         .map(|segment| {
-            if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            if segment.parse::<i64>().is_ok() {
                 ":id"
             } else {
                 segment
@@ -154,6 +159,11 @@ pub fn route_label(path: &str) -> Cow<'static, str> {
         .collect::<Vec<_>>()
         .join("/");
     const ROUTES: &[&str] = &[
+        "/vote",
+        "/polls",
+        "/healthz",
+        "/readyz",
+        "/metrics",
         "/",
         "/app.js",
         "/app.css",
@@ -220,5 +230,7 @@ mod tests {
         assert_eq!(route_label("/wp-admin/setup.php"), "other");
         assert_eq!(route_label("/polls/17/nonsense"), "other");
         assert_eq!(route_label("/"), "/");
+        assert_eq!(route_label("/polls/-1/"), "/polls/:id");
+        assert_eq!(route_label("/vote/"), "/vote");
     }
 }
