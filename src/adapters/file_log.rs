@@ -762,6 +762,17 @@ mod tests {
         }
     }
 
+    /// A log in 4 KiB segments (so it rolls over) holding votes of `user-0` to `user-199`,
+    /// with `tail` entries kept in memory.
+    async fn log_of_200_votes(tail: usize) -> (tempfile::TempDir, FileVoteLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = FileVoteLog::open_with_tail(dir.path(), 4096, tail).unwrap();
+        for i in 0..200 {
+            log.append(vote(&format!("user-{i}"))).await.unwrap();
+        }
+        (dir, log)
+    }
+
     /// Every record follows the one before it, with no gap and no overlap.
     fn assert_contiguous(records: &[LogRecord]) {
         for pair in records.windows(2) {
@@ -771,11 +782,7 @@ mod tests {
 
     #[tokio::test]
     async fn appended_votes_are_read_back_across_segments() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = FileVoteLog::open_with_tail(dir.path(), 4096, 0).unwrap();
-        for i in 0..200 {
-            log.append(vote(&format!("user-{i}"))).await.unwrap();
-        }
+        let (dir, log) = log_of_200_votes(0).await;
         assert!(segments(dir.path()).unwrap().len() > 1, "log rolled over");
         let mut source = log.source_factory().open().await.unwrap();
         let records = read_all(&mut source).await;
@@ -789,11 +796,7 @@ mod tests {
 
     #[tokio::test]
     async fn records_taken_from_memory_are_the_records_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = FileVoteLog::open(dir.path(), 4096).unwrap();
-        for i in 0..200 {
-            log.append(vote(&format!("user-{i}"))).await.unwrap();
-        }
+        let (_dir, log) = log_of_200_votes(TAIL_RECORDS).await;
         let mut source = log.source_factory().open().await.unwrap();
         let from_memory = read_all(&mut source).await;
         assert!(
@@ -943,11 +946,7 @@ mod tests {
 
     #[tokio::test]
     async fn committed_segments_are_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = FileVoteLog::open(dir.path(), 4096).unwrap();
-        for i in 0..200 {
-            log.append(vote(&format!("user-{i}"))).await.unwrap();
-        }
+        let (dir, log) = log_of_200_votes(TAIL_RECORDS).await;
         let before = segments(dir.path()).unwrap().len();
         let mut source = log.source_factory().open().await.unwrap();
         let records = read_all(&mut source).await;
