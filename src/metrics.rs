@@ -95,7 +95,7 @@ fn describe() {
     );
 }
 
-type RequestLabels = (Cow<'static, str>, Cow<'static, str>, Cow<'static, str>);
+type RequestLabels = (&'static str, &'static str, Cow<'static, str>);
 
 /// Request latency histograms by label set. Why kept: building a key from three variable
 /// labels allocates and hashes it, and then the registry looks it up again; that was 3 %
@@ -129,18 +129,29 @@ pub fn record_request(method: &http::Method, path: &str, status: http::StatusCod
     histogram.record(secs);
 }
 
-/// The route a path belongs to, with ids replaced (`/polls/:id/close`), so that latency
-/// labels stay few; any path that is not a route of the API is `other`: a scanner's random
-/// paths must not each become a series of their own. The hot paths are answered without
-/// allocating.
-pub fn route_label(path: &str) -> Cow<'static, str> {
-    match path {
-        "/vote" => return Cow::Borrowed("/vote"),
-        "/polls" => return Cow::Borrowed("/polls"),
-        "/healthz" => return Cow::Borrowed("/healthz"),
-        "/readyz" => return Cow::Borrowed("/readyz"),
-        "/metrics" => return Cow::Borrowed("/metrics"),
-        _ => {}
+/// Every route of the API, with `:id` for a poll id; the hot ones first.
+const ROUTES: &[&str] = &[
+    "/vote",
+    "/polls",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/",
+    "/app.js",
+    "/app.css",
+    "/polls/:id",
+    "/polls/:id/close",
+    "/polls/:id/export",
+    "/ws/polls/:id",
+    "/debug/faults/aggregator-panic/:id",
+];
+
+/// The route a path belongs to (one of [`ROUTES`]), so that latency labels stay few; any
+/// path that is not a route of the API is `other`: a scanner's random paths must not each
+/// become a series of their own. The paths without ids are answered without allocating.
+pub fn route_label(path: &str) -> &'static str {
+    if let Some(route) = ROUTES.iter().find(|route| **route == path) {
+        return route;
     }
     // warp serves a route with one trailing slash too, and reads ids as signed integers.
     let path = match path.strip_suffix('/') {
@@ -158,25 +169,11 @@ pub fn route_label(path: &str) -> Cow<'static, str> {
         })
         .collect::<Vec<_>>()
         .join("/");
-    const ROUTES: &[&str] = &[
-        "/vote",
-        "/polls",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/",
-        "/app.js",
-        "/app.css",
-        "/polls/:id",
-        "/polls/:id/close",
-        "/polls/:id/export",
-        "/ws/polls/:id",
-        "/debug/faults/aggregator-panic/:id",
-    ];
-    match ROUTES.iter().find(|route| **route == label) {
-        Some(route) => Cow::Borrowed(route),
-        None => Cow::Borrowed("other"),
-    }
+    ROUTES
+        .iter()
+        .find(|route| **route == label)
+        .copied()
+        .unwrap_or("other")
 }
 
 /// A label for a status code; the common ones without allocating.
@@ -193,9 +190,9 @@ pub fn status_label(status: http::StatusCode) -> Cow<'static, str> {
 
 /// A label for a method: the standard ones by name, any other (a client may send any
 /// token) as `other`, so that they cannot add series without bound.
-pub fn method_label(method: &http::Method) -> Cow<'static, str> {
+pub fn method_label(method: &http::Method) -> &'static str {
     use http::Method;
-    Cow::Borrowed(match *method {
+    match *method {
         Method::GET => "GET",
         Method::POST => "POST",
         Method::HEAD => "HEAD",
@@ -204,7 +201,7 @@ pub fn method_label(method: &http::Method) -> Cow<'static, str> {
         Method::DELETE => "DELETE",
         Method::PATCH => "PATCH",
         _ => "other",
-    })
+    }
 }
 
 #[cfg(test)]

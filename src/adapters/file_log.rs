@@ -59,7 +59,7 @@ struct Append {
 
 /// The last durable records, decoded and contiguous: each one's `offset` is the previous
 /// one's `next_offset`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Tail {
     records: VecDeque<LogRecord>,
     capacity: usize,
@@ -359,28 +359,29 @@ impl Writer {
             }
             let start = self.end;
             let result = self.write_durably(&buf).map_err(|e| e.to_string());
-            if let Err(e) = &result {
-                tracing::error!(error = %e, votes = group.len(), "vote log write failed; votes refused");
-            }
-            if result.is_ok() {
-                let mut tail = lock(&self.tail);
-                let mut at = start;
-                for (append, len) in group.drain(..).zip(&lengths) {
-                    tail.push(LogRecord {
-                        partition: 0,
-                        offset: at as Offset,
-                        next_offset: (at + len) as Offset,
-                        entry: Some(append.entry),
-                    });
-                    answers.push(append.done);
-                    at += len;
+            match &result {
+                Ok(()) => {
+                    let mut tail = lock(&self.tail);
+                    let mut at = start;
+                    for (append, len) in group.drain(..).zip(&lengths) {
+                        tail.push(LogRecord {
+                            partition: 0,
+                            offset: at as Offset,
+                            next_offset: (at + len) as Offset,
+                            entry: Some(append.entry),
+                        });
+                        answers.push(append.done);
+                        at += len;
+                    }
+                    drop(tail);
+                    // Why before answering: whoever got `Ok` finds the log's end past its
+                    // vote, and a reader woken by the new end finds the tail holding it.
+                    self.durable.send_replace(self.end);
                 }
-                drop(tail);
-                // Why before answering: whoever got `Ok` finds the log's end past its vote,
-                // and a reader woken by the new end finds the tail holding it.
-                self.durable.send_replace(self.end);
-            } else {
-                answers.extend(group.drain(..).map(|append| append.done));
+                Err(e) => {
+                    tracing::error!(error = %e, votes = group.len(), "vote log write failed; votes refused");
+                    answers.extend(group.drain(..).map(|append| append.done));
+                }
             }
             for done in answers.drain(..) {
                 let _ = done.send(result.clone());
