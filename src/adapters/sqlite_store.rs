@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::sql_common::{self, LEDGER_COLUMNS, LIST_LIMIT, POLL_COLUMNS, ledger_row, poll_row};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -43,6 +43,68 @@ fn sized_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
         Some(chunk)
     })
 }
+
+/// A statement with one group of placeholders per row, its SQL text written once for each
+/// length of [`CHUNK_SIZES`]. Why not `QueryBuilder`: it wrote the same text again,
+/// placeholder by placeholder, for every chunk of every flush: 4 % of the store's
+/// instructions with thousands of polls per group (`bench/store_flush.rs`).
+struct RowsStatement {
+    texts: [String; CHUNK_SIZES.len()],
+}
+
+impl RowsStatement {
+    /// `head`, then `row` once per row separated by commas, then `tail`.
+    fn new(head: &str, row: &str, tail: &str) -> Self {
+        Self {
+            texts: CHUNK_SIZES.map(|rows| format!("{head}{}{tail}", vec![row; rows].join(", "))),
+        }
+    }
+
+    /// The text for `rows` rows; `rows` is a length [`sized_chunks`] cuts.
+    fn sql(&self, rows: usize) -> &str {
+        let i = CHUNK_SIZES
+            .iter()
+            .position(|size| *size == rows)
+            .expect("chunks come from sized_chunks");
+        &self.texts[i]
+    }
+}
+
+static INSERT_FIRST_BALLOTS: LazyLock<RowsStatement> = LazyLock::new(|| {
+    RowsStatement::new(
+        "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) VALUES ",
+        "(?, ?, ?, ?, ?, ?)",
+        " ON CONFLICT DO NOTHING",
+    )
+});
+
+static ADD_TO_COUNTS: LazyLock<RowsStatement> = LazyLock::new(|| {
+    RowsStatement::new(
+        "WITH d(poll_id, id, n) AS (VALUES ",
+        "(?, ?, ?)",
+        ") UPDATE poll_options SET votes = votes + d.n FROM d \
+         WHERE poll_options.poll_id = d.poll_id AND poll_options.id = d.id",
+    )
+});
+
+static BUMP_VERSIONS: LazyLock<RowsStatement> = LazyLock::new(|| {
+    RowsStatement::new(
+        "WITH d(poll_id, n) AS (VALUES ",
+        "(?, ?)",
+        ") UPDATE polls SET version = version + 1, voters = voters + d.n FROM d \
+         WHERE polls.id = d.poll_id",
+    )
+});
+
+// One row per poll: its version and its counts packed as `option:votes,…` (`packed_pairs`).
+static READ_COUNTS: LazyLock<RowsStatement> = LazyLock::new(|| {
+    RowsStatement::new(
+        "SELECT id, version, (SELECT group_concat(o.id || ':' || o.votes, ',') \
+         FROM poll_options o WHERE o.poll_id = polls.id) FROM polls WHERE id IN (",
+        "?",
+        ")",
+    )
+});
 
 /// A [`PollStore`] in one SQLite file.
 #[derive(Debug, Clone)]
@@ -443,6 +505,25 @@ async fn allows_change(
     Ok(changes)
 }
 
+/// Parses `a:b` pairs separated by `separator`, as the flush statements pack them with
+/// `group_concat`. Why packed: sqlx hands every row from its worker thread to the flush
+/// one at a time, with allocations each; with thousands of polls in a group a row per
+/// option and per ballot cost 6 % more of the store's instructions than one row per poll
+/// (`bench/store_flush.rs`).
+fn packed_pairs<A: FromStr, B: FromStr>(
+    text: &str,
+    separator: char,
+) -> Result<Vec<(A, B)>, StoreError> {
+    text.split(separator)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            pair.split_once(':')
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                .ok_or_else(|| StoreError::new("flush", format!("malformed row {pair:?}")))
+        })
+        .collect()
+}
+
 /// The flushes `which` of polls where voters cannot change their vote. There
 /// [`ballot::plan`] comes down to "insert, unless the voter has a ballot or the vote is in
 /// the ledger": exactly what `ON CONFLICT DO NOTHING` on the ledger's two unique keys does,
@@ -470,35 +551,40 @@ async fn apply_first_ballots_of_many(
         .await
         .map_err(err("read the ledger's last row"))?;
     for chunk in sized_chunks(&rows) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) ",
-        );
-        q.push_values(chunk, |mut row, (poll, v)| {
-            row.push_bind(*poll)
-                .push_bind(&v.user_id)
-                .push_bind(v.ledger_id())
-                .push_bind(ballot::encode_choices(&v.choices))
-                .push_bind(v.voted_at.unwrap_or(now))
-                .push_bind(true);
-        });
-        q.push(" ON CONFLICT DO NOTHING");
-        q.build()
-            .execute(&mut *tx)
+        let mut q = sqlx::query(INSERT_FIRST_BALLOTS.sql(chunk.len()));
+        for (poll, v) in chunk {
+            q = q
+                .bind(*poll)
+                .bind(&v.user_id)
+                .bind(v.ledger_id())
+                .bind(ballot::encode_choices(&v.choices))
+                .bind(v.voted_at.unwrap_or(now))
+                .bind(true);
+        }
+        q.execute(&mut *tx)
             .await
             .map_err(err("insert votes into the ledger"))?;
     }
-    let counted: Vec<(PollId, String, i64)> = sqlx::query_as(
-        "SELECT poll_id, choices, COUNT(*) FROM votes WHERE row_id > ? GROUP BY poll_id, choices",
+    // One row per poll, its ballots packed as `n:choices;…` (see `packed_pairs`). Why NOT
+    // INDEXED: it pins the row id range; SQLite 3.40 planned this as a scan of the whole
+    // ledger through its unique index (to group without sorting), a cost that grows with
+    // every vote ever taken.
+    let counted: Vec<(PollId, String)> = sqlx::query_as(
+        "SELECT poll_id, group_concat(n || ':' || choices, ';') FROM \
+         (SELECT poll_id, choices, COUNT(*) AS n FROM votes NOT INDEXED WHERE row_id > ? \
+          GROUP BY poll_id, choices) GROUP BY poll_id",
     )
     .bind(watermark)
     .fetch_all(&mut *tx)
     .await
     .map_err(err("count the inserted votes"))?;
-    for (poll, choices, n) in counted {
-        *inserted.entry(poll).or_default() += n;
+    for (poll, packed) in counted {
         let poll_deltas = deltas.entry(poll).or_default();
-        for option in ballot::decode_choices(&choices) {
-            *poll_deltas.entry(option).or_default() += n;
+        for (n, choices) in packed_pairs::<i64, String>(&packed, ';')? {
+            *inserted.entry(poll).or_default() += n;
+            for option in ballot::decode_choices(&choices) {
+                *poll_deltas.entry(option).or_default() += n;
+            }
         }
     }
     let moves: Vec<(PollId, OptionId, i64)> = deltas
@@ -506,31 +592,19 @@ async fn apply_first_ballots_of_many(
         .flat_map(|(poll, d)| d.iter().map(move |(option, n)| (*poll, *option, *n)))
         .collect();
     for chunk in sized_chunks(&moves) {
-        let mut q = QueryBuilder::<Sqlite>::new("WITH d(poll_id, id, n) AS (");
-        q.push_values(chunk, |mut row, (poll, option, n)| {
-            row.push_bind(*poll).push_bind(*option).push_bind(*n);
-        });
-        q.push(
-            ") UPDATE poll_options SET votes = votes + d.n FROM d \
-             WHERE poll_options.poll_id = d.poll_id AND poll_options.id = d.id",
-        );
-        q.build()
-            .execute(&mut *tx)
-            .await
-            .map_err(err("update counts"))?;
+        let mut q = sqlx::query(ADD_TO_COUNTS.sql(chunk.len()));
+        for (poll, option, n) in chunk {
+            q = q.bind(*poll).bind(*option).bind(*n);
+        }
+        q.execute(&mut *tx).await.map_err(err("update counts"))?;
     }
     let bumps: Vec<(PollId, i64)> = inserted.iter().map(|(p, n)| (*p, *n)).collect();
     for chunk in sized_chunks(&bumps) {
-        let mut q = QueryBuilder::<Sqlite>::new("WITH d(poll_id, n) AS (");
-        q.push_values(chunk, |mut row, (poll, n)| {
-            row.push_bind(*poll).push_bind(*n);
-        });
-        q.push(
-            ") UPDATE polls SET version = version + 1, voters = voters + d.n FROM d \
-             WHERE polls.id = d.poll_id",
-        );
-        q.build()
-            .execute(&mut *tx)
+        let mut q = sqlx::query(BUMP_VERSIONS.sql(chunk.len()));
+        for (poll, n) in chunk {
+            q = q.bind(*poll).bind(*n);
+        }
+        q.execute(&mut *tx)
             .await
             .map_err(err("bump poll versions"))?;
     }
@@ -538,33 +612,18 @@ async fn apply_first_ballots_of_many(
     let mut versions: HashMap<PollId, i64> = HashMap::new();
     let mut counts: HashMap<PollId, Vec<(OptionId, i64)>> = HashMap::new();
     for ids in sized_chunks(&polls) {
-        let mut q = QueryBuilder::<Sqlite>::new("SELECT id, version FROM polls WHERE id IN (");
-        let mut list = q.separated(", ");
+        let mut q = sqlx::query_as(READ_COUNTS.sql(ids.len()));
         for id in ids {
-            list.push_bind(*id);
+            q = q.bind(*id);
         }
-        q.push(")");
-        let found: Vec<(PollId, i64)> = q
-            .build_query_as()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err("read poll versions"))?;
-        versions.extend(found);
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT poll_id, id, votes FROM poll_options WHERE poll_id IN (",
-        );
-        let mut list = q.separated(", ");
-        for id in ids {
-            list.push_bind(*id);
-        }
-        q.push(") ORDER BY poll_id, id");
-        let found: Vec<(PollId, OptionId, i64)> = q
-            .build_query_as()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err("read counts"))?;
-        for (poll, option, n) in found {
-            counts.entry(poll).or_default().push((option, n));
+        let found: Vec<(PollId, i64, Option<String>)> =
+            q.fetch_all(&mut *tx).await.map_err(err("read counts"))?;
+        for (poll, version, packed) in found {
+            versions.insert(poll, version);
+            let mut options = packed_pairs(packed.as_deref().unwrap_or(""), ',')?;
+            // group_concat's order is unspecified; subscribers get the options in order.
+            options.sort_unstable_by_key(|(option, _)| *option);
+            counts.insert(poll, options);
         }
     }
     let none = BTreeMap::new();
@@ -723,6 +782,25 @@ mod tests {
         );
         assert_eq!(chunks.concat(), items);
         assert_eq!(sized_chunks::<u8>(&[]).count(), 0);
+    }
+
+    #[test]
+    fn statements_have_one_placeholder_group_per_row() {
+        let sql = BUMP_VERSIONS.sql(8);
+        assert_eq!(sql.matches("(?, ?)").count(), 8);
+        assert!(sql.starts_with("WITH d(poll_id, n) AS (VALUES (?, ?), (?, ?),"));
+        assert_eq!(READ_COUNTS.sql(1).matches('?').count(), 1);
+    }
+
+    #[test]
+    fn packed_rows_parse_into_pairs_and_malformed_ones_are_errors() {
+        assert_eq!(
+            packed_pairs::<i64, String>("3:1;2:1,3", ';').unwrap(),
+            [(3, "1".to_string()), (2, "1,3".to_string())]
+        );
+        assert_eq!(packed_pairs::<i64, i64>("", ',').unwrap(), []);
+        assert!(packed_pairs::<i64, i64>("1:x", ',').is_err());
+        assert!(packed_pairs::<i64, i64>("17", ',').is_err());
     }
 
     #[tokio::test]
