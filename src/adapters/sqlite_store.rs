@@ -872,23 +872,33 @@ mod tests {
         assert_eq!(again.inserted, 0, "a replay changes nothing");
     }
 
-    #[tokio::test]
-    async fn many_polls_flushed_in_one_group_count_like_one_at_a_time() {
+    /// A store in a directory of its own (kept while the returned guard lives) with `n`
+    /// three-option polls.
+    async fn store_with_polls(
+        n: usize,
+        settings: PollSettings,
+    ) -> (tempfile::TempDir, SqliteStore, Vec<PollId>) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::open(&url).await.unwrap();
         let mut polls = Vec::new();
-        for _ in 0..6 {
+        for _ in 0..n {
             let poll = store
                 .create_poll(NewPoll {
                     question: "Q".into(),
                     options: vec!["A".into(), "B".into(), "C".into()],
-                    settings: Default::default(),
+                    settings: settings.clone(),
                 })
                 .await
                 .unwrap();
             polls.push(poll.id);
         }
+        (dir, store, polls)
+    }
+
+    #[tokio::test]
+    async fn many_polls_flushed_in_one_group_count_like_one_at_a_time() {
+        let (_dir, store, polls) = store_with_polls(6, PollSettings::default()).await;
         // Poll i gets i + 1 voters on option 2, one of them twice (a duplicate).
         let batches: Vec<Vec<Vote>> = polls
             .iter()
@@ -933,24 +943,11 @@ mod tests {
 
     #[tokio::test]
     async fn new_votes_and_replays_mixed_into_a_group_are_each_counted_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = SqliteStore::open(&url).await.unwrap();
-        let mut polls = Vec::new();
-        for _ in 0..3 {
-            let poll = store
-                .create_poll(NewPoll {
-                    question: "Q".into(),
-                    options: vec!["A".into(), "B".into(), "C".into()],
-                    settings: PollSettings {
-                        max_choices: 2,
-                        ..Default::default()
-                    },
-                })
-                .await
-                .unwrap();
-            polls.push(poll.id);
-        }
+        let settings = PollSettings {
+            max_choices: 2,
+            ..Default::default()
+        };
+        let (_dir, store, polls) = store_with_polls(3, settings).await;
         let votes = |poll: PollId, users: std::ops::Range<i64>| -> Vec<Vote> {
             users
                 .map(|u| Vote {
