@@ -545,15 +545,26 @@ async fn count_recorded(
     .await
     .map_err(err("count the inserted votes"))?;
     for (poll, packed) in counted {
-        let poll_deltas = deltas.entry(poll).or_default();
         for (n, choices) in packed_pairs::<i64, String>(&packed, ';')? {
-            *inserted.entry(poll).or_default() += n;
-            for option in ballot::decode_choices(&choices) {
-                *poll_deltas.entry(option).or_default() += n;
-            }
+            tally(inserted, deltas, poll, ballot::decode_choices(&choices), n);
         }
     }
     Ok(())
+}
+
+/// Records `n` ballots of `poll` choosing `options`.
+fn tally(
+    inserted: &mut HashMap<PollId, i64>,
+    deltas: &mut HashMap<PollId, BTreeMap<OptionId, i64>>,
+    poll: PollId,
+    options: impl IntoIterator<Item = OptionId>,
+    n: i64,
+) {
+    *inserted.entry(poll).or_default() += n;
+    let poll_deltas = deltas.entry(poll).or_default();
+    for option in options {
+        *poll_deltas.entry(option).or_default() += n;
+    }
 }
 
 /// The flushes `which` of polls where voters cannot change their vote. There
@@ -604,11 +615,13 @@ async fn apply_first_ballots_of_many(
         // Every vote was new, the usual case: they are the deltas, and the ledger need not
         // be read back (that query was a sixth of a many-poll flush group's time).
         for (poll, vote) in &rows {
-            *inserted.entry(*poll).or_default() += 1;
-            let poll_deltas = deltas.entry(*poll).or_default();
-            for option in &vote.choices {
-                *poll_deltas.entry(*option).or_default() += 1;
-            }
+            tally(
+                &mut inserted,
+                &mut deltas,
+                *poll,
+                vote.choices.iter().copied(),
+                1,
+            );
         }
     } else {
         // Some were repeats or replays (`DO NOTHING`): count what the ledger took.
