@@ -3,8 +3,10 @@
 //!
 //! - `api`: the HTTP and WebSocket API, against an in-process server per test.
 //! - `process`: the real binary: crash recovery, supervision, configuration, signals.
+//! - `store`: the stores' own contract, against a real SQLite file and PostgreSQL database.
 
 mod api;
 mod browser;
 mod helpers;
 mod process;
+mod store;

@@ -29,6 +29,9 @@ const MAX_FLUSH_BACKOFF: Duration = Duration::from_secs(10);
 pub struct AggregatorArgs {
     /// The poll this aggregator counts.
     pub poll_id: PollId,
+    /// The poll as its supervisor just read it, with those of the other polls that got
+    /// their first votes in the same read of the log; `None`: the aggregator reads it.
+    pub poll: Option<Poll>,
     /// Where counts are flushed.
     pub store: Arc<dyn PollStore>,
     /// Where new counts go after a flush.
@@ -274,14 +277,17 @@ impl Actor for PollAggregator {
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        args: AggregatorArgs,
+        mut args: AggregatorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        // Why not fail when the store is down: a restart loop would burn the restart budget;
-        // the options are loaded again at the first flush instead.
-        let shape = Self::load_shape(&args).await.unwrap_or_else(|err| {
-            tracing::warn!(poll_id = args.poll_id, error = %err, "could not load poll; will retry at flush");
-            None
-        });
+        let shape = match args.poll.take() {
+            Some(poll) => Some(PollShape::of(&poll)),
+            // Why not fail when the store is down: a restart loop would burn the restart
+            // budget; the options are loaded again at the first flush instead.
+            None => Self::load_shape(&args).await.unwrap_or_else(|err| {
+                tracing::warn!(poll_id = args.poll_id, error = %err, "could not load poll; will retry at flush");
+                None
+            }),
+        };
         let ticker = myself.send_interval(args.flush_interval, || AggregatorMsg::Tick);
         tracing::debug!(poll_id = args.poll_id, "aggregator started");
         Ok(AggregatorState {

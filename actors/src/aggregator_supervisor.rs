@@ -11,7 +11,7 @@ use ractor::{
 
 use crate::aggregator::{AggregatorArgs, AggregatorMsg, PollAggregator};
 use crate::broadcast::BroadcasterMsg;
-use crate::domain::PollId;
+use crate::domain::{Poll, PollId};
 use crate::faults::FaultHooks;
 use crate::ingest::IngestMsg;
 use crate::ports::{PollEvents, PollStore};
@@ -43,9 +43,13 @@ pub struct AggregatorSupervisorArgs {
 /// Messages of the [`AggregatorSupervisor`].
 #[derive(Debug)]
 pub enum AggregatorSupervisorMsg {
-    /// The aggregator of a poll, spawned if there is none; `None` while it is being
-    /// restarted (the ingest actor is told when it is back).
-    Aggregator(PollId, RpcReplyPort<Option<ActorRef<AggregatorMsg>>>),
+    /// The aggregators of these polls, in the same order, spawned where there is none;
+    /// `None` for a poll whose aggregator is being restarted (the ingest actor is told when
+    /// it is back). The polls of the aggregators spawned are read from the store together.
+    Aggregators(
+        Vec<PollId>,
+        RpcReplyPort<Vec<Option<ActorRef<AggregatorMsg>>>>,
+    ),
     /// A backoff elapsed: restart the aggregator of this poll.
     Restart(PollId),
     /// The poll's aggregator is idle with nothing to flush: stop it.
@@ -70,9 +74,11 @@ impl AggregatorSupervisor {
         myself: &ActorRef<AggregatorSupervisorMsg>,
         state: &mut AggregatorSupervisorState,
         poll_id: PollId,
+        poll: Option<Poll>,
     ) -> Result<ActorRef<AggregatorMsg>, SpawnErr> {
         let args = AggregatorArgs {
             poll_id,
+            poll,
             store: state.args.store.clone(),
             broadcaster: state.args.broadcaster.clone(),
             ingest: state.args.ingest.clone(),
@@ -87,6 +93,24 @@ impl AggregatorSupervisor {
         state.running.insert(poll_id, aggregator.clone());
         state.polls_by_actor.insert(aggregator.get_id(), poll_id);
         Ok(aggregator)
+    }
+
+    /// The polls among `ids`, read together; on a store error none, and each aggregator
+    /// then reads its own poll (or, if the store is still down, waits for its first flush).
+    async fn read_polls(
+        state: &AggregatorSupervisorState,
+        ids: &[PollId],
+    ) -> HashMap<PollId, Poll> {
+        if ids.is_empty() {
+            return HashMap::new();
+        }
+        match state.args.store.get_polls(ids).await {
+            Ok(polls) => polls.into_iter().map(|p| (p.id, p)).collect(),
+            Err(err) => {
+                tracing::warn!(polls = ids.len(), error = %err, "could not read the polls of new aggregators; each will read its own");
+                HashMap::new()
+            }
+        }
     }
 
     /// Schedules a restart, or escalates when the budget is spent.
@@ -140,15 +164,25 @@ impl Actor for AggregatorSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            AggregatorSupervisorMsg::Aggregator(poll_id, reply) => {
-                let aggregator = if let Some(running) = state.running.get(&poll_id) {
-                    Some(running.clone())
-                } else if state.restarting.contains(&poll_id) {
-                    None
-                } else {
-                    Some(Self::spawn_aggregator(&myself, state, poll_id).await?)
-                };
-                let _ = reply.send(aggregator);
+            AggregatorSupervisorMsg::Aggregators(poll_ids, reply) => {
+                let new: Vec<PollId> = poll_ids
+                    .iter()
+                    .copied()
+                    .filter(|id| !state.running.contains_key(id) && !state.restarting.contains(id))
+                    .collect();
+                let mut polls = Self::read_polls(state, &new).await;
+                let mut aggregators = Vec::with_capacity(poll_ids.len());
+                for poll_id in poll_ids {
+                    aggregators.push(if let Some(running) = state.running.get(&poll_id) {
+                        Some(running.clone())
+                    } else if state.restarting.contains(&poll_id) {
+                        None
+                    } else {
+                        let poll = polls.remove(&poll_id);
+                        Some(Self::spawn_aggregator(&myself, state, poll_id, poll).await?)
+                    });
+                }
+                let _ = reply.send(aggregators);
             }
             AggregatorSupervisorMsg::Retire(poll_id) => {
                 if let Some(aggregator) = state.running.remove(&poll_id) {
@@ -159,7 +193,7 @@ impl Actor for AggregatorSupervisor {
             }
             AggregatorSupervisorMsg::Restart(poll_id) => {
                 state.restarting.remove(&poll_id);
-                match Self::spawn_aggregator(&myself, state, poll_id).await {
+                match Self::spawn_aggregator(&myself, state, poll_id, None).await {
                     Ok(aggregator) => {
                         tracing::info!(poll_id, "aggregator restarted");
                         let _ = state

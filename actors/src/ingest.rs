@@ -261,8 +261,9 @@ impl IngestActor {
                 ));
             }
         }
+        self.find_aggregators(state, by_poll.keys().copied())
+            .await?;
         for (poll_id, items) in by_poll {
-            self.find_aggregator(state, poll_id).await?;
             state.next_seq += 1;
             let seq = state.next_seq;
             let mut lowest: HashMap<Partition, (Offset, usize)> = HashMap::new();
@@ -306,27 +307,30 @@ impl IngestActor {
         Ok(())
     }
 
-    /// Makes sure the poll's route has an aggregator if one can be had; batches that earlier
-    /// reached none are then read again from the log.
-    async fn find_aggregator(
+    /// Makes sure the routes of these polls have an aggregator where one can be had, asking
+    /// the supervisor once for all those that have none; batches that earlier reached none
+    /// are then read again from the log.
+    async fn find_aggregators(
         &self,
         state: &mut IngestState,
-        poll_id: PollId,
+        poll_ids: impl IntoIterator<Item = PollId>,
     ) -> Result<(), ActorProcessingErr> {
-        if state
-            .routes
-            .get(&poll_id)
-            .is_some_and(|r| r.target.is_some())
-        {
+        let missing: Vec<PollId> = poll_ids
+            .into_iter()
+            .filter(|id| state.routes.get(id).is_none_or(|r| r.target.is_none()))
+            .collect();
+        if missing.is_empty() {
             return Ok(());
         }
         let found =
-            Self::aggregator_for(state.aggregators.as_ref(), poll_id, &state.settings).await;
-        let route = state.routes.entry(poll_id).or_default();
-        let undelivered = route.in_flight.iter().any(|b| b.to.is_none());
-        route.target = found;
-        if route.target.is_some() && undelivered {
-            self.rewind_for(state, poll_id).await?;
+            Self::aggregators_for(state.aggregators.as_ref(), &missing, &state.settings).await;
+        for (poll_id, target) in missing.into_iter().zip(found) {
+            let route = state.routes.entry(poll_id).or_default();
+            let undelivered = route.in_flight.iter().any(|b| b.to.is_none());
+            route.target = target;
+            if route.target.is_some() && undelivered {
+                self.rewind_for(state, poll_id).await?;
+            }
         }
         Ok(())
     }
@@ -339,30 +343,29 @@ impl IngestActor {
             .filter(|(_, r)| r.target.is_none() && r.in_flight.iter().any(|b| b.to.is_none()))
             .map(|(id, _)| *id)
             .collect();
-        for poll_id in stranded {
-            self.find_aggregator(state, poll_id).await?;
-        }
-        Ok(())
+        self.find_aggregators(state, stranded).await
     }
 
-    async fn aggregator_for(
+    /// The aggregators of `poll_ids`, in order; `None` for each that cannot be had now.
+    async fn aggregators_for(
         supervisor: Option<&ActorRef<AggregatorSupervisorMsg>>,
-        poll_id: PollId,
+        poll_ids: &[PollId],
         settings: &IngestSettings,
-    ) -> Option<ActorRef<AggregatorMsg>> {
-        let supervisor = supervisor?;
+    ) -> Vec<Option<ActorRef<AggregatorMsg>>> {
+        let Some(supervisor) = supervisor else {
+            return vec![None; poll_ids.len()];
+        };
         let timeout = settings.call_timeout.as_millis() as u64;
         match call_t!(
             supervisor,
-            AggregatorSupervisorMsg::Aggregator,
+            AggregatorSupervisorMsg::Aggregators,
             timeout,
-            poll_id
+            poll_ids.to_vec()
         ) {
-            Ok(Some(aggregator)) => Some(aggregator),
-            Ok(None) => None, // restarting; it will report back when up
+            Ok(found) => found,
             Err(err) => {
-                tracing::warn!(poll_id, error = %err, "no aggregator for poll; votes stay in the log");
-                None
+                tracing::warn!(polls = poll_ids.len(), error = %err, "no aggregators for polls; their votes stay in the log");
+                vec![None; poll_ids.len()]
             }
         }
     }

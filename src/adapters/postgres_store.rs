@@ -78,7 +78,8 @@ impl PostgresStore {
         Ok(sql_common::option_counts(rows))
     }
 
-    async fn polls_where(&self, id: Option<PollId>) -> Result<Vec<Poll>, sqlx::Error> {
+    /// The newest polls (at most [`LIST_LIMIT`]), or those among `ids` (at most as many).
+    async fn polls_where(&self, ids: Option<&[PollId]>) -> Result<Vec<Poll>, sqlx::Error> {
         // Why REPEATABLE READ: the version and the counts are two statements, and a flush
         // committing between them would pair an old `seq` with newer counts.
         let mut conn = self.pool.begin().await?;
@@ -87,10 +88,10 @@ impl PostgresStore {
             .await?;
         let sql = format!(
             "SELECT {POLL_COLUMNS} FROM polls \
-             WHERE ($1::BIGINT IS NULL OR id = $1) ORDER BY id DESC LIMIT $2"
+             WHERE ($1::BIGINT[] IS NULL OR id = ANY($1)) ORDER BY id DESC LIMIT $2"
         );
         let rows = sqlx::query(&sql)
-            .bind(id)
+            .bind(ids)
             .bind(LIST_LIMIT)
             .fetch_all(&mut *conn)
             .await?;
@@ -168,8 +169,17 @@ impl PollStore for PostgresStore {
     }
 
     async fn get_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError> {
-        let polls = self.polls_where(Some(id)).await.map_err(err("get poll"))?;
-        Ok(polls.into_iter().next())
+        let polls = self.polls_where(Some(&[id])).await;
+        Ok(polls.map_err(err("get poll"))?.into_iter().next())
+    }
+
+    async fn get_polls(&self, ids: &[PollId]) -> Result<Vec<Poll>, StoreError> {
+        let mut polls = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(LIST_LIMIT as usize) {
+            let read = self.polls_where(Some(chunk)).await;
+            polls.extend(read.map_err(err("get polls"))?);
+        }
+        Ok(polls)
     }
 
     async fn is_closed(&self, id: PollId) -> Result<Option<bool>, StoreError> {

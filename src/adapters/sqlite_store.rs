@@ -199,17 +199,27 @@ impl SqliteStore {
         Ok(sql_common::option_counts(rows))
     }
 
-    async fn polls_where(&self, filter: &str, bind: Option<i64>) -> Result<Vec<Poll>, sqlx::Error> {
+    async fn polls_where(&self, which: Which<'_>) -> Result<Vec<Poll>, sqlx::Error> {
         // Why a transaction: a poll's version and its counts are read by two statements, and
         // a flush committing between them would pair an old `seq` with newer counts. In WAL
         // mode a read transaction sees one snapshot.
         let mut conn = self.readers.begin().await?;
+        let filter = match which {
+            Which::All => "",
+            Which::One(_) => "WHERE id = ?",
+            // One JSON array parameter, whatever the number of ids (SQLite caps parameters).
+            Which::Among(_) => "WHERE id IN (SELECT value FROM json_each(?))",
+        };
         let sql = format!(
             "SELECT {POLL_COLUMNS} FROM polls {filter} ORDER BY id DESC LIMIT {LIST_LIMIT}"
         );
         let mut query = sqlx::query(&sql);
-        if let Some(v) = bind {
-            query = query.bind(v);
+        match which {
+            Which::All => {}
+            Which::One(id) => query = query.bind(id),
+            Which::Among(ids) => {
+                query = query.bind(serde_json::to_string(ids).expect("ids serialize"))
+            }
         }
         let rows = query.fetch_all(&mut *conn).await?;
         if rows.is_empty() {
@@ -221,6 +231,16 @@ impl SqliteStore {
         conn.commit().await?;
         Ok(sql_common::assemble(rows, options))
     }
+}
+
+/// Which polls [`SqliteStore::polls_where`] reads.
+#[derive(Clone, Copy)]
+enum Which<'a> {
+    /// The newest [`LIST_LIMIT`].
+    All,
+    One(PollId),
+    /// At most [`LIST_LIMIT`] ids.
+    Among(&'a [PollId]),
 }
 
 #[async_trait]
@@ -259,15 +279,26 @@ impl PollStore for SqliteStore {
     }
 
     async fn list_polls(&self) -> Result<Vec<Poll>, StoreError> {
-        self.polls_where("", None).await.map_err(err("list polls"))
+        self.polls_where(Which::All)
+            .await
+            .map_err(err("list polls"))
     }
 
     async fn get_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError> {
         let polls = self
-            .polls_where("WHERE id = ?", Some(id))
+            .polls_where(Which::One(id))
             .await
             .map_err(err("get poll"))?;
         Ok(polls.into_iter().next())
+    }
+
+    async fn get_polls(&self, ids: &[PollId]) -> Result<Vec<Poll>, StoreError> {
+        let mut polls = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(LIST_LIMIT as usize) {
+            let read = self.polls_where(Which::Among(chunk)).await;
+            polls.extend(read.map_err(err("get polls"))?);
+        }
+        Ok(polls)
     }
 
     async fn is_closed(&self, id: PollId) -> Result<Option<bool>, StoreError> {
