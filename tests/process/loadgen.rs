@@ -121,3 +121,27 @@ async fn the_probe_times_votes_until_a_subscriber_sees_them_without_touching_the
         "each probe vote was seen once, in the probes' own polls"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prober_whose_connection_the_server_closed_while_it_waited_votes_on_a_new_one() {
+    // Each probe vote takes about a flush interval to show, longer than the server keeps
+    // an idle keep-alive connection open: every vote after the first finds its connection
+    // closed.
+    let app = TestApp::spawn_with(Backend::Embedded, |s| {
+        s.http.header_read_timeout_ms = 300;
+        s.aggregator.flush_interval_ms = 1_000;
+    })
+    .await;
+    let report = loadgen(&app, &["--duration", "4s", "--connections", "1", "--probe"]);
+    let probes = report["visibility"]["samples"].as_u64().unwrap();
+    assert!(probes > 4, "a prober voted again after waiting: {report}");
+    let (_, polls) = app.api.get("/polls").await;
+    let probed: u64 = polls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["question"] == "loadgen probe")
+        .map(|p| p["totalVotes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(probed, probes, "each probe vote counted once");
+}
