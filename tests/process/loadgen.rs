@@ -27,6 +27,18 @@ fn loadgen(app: &TestApp, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("a JSON report")
 }
 
+/// Votes the server counted in the probes' own polls.
+async fn probe_votes_counted(app: &TestApp) -> u64 {
+    let (_, polls) = app.api.get("/polls").await;
+    polls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["question"] == "loadgen probe")
+        .map(|p| p["totalVotes"].as_u64().unwrap())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_reports_what_the_server_counted() {
     let app = TestApp::spawn(Backend::Embedded).await;
@@ -108,14 +120,7 @@ async fn the_probe_times_votes_until_a_subscriber_sees_them_without_touching_the
     assert!(probes >= 1, "{report}");
     assert!(report["visibility"]["max_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(report["verification"]["exact"], true, "{report}");
-    let (_, polls) = app.api.get("/polls").await;
-    let probed: u64 = polls
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["question"] == "loadgen probe")
-        .map(|p| p["totalVotes"].as_u64().unwrap())
-        .sum();
+    let probed = probe_votes_counted(&app).await;
     assert_eq!(
         probed, probes,
         "each probe vote was seen once, in the probes' own polls"
@@ -135,13 +140,6 @@ async fn a_prober_whose_connection_the_server_closed_while_it_waited_votes_on_a_
     let report = loadgen(&app, &["--duration", "4s", "--connections", "1", "--probe"]);
     let probes = report["visibility"]["samples"].as_u64().unwrap();
     assert!(probes > 4, "a prober voted again after waiting: {report}");
-    let (_, polls) = app.api.get("/polls").await;
-    let probed: u64 = polls
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["question"] == "loadgen probe")
-        .map(|p| p["totalVotes"].as_u64().unwrap())
-        .sum();
+    let probed = probe_votes_counted(&app).await;
     assert_eq!(probed, probes, "each probe vote counted once");
 }
