@@ -23,15 +23,26 @@ pub type RouteSeq = u64;
 /// Longest pause between retries of a failing flush.
 const MAX_FLUSH_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Everything an aggregator is started with; kept by its supervisor to restart it with the
-/// same arguments.
+/// What an aggregator knows of its poll when it starts.
+#[derive(Debug, Clone)]
+pub enum PollAtStart {
+    /// Read by the supervisor together with the polls of the other aggregators it started
+    /// in the same request.
+    Given(Poll),
+    /// Not read yet: the aggregator reads it as it starts (a restart).
+    Unread,
+    /// The store could not be read just now: the aggregator reads it at its first flush,
+    /// rather than every aggregator of the request waiting out the same failure in turn.
+    Unavailable,
+}
+
+/// Everything an aggregator is started with.
 #[derive(Clone)]
 pub struct AggregatorArgs {
     /// The poll this aggregator counts.
     pub poll_id: PollId,
-    /// The poll as its supervisor just read it, with those of the other polls that got
-    /// their first votes in the same read of the log; `None`: the aggregator reads it.
-    pub poll: Option<Poll>,
+    /// Its poll, if already read.
+    pub poll: PollAtStart,
     /// Where counts are flushed.
     pub store: Arc<dyn PollStore>,
     /// Where new counts go after a flush.
@@ -279,11 +290,12 @@ impl Actor for PollAggregator {
         myself: ActorRef<Self::Msg>,
         mut args: AggregatorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let shape = match args.poll.take() {
-            Some(poll) => Some(PollShape::of(&poll)),
+        let shape = match std::mem::replace(&mut args.poll, PollAtStart::Unavailable) {
+            PollAtStart::Given(poll) => Some(PollShape::of(&poll)),
+            PollAtStart::Unavailable => None,
             // Why not fail when the store is down: a restart loop would burn the restart
             // budget; the options are loaded again at the first flush instead.
-            None => Self::load_shape(&args).await.unwrap_or_else(|err| {
+            PollAtStart::Unread => Self::load_shape(&args).await.unwrap_or_else(|err| {
                 tracing::warn!(poll_id = args.poll_id, error = %err, "could not load poll; will retry at flush");
                 None
             }),

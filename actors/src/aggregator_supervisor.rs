@@ -1,5 +1,6 @@
 //! `AggregatorSupervisor`: spawns one [`PollAggregator`] per poll on demand and restarts
-//! failed ones with their original arguments, with backoff, within a restart budget.
+//! failed ones with the same settings (rereading their poll), with backoff, within a restart
+//! budget.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use ractor::{
     Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent,
 };
 
-use crate::aggregator::{AggregatorArgs, AggregatorMsg, PollAggregator};
+use crate::aggregator::{AggregatorArgs, AggregatorMsg, PollAggregator, PollAtStart};
 use crate::broadcast::BroadcasterMsg;
 use crate::domain::{Poll, PollId};
 use crate::faults::FaultHooks;
@@ -74,7 +75,7 @@ impl AggregatorSupervisor {
         myself: &ActorRef<AggregatorSupervisorMsg>,
         state: &mut AggregatorSupervisorState,
         poll_id: PollId,
-        poll: Option<Poll>,
+        poll: PollAtStart,
     ) -> Result<ActorRef<AggregatorMsg>, SpawnErr> {
         let args = AggregatorArgs {
             poll_id,
@@ -95,20 +96,19 @@ impl AggregatorSupervisor {
         Ok(aggregator)
     }
 
-    /// The polls among `ids`, read together; on a store error none, and each aggregator
-    /// then reads its own poll (or, if the store is still down, waits for its first flush).
+    /// The polls among `ids`, read together; `None` if the store could not be read.
     async fn read_polls(
         state: &AggregatorSupervisorState,
         ids: &[PollId],
-    ) -> HashMap<PollId, Poll> {
+    ) -> Option<HashMap<PollId, Poll>> {
         if ids.is_empty() {
-            return HashMap::new();
+            return Some(HashMap::new());
         }
         match state.args.store.get_polls(ids).await {
-            Ok(polls) => polls.into_iter().map(|p| (p.id, p)).collect(),
+            Ok(polls) => Some(polls.into_iter().map(|p| (p.id, p)).collect()),
             Err(err) => {
-                tracing::warn!(polls = ids.len(), error = %err, "could not read the polls of new aggregators; each will read its own");
-                HashMap::new()
+                tracing::warn!(polls = ids.len(), error = %err, "could not read the polls of new aggregators; they read them at their first flush");
+                None
             }
         }
     }
@@ -178,7 +178,12 @@ impl Actor for AggregatorSupervisor {
                     } else if state.restarting.contains(&poll_id) {
                         None
                     } else {
-                        let poll = polls.remove(&poll_id);
+                        let poll = match polls.as_mut().map(|p| p.remove(&poll_id)) {
+                            Some(Some(poll)) => PollAtStart::Given(poll),
+                            // Not in the store (yet), or the store unreadable: the first
+                            // flush looks again.
+                            Some(None) | None => PollAtStart::Unavailable,
+                        };
                         Some(Self::spawn_aggregator(&myself, state, poll_id, poll).await?)
                     });
                 }
@@ -193,7 +198,7 @@ impl Actor for AggregatorSupervisor {
             }
             AggregatorSupervisorMsg::Restart(poll_id) => {
                 state.restarting.remove(&poll_id);
-                match Self::spawn_aggregator(&myself, state, poll_id, None).await {
+                match Self::spawn_aggregator(&myself, state, poll_id, PollAtStart::Unread).await {
                     Ok(aggregator) => {
                         tracing::info!(poll_id, "aggregator restarted");
                         let _ = state

@@ -362,7 +362,10 @@ impl IngestActor {
             timeout,
             poll_ids.to_vec()
         ) {
-            Ok(found) => found,
+            Ok(found) => {
+                debug_assert_eq!(found.len(), poll_ids.len(), "one answer per poll");
+                found
+            }
             Err(err) => {
                 tracing::warn!(polls = poll_ids.len(), error = %err, "no aggregators for polls; their votes stay in the log");
                 vec![None; poll_ids.len()]

@@ -207,7 +207,7 @@ impl SqliteStore {
         let filter = match which {
             Which::All => "",
             Which::One(_) => "WHERE id = ?",
-            // One JSON array parameter, whatever the number of ids (SQLite caps parameters).
+            // One JSON array parameter, whatever the number of ids.
             Which::Among(_) => "WHERE id IN (SELECT value FROM json_each(?))",
         };
         let sql = format!(

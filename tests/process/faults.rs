@@ -101,6 +101,8 @@ async fn kafka_down_means_503_after_a_bounded_wait_and_the_claim_is_released() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_during_flushes_loses_nothing_and_counts_catch_up() {
+    // Also a poll whose first votes come while the store is down: its aggregator starts
+    // without its poll and reads it once the store is back.
     let env = TestEnv::new(Backend::Production).await;
     let database = env.production.as_ref().unwrap().database_url.clone();
     let proxy = TcpProxy::start(url_addr(&database)).await;
@@ -111,6 +113,7 @@ async fn postgres_down_during_flushes_loses_nothing_and_counts_catch_up() {
     })
     .await;
     let poll = app.api.create_poll(&["A", "B"]).await;
+    let first_voted_while_down = app.api.create_poll(&["A", "B"]).await;
     for i in 0..10 {
         assert_eq!(app.api.vote(poll, 1, &format!("early-{i}")).await.0, 202);
     }
@@ -119,6 +122,13 @@ async fn postgres_down_during_flushes_loses_nothing_and_counts_catch_up() {
     for i in 0..10 {
         let (status, body) = app.api.vote(poll, 2, &format!("late-{i}")).await;
         assert_eq!(status, 202, "votes need only the log and the guard: {body}");
+    }
+    for i in 0..3 {
+        let (status, body) = app
+            .api
+            .vote(first_voted_while_down, 1, &format!("new-{i}"))
+            .await;
+        assert_eq!(status, 202, "{body}");
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(app.api.get("/healthz").await.0, 200, "still alive");
@@ -132,4 +142,9 @@ async fn postgres_down_during_flushes_loses_nothing_and_counts_catch_up() {
     let counted = app.api.wait_for_total(poll, 20, SETTLE).await;
     assert_eq!(Api::votes_of(&counted, 2), 10);
     assert_eq!(app.env.ledger(poll).await.len(), 20);
+    let counted = app
+        .api
+        .wait_for_total(first_voted_while_down, 3, SETTLE)
+        .await;
+    assert_eq!(Api::votes_of(&counted, 1), 3);
 }
