@@ -290,6 +290,8 @@ impl Actor for PollAggregator {
         myself: ActorRef<Self::Msg>,
         mut args: AggregatorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        // Why take the poll out: the arguments live on in the state, and only its shape is
+        // needed; 10,000 aggregators need not each keep their poll's texts.
         let shape = match std::mem::replace(&mut args.poll, PollAtStart::Unavailable) {
             PollAtStart::Given(poll) => Some(PollShape::of(&poll)),
             PollAtStart::Unavailable => None,
