@@ -287,8 +287,12 @@ async fn settle(
         } else {
             (same, final_at) = (0, started.elapsed());
         }
-        if same >= 2 || started.elapsed() > Duration::from_secs(60) {
+        if same >= 2 {
             return Ok((now, final_at));
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            // Never seen final: report the whole wait, not the last change.
+            return Ok((now, started.elapsed()));
         }
         last = now;
         tokio::time::sleep(Duration::from_millis(250)).await;
