@@ -9,7 +9,7 @@ use pollcast::{Application, Settings};
 
 /// Why jemalloc and not glibc malloc: with 10,000 subscribers, the buffers of their
 /// handshakes are freed between long-lived session state, and glibc kept that memory (RSS
-/// 192 MB against jemalloc's 124 MB, measured side by side); jemalloc also cost 10-17 % less
+/// 170-180 MB against jemalloc's 111-114 MB in alternating runs); jemalloc also cost less
 /// server CPU per vote. docs/BENCHMARKS.md has the figures.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
