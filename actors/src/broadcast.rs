@@ -2,13 +2,14 @@
 //!
 //! Each poll with subscribers has one `watch` channel holding its latest [`CountsFrame`].
 //! Publishing is O(1) whatever the number of subscribers, the frame is serialised once and
-//! shared, and a slow subscriber cannot slow the others: it simply wakes up to the newest
+//! its bytes are shared by reference count (no subscriber copies them), and a slow subscriber cannot slow the others: it simply wakes up to the newest
 //! frame (coalescing), and the frame carries every option's count so nothing is lost by
 //! skipping one.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Serialize;
@@ -23,11 +24,11 @@ use crate::ports::CountsBus;
 pub struct CountsFrame {
     /// The poll's version after the flush.
     pub seq: i64,
-    /// `{"type":"counts",…}` listing only the options the flush changed: what a subscriber
-    /// that saw `seq - 1` needs.
-    pub changed_json: String,
+    /// `{"type":"counts",…}` (UTF-8 JSON) listing only the options the flush changed: what a
+    /// subscriber that saw `seq - 1` needs.
+    pub changed_json: Bytes,
     /// The same message listing every option: for a subscriber that missed an update.
-    pub full_json: String,
+    pub full_json: Bytes,
 }
 
 #[derive(Serialize)]
@@ -62,21 +63,21 @@ impl CountsFrame {
             })
             .expect("counts message serializes")
         };
-        let full_json = render(&update.all);
+        let full_json = Bytes::from(render(&update.all));
         Self {
             seq: update.seq,
             changed_json: if closed_at.is_some() {
                 full_json.clone()
             } else {
-                render(&update.changed)
+                Bytes::from(render(&update.changed))
             },
             full_json,
         }
     }
 
     /// The JSON to send to a subscriber whose last message had version `last_seq`, or
-    /// `None` if this frame is not newer.
-    pub fn json_after(&self, last_seq: i64) -> Option<&str> {
+    /// `None` if this frame is not newer. Cloning the answer shares the bytes.
+    pub fn json_after(&self, last_seq: i64) -> Option<&Bytes> {
         if self.seq <= last_seq {
             None
         } else if self.seq == last_seq + 1 {
@@ -280,7 +281,7 @@ mod tests {
             ..update(9)
         };
         let frame = CountsFrame::new(&closed);
-        let json: serde_json::Value = serde_json::from_str(frame.json_after(8).unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(frame.json_after(8).unwrap()).unwrap();
         assert_eq!(json["type"], "closed");
         assert_eq!(json["counts"].as_array().unwrap().len(), 2);
         assert_eq!(json["closedAt"], "2025-11-24T16:00:00.000Z");
@@ -300,13 +301,17 @@ mod tests {
         hub.publish(&hidden(2, Some(5)));
         assert!(watching.has_changed().unwrap());
         let frame = watching.borrow_and_update().clone().unwrap();
-        assert!(frame.full_json.contains("\"closed\""));
+        assert!(
+            std::str::from_utf8(&frame.full_json)
+                .unwrap()
+                .contains("\"closed\"")
+        );
     }
 
     #[test]
     fn subscriber_up_to_date_gets_only_changed_counts() {
         let frame = CountsFrame::new(&update(4));
-        let json: serde_json::Value = serde_json::from_str(frame.json_after(3).unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(frame.json_after(3).unwrap()).unwrap();
         assert_eq!(json["type"], "counts");
         assert_eq!(json["seq"], 4);
         assert_eq!(json["counts"].as_array().unwrap().len(), 1);
@@ -316,7 +321,7 @@ mod tests {
     #[test]
     fn subscriber_that_missed_an_update_gets_every_count() {
         let frame = CountsFrame::new(&update(6));
-        let json: serde_json::Value = serde_json::from_str(frame.json_after(3).unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(frame.json_after(3).unwrap()).unwrap();
         assert_eq!(json["counts"].as_array().unwrap().len(), 2);
     }
 
