@@ -239,6 +239,19 @@ impl PollAggregator {
         Ok(through)
     }
 
+    fn ticker(myself: &ActorRef<AggregatorMsg>, interval: Duration) -> JoinHandle<()> {
+        myself.send_interval(interval, || AggregatorMsg::Tick)
+    }
+
+    fn restart_ticker(myself: &ActorRef<AggregatorMsg>, state: &mut AggregatorState) {
+        if let Some(old) = state
+            .ticker
+            .replace(Self::ticker(myself, state.args.flush_interval))
+        {
+            old.abort();
+        }
+    }
+
     async fn on_tick(&self, myself: &ActorRef<AggregatorMsg>, state: &mut AggregatorState) {
         if state.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
@@ -302,7 +315,7 @@ impl Actor for PollAggregator {
                 None
             }),
         };
-        let ticker = myself.send_interval(args.flush_interval, || AggregatorMsg::Tick);
+        let ticker = Self::ticker(&myself, args.flush_interval);
         tracing::debug!(poll_id = args.poll_id, "aggregator started");
         Ok(AggregatorState {
             args,
@@ -359,6 +372,12 @@ impl Actor for PollAggregator {
                 // this poll's own votes show sooner.
                 if state.buffer.len() >= state.args.flush_max_votes {
                     self.on_tick(&myself, state).await;
+                    // Why restart the ticker: its next tick could be moments away and flush a
+                    // handful of votes right behind these; two flushes close together make a
+                    // subscriber still sending the first skip to the second (a missed update).
+                    // Restarted, the next flush is a whole interval after this one, which is
+                    // as long as any vote waited before.
+                    Self::restart_ticker(&myself, state);
                 }
             }
             AggregatorMsg::Tick => self.on_tick(&myself, state).await,

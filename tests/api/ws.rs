@@ -1,3 +1,5 @@
+use std::time::{Duration, Instant};
+
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
@@ -60,6 +62,50 @@ async fn subscriber_gets_a_snapshot_then_the_counts_of_each_flush(backend: Backe
     );
 }
 
+async fn a_flush_forced_by_the_vote_cap_puts_the_next_tick_a_whole_interval_later(
+    backend: Backend,
+) {
+    // Why it matters: a tick moments after the early flush would send subscribers a second
+    // update while they are still sending the first, and they would skip one.
+    let interval = Duration::from_millis(1000);
+    let app = TestApp::spawn_with(backend, |s| {
+        s.aggregator.flush_interval_ms = interval.as_millis() as u64;
+        s.aggregator.flush_max_votes = 3;
+    })
+    .await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let mut socket = subscribe(&app, poll).await;
+    assert_eq!(next_json(&mut socket).await["type"], "snapshot");
+
+    // The first vote's update comes at a tick; the cap is reached most of an interval later,
+    // so the ticker's next tick, unless restarted, is due soon after the early flush.
+    assert_eq!(app.api.vote(poll, 1, "u1").await.0, 202);
+    assert_eq!(next_json(&mut socket).await["seq"], 1);
+    tokio::time::sleep(interval * 6 / 10).await;
+    for user in ["u2", "u3", "u4"] {
+        assert_eq!(app.api.vote(poll, 1, user).await.0, 202);
+    }
+    let early = next_json(&mut socket).await;
+    let early_at = Instant::now();
+    assert_eq!(
+        early["counts"],
+        serde_json::json!([{ "optionId": 1, "newCount": 4 }])
+    );
+
+    assert_eq!(app.api.vote(poll, 2, "u5").await.0, 202);
+    let next = next_json(&mut socket).await;
+    let gap = early_at.elapsed();
+    assert_eq!(next["seq"], early["seq"].as_i64().unwrap() + 1);
+    assert_eq!(
+        next["counts"],
+        serde_json::json!([{ "optionId": 2, "newCount": 1 }])
+    );
+    assert!(
+        gap >= interval * 8 / 10,
+        "the next flush came {gap:?} after the early one, not a whole interval"
+    );
+}
+
 async fn snapshot_includes_votes_counted_before_subscribing(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let poll = app.api.create_poll(&["A", "B"]).await;
@@ -115,6 +161,7 @@ async fn shutdown_closes_websockets_with_a_close_frame(backend: Backend) {
 
 crate::contract_tests!(
     subscriber_gets_a_snapshot_then_the_counts_of_each_flush,
+    a_flush_forced_by_the_vote_cap_puts_the_next_tick_a_whole_interval_later,
     snapshot_includes_votes_counted_before_subscribing,
     subscriber_only_receives_its_own_polls_updates,
     websocket_for_an_unknown_poll_is_404_before_the_upgrade,
