@@ -2,9 +2,9 @@
 //!
 //! Each poll with subscribers has one `watch` channel holding its latest [`CountsFrame`].
 //! Publishing is O(1) whatever the number of subscribers, the frame is serialised once and
-//! its bytes are shared by reference count (no subscriber copies them), and a slow subscriber cannot slow the others: it simply wakes up to the newest
-//! frame (coalescing), and the frame carries every option's count so nothing is lost by
-//! skipping one.
+//! its bytes are shared by reference count (no subscriber copies them), and a slow
+//! subscriber cannot slow the others: it simply wakes up to the newest frame (coalescing),
+//! and the frame carries every option's count so nothing is lost by skipping one.
 
 use std::sync::Arc;
 use std::time::Duration;
