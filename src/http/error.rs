@@ -26,6 +26,9 @@ pub enum ApiError {
     /// The body is larger than `http.max_body_bytes`.
     #[error("request body larger than {0} bytes")]
     TooLarge(u64),
+    /// The body did not arrive within `http.body_read_timeout_ms`.
+    #[error("the request body did not arrive within {} ms", .0.as_millis())]
+    BodyTimeout(std::time::Duration),
     /// Missing or wrong admin token.
     #[error("this endpoint needs `Authorization: Bearer <admin token>`")]
     Unauthorized,
@@ -59,8 +62,11 @@ pub enum ApiError {
     #[error("the configured client address header is missing or not an IP address")]
     NoClientAddress,
     /// A dependency is down; nothing was done.
-    #[error("service unavailable: {0}")]
-    Unavailable(String),
+    /// A dependency (store, guard, log) failed. Why no detail: the client can do nothing
+    /// with the backend's own words, and they name hosts, users and queries; the log line
+    /// written by [`ApiError::unavailable`] has them.
+    #[error("service unavailable; retry later")]
+    Unavailable,
 }
 
 impl Reject for ApiError {}
@@ -84,7 +90,8 @@ impl ApiError {
             Self::OptionNotFound { .. } => (StatusCode::NOT_FOUND, "option_not_found"),
             Self::PollClosed(_) => (StatusCode::GONE, "poll_closed"),
             Self::AlreadyVoted(_) => (StatusCode::CONFLICT, "already_voted"),
-            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::NoClientAddress => (StatusCode::BAD_REQUEST, "bad_request"),
         }
@@ -93,7 +100,7 @@ impl ApiError {
     /// Wraps a backend failure, logging it (the client only learns that we are unavailable).
     pub fn unavailable(err: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %err, "dependency unavailable");
-        Self::Unavailable(err.to_string())
+        Self::Unavailable
     }
 }
 

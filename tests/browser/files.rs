@@ -2,7 +2,7 @@
 
 use crate::helpers::{Backend, TestApp};
 
-const POLICY: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; \
+const POLICY: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; \
                       style-src 'self'; script-src 'self'; frame-ancestors 'none'";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
