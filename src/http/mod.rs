@@ -50,6 +50,8 @@ pub struct ApiContext {
     pub admin_token: Option<Arc<str>>,
     /// Largest request body.
     pub max_body_bytes: u64,
+    /// Longest a body may take to arrive once the request head is in (408 beyond).
+    pub body_read_timeout: std::time::Duration,
     /// Test-only failure switches.
     pub faults: FaultHooks,
     /// Cancelled when the server shuts down; WebSocket sessions then send a close frame.
@@ -94,18 +96,28 @@ pub fn routes(
         .unify()
         .or(page::routes())
         .unify();
+    // Why recover first: once a request is known to be same-origin its errors must be
+    // answered here, not retried through the other branch (which would run it twice).
+    let own = api.recover(error::recover).unify().boxed();
     let api: BoxedFilter<(Response,)> = match cors(&ctx.cors_origins) {
-        // Why recover first: once a request is known to be same-origin its errors must be
-        // answered here, not retried through the CORS branch (which would run it twice).
-        Some(cors) => {
-            let api = api.recover(error::recover).unify().boxed();
-            same_origin()
-                .and(api.clone())
-                .or(api.with(cors).map(Reply::into_response))
-                .unify()
-                .boxed()
-        }
-        None => api.boxed(),
+        Some(cors) => same_origin()
+            .and(own.clone())
+            .or(own.with(cors).map(Reply::into_response))
+            .unify()
+            .boxed(),
+        // No origin allowed: a page on another site gets 403 before anything runs, even a
+        // "simple" request (a text/plain POST) that a browser sends without a preflight.
+        None => same_origin()
+            .and(own)
+            .or(warp::any().map(|| {
+                error::error_reply(
+                    warp::http::StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "cross-origin requests are not allowed (see http.cors_origins)",
+                )
+            }))
+            .unify()
+            .boxed(),
     };
     api.recover(error::recover)
         .unify()
@@ -126,21 +138,34 @@ pub fn routes(
         }))
 }
 
+/// What the admin listener (`http.admin_addr`) serves: `/healthz`, `/readyz` and `/metrics`
+/// alone. Why a listener of their own: probes and scrapes must get through while the public
+/// one is full of clients, hostile or not.
+pub fn admin_routes(
+    ctx: &ApiContext,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone + Send + Sync + 'static
+{
+    health::routes(ctx).recover(error::recover).unify()
+}
+
 /// Passes requests from pollcast's own page (or without an Origin): the allowlist is for
 /// other sites, and browsers send Origin on same-origin POSTs and WebSocket upgrades too.
+/// Why `warp::host`: over HTTP/2 the host is the request's `:authority`, not a Host header.
 fn same_origin() -> impl Filter<Extract = (), Error = Rejection> + Clone {
     warp::header::optional::<String>("origin")
-        .and(warp::header::optional::<String>("host"))
-        .and_then(|origin: Option<String>, host: Option<String>| async move {
-            let authority = origin
-                .as_deref()
-                .map(|o| o.split_once("://").map_or(o, |(_, rest)| rest));
-            match (authority, host) {
-                (None, _) => Ok(()),
-                (Some(a), Some(h)) if a.eq_ignore_ascii_case(&h) => Ok(()),
-                _ => Err(warp::reject::not_found()),
-            }
-        })
+        .and(warp::host::optional())
+        .and_then(
+            |origin: Option<String>, host: Option<warp::host::Authority>| async move {
+                let authority = origin
+                    .as_deref()
+                    .map(|o| o.split_once("://").map_or(o, |(_, rest)| rest));
+                match (authority, host) {
+                    (None, _) => Ok(()),
+                    (Some(a), Some(h)) if a.eq_ignore_ascii_case(h.as_str()) => Ok(()),
+                    _ => Err(warp::reject::not_found()),
+                }
+            },
+        )
         .untuple_one()
 }
 
@@ -182,10 +207,16 @@ fn json_body<T: DeserializeOwned + Send>(
 fn raw_body(
     ctx: &ApiContext,
 ) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone + use<> {
-    let limit = ctx.max_body_bytes;
+    let (limit, timeout) = (ctx.max_body_bytes, ctx.body_read_timeout);
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
-        .then(move |declared: Option<u64>, body| read_limited(declared, body, limit))
+        .then(move |declared: Option<u64>, body| async move {
+            // Why a deadline: a client trickling its body a byte at a time would otherwise
+            // hold its connection, its task and the bytes so far for as long as it likes.
+            tokio::time::timeout(timeout, read_limited(declared, body, limit))
+                .await
+                .unwrap_or(Err(ApiError::BodyTimeout(timeout)))
+        })
 }
 
 /// Reads a body, with or without Content-Length (chunked), refusing more than `limit` bytes
