@@ -116,6 +116,56 @@ where
     })
 }
 
+/// Charges `extra` more requests to the client's IP, for a request that costs that much more
+/// than the one request `per_ip` already counted (a long page of polls); 429 over the limit.
+pub fn charge(
+    limits: &RateLimits,
+) -> impl Filter<Extract = (Charge,), Error = Rejection> + Clone + use<> {
+    let limits = limits.clone();
+    warp::ext::optional::<PeerAddr>()
+        .and(forwarded_header(limits.client_ip_header.clone()))
+        .map(
+            move |peer: Option<PeerAddr>, forwarded: Option<String>| Charge {
+                ip: limits.client_ip(peer, forwarded),
+                limiter: limits.per_ip.clone(),
+            },
+        )
+}
+
+/// What [`charge`] hands a handler: the client's IP and its limiter.
+pub struct Charge {
+    ip: Option<IpAddr>,
+    limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+}
+
+impl Charge {
+    /// Counts `extra` more requests against the client; refuses over its limit. Why a charge
+    /// is cut to the burst less the one request already counted: a client that has been
+    /// idle can then always be served, whatever the configured burst.
+    pub fn extra(&self, extra: u32) -> Result<(), ApiError> {
+        let (Some(limiter), Some(ip), Some(n)) = (&self.limiter, self.ip, NonZeroU32::new(extra))
+        else {
+            return Ok(());
+        };
+        let outcome = match limiter.check_key_n(&ip, n) {
+            Ok(outcome) => outcome,
+            Err(governor::InsufficientCapacity(burst)) => {
+                let Some(most) = NonZeroU32::new(burst.saturating_sub(1)) else {
+                    return Ok(());
+                };
+                limiter
+                    .check_key_n(&ip, most)
+                    .expect("less than the burst fits the burst")
+            }
+        };
+        outcome.map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            metrics::counter!("pollcast_rate_limited_total").increment(1);
+            ApiError::RateLimited(wait)
+        })
+    }
+}
+
 /// Counts a request against its client IP; rejects it with 429 over the limit.
 pub fn per_ip(limits: &RateLimits) -> impl Filter<Extract = (), Error = Rejection> + Clone + use<> {
     let limits = limits.clone();
@@ -144,8 +194,13 @@ fn forwarded_header(name: Option<HeaderName>) -> warp::filters::BoxedFilter<(Opt
     match name {
         Some(name) => warp::header::headers_cloned()
             .map(move |headers: http::HeaderMap| {
+                // Why the last line: a client may send the header itself, and a proxy that
+                // finds one appends its own line (or address) after it; the first line is
+                // the client's word.
                 headers
-                    .get(&name)
+                    .get_all(&name)
+                    .iter()
+                    .next_back()
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
             })

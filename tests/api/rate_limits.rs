@@ -78,7 +78,8 @@ async fn behind_a_proxy_the_configured_header_names_the_client(backend: Backend)
     let get = |forwarded: &'static str| {
         let api = app.api.clone();
         async move {
-            let req = api.http.get(api.url("/polls"));
+            // A short page: one request's worth of the limit (long ones cost more).
+            let req = api.http.get(api.url("/polls?limit=5"));
             let req = if forwarded.is_empty() {
                 req
             } else {
@@ -95,8 +96,38 @@ async fn behind_a_proxy_the_configured_header_names_the_client(backend: Backend)
     assert_eq!(get("").await, 400, "the header is required when configured");
 }
 
+async fn a_forwarded_header_sent_twice_is_read_from_the_line_the_proxy_appended(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.rate_limit.per_ip_per_sec = 1;
+        s.rate_limit.per_ip_burst = 2;
+        s.rate_limit.client_ip_header = Some("x-forwarded-for".into());
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for forged in ["1.1.1.1", "2.2.2.2", "3.3.3.3"] {
+        // The client's own line first, then the proxy's: a proxy that appends a header line
+        // rather than extending the client's one sends exactly this.
+        let response = app
+            .api
+            .http
+            .get(app.api.url("/polls?limit=5"))
+            .header("x-forwarded-for", forged)
+            .header("x-forwarded-for", "10.0.0.3")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 429],
+        "one client, 10.0.0.3, whatever it forged"
+    );
+}
+
 crate::contract_tests!(
     a_thousand_distinct_users_from_one_ip_over_the_limit_get_429,
     one_user_voting_too_fast_gets_429,
     behind_a_proxy_the_configured_header_names_the_client,
+    a_forwarded_header_sent_twice_is_read_from_the_line_the_proxy_appended,
 );
