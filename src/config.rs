@@ -139,6 +139,11 @@ impl Default for RateLimitSettings {
     }
 }
 
+/// Connections from one address when `http.max_connections_per_ip` is unset and no proxy
+/// is configured. Why this many: an audience on a venue's network often shares one address
+/// behind NAT, and each viewer holds a WebSocket; one client still cannot take every slot.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 5_000;
+
 /// `[http]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -149,6 +154,15 @@ pub struct HttpSettings {
     pub max_body_bytes: u64,
     /// Open connections at most (WebSockets included); more are closed at once.
     pub max_connections: usize,
+    /// Open connections from one peer address at most (WebSockets included); 0: no cap.
+    /// Unset: 5000, or no cap behind a proxy (`rate_limit.client_ip_header` set), where
+    /// every connection comes from the proxy's address.
+    pub max_connections_per_ip: Option<usize>,
+    /// A second listener for `/healthz`, `/readyz` and `/metrics` alone (plain HTTP), so
+    /// that probes get through while the public one is saturated. Unset: none.
+    pub admin_addr: Option<String>,
+    /// Longest a client may take to send a request body once its head is in.
+    pub body_read_timeout_ms: u64,
     /// Largest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
     /// Longest a client may take to send a request head.
@@ -172,6 +186,9 @@ impl Default for HttpSettings {
             addr: "127.0.0.1:8080".into(),
             max_body_bytes: 16 * 1024,
             max_connections: 50_000,
+            max_connections_per_ip: None,
+            admin_addr: None,
+            body_read_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,
             header_read_timeout_ms: 10_000,
             ws_ping_interval_secs: 30,
@@ -503,6 +520,14 @@ impl Settings {
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be positive"));
         }
+        if let Some(admin) = &self.http.admin_addr {
+            admin
+                .parse::<SocketAddr>()
+                .map_err(|e| invalid("http.admin_addr", &format!("{e} (expected IP:PORT)")))?;
+        }
+        if self.http.body_read_timeout_ms == 0 {
+            return Err(invalid("http.body_read_timeout_ms", "must be positive"));
+        }
         if self.http.max_header_bytes < 8192 {
             return Err(invalid("http.max_header_bytes", "must be at least 8192"));
         }
@@ -662,6 +687,25 @@ impl Settings {
     /// The listen address (validated at load).
     pub fn http_addr(&self) -> SocketAddr {
         self.http.addr.parse().expect("validated at load")
+    }
+
+    /// The admin listener's address, if one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        let addr = self.http.admin_addr.as_deref()?;
+        Some(addr.parse().expect("validated at load"))
+    }
+
+    /// Connections one peer address may hold open (0: no cap). Why no cap behind a proxy by
+    /// default: the peer is then the proxy, which holds every client's connection.
+    pub fn max_connections_per_ip(&self) -> usize {
+        match (
+            self.http.max_connections_per_ip,
+            &self.rate_limit.client_ip_header,
+        ) {
+            (Some(max), _) => max,
+            (None, Some(_)) => 0,
+            (None, None) => DEFAULT_MAX_CONNECTIONS_PER_IP,
+        }
     }
 
     /// The flush interval.

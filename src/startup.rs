@@ -35,6 +35,7 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// A running pollcast: the API listening and the actor tree started.
 pub struct Application {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     root: ActorRef<RootMsg>,
     tree: JoinHandle<()>,
     /// The closing scheduler, and what stops it.
@@ -232,6 +233,14 @@ impl Application {
         let listener = std::net::TcpListener::bind(settings.http_addr())
             .with_context(|| format!("binding http.addr {}", settings.http.addr))?;
         let addr = listener.local_addr()?;
+        let admin = settings
+            .admin_addr()
+            .map(|admin| {
+                std::net::TcpListener::bind(admin)
+                    .with_context(|| format!("binding http.admin_addr {}", admin))
+            })
+            .transpose()?;
+        let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let hub = BroadcastHub::new();
         let faults = FaultHooks::default();
         let catalog = PollCatalog::new(store.clone());
@@ -251,6 +260,7 @@ impl Application {
             hub: hub.clone(),
             admin_token: Some(admin_token(&settings)),
             max_body_bytes: settings.http.max_body_bytes,
+            body_read_timeout: Duration::from_millis(settings.http.body_read_timeout_ms),
             faults: faults.clone(),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
@@ -270,9 +280,11 @@ impl Application {
             bus,
             http: Arc::new(WarpServer::new(
                 listener,
+                admin,
                 ctx,
                 ConnectionLimits {
                     max_connections: settings.http.max_connections,
+                    max_connections_per_ip: settings.max_connections_per_ip(),
                     max_header_bytes: settings.http.max_header_bytes,
                     header_read_timeout: Duration::from_millis(
                         settings.http.header_read_timeout_ms,
@@ -297,8 +309,12 @@ impl Application {
             "http"
         };
         tracing::info!(%addr, scheme, "listening");
+        if let Some(admin) = admin_addr {
+            tracing::info!(%admin, "health and metrics also on the admin listener");
+        }
         Ok(Self {
             addr,
+            admin_addr,
             root,
             tree,
             closer,
@@ -311,6 +327,11 @@ impl Application {
     /// The address the API listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener's address, when `http.admin_addr` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Runs until `shutdown` completes (then stops gracefully: stop accepting, flush every

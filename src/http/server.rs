@@ -6,9 +6,10 @@
 //! request and returned in `x-request-id`.
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Request};
@@ -19,6 +20,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use pollcast_actors::{HttpServer, ServeFuture};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
@@ -28,8 +30,6 @@ use super::{ApiContext, routes};
 
 /// How long open WebSocket sessions get to send their close frames at shutdown.
 const SESSION_GRACE: Duration = Duration::from_secs(5);
-/// How long a client may take to complete a TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests get to finish at shutdown.
 const REQUEST_GRACE: Duration = Duration::from_secs(10);
 /// Why a named constant rather than the string: inserting a header by a `&str` name that
@@ -45,31 +45,99 @@ pub struct PeerAddr(pub SocketAddr);
 pub struct ConnectionLimits {
     /// Open connections at most; more are closed at once.
     pub max_connections: usize,
+    /// Open connections (WebSockets included) from one peer address at most; 0: no cap.
+    pub max_connections_per_ip: usize,
     /// Largest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
-    /// Longest a client may take to send a request head.
+    /// Longest a client may take to send a request head, counted from the accept (TLS
+    /// handshake and protocol detection included) for a connection's first request.
     pub header_read_timeout: Duration,
 }
 
-/// Serves the API on a listener bound at start-up. Restarting the server reuses the same
-/// socket, so the port never changes under clients.
+/// HTTP/2 streams a client may have open at once on one connection. Why so few: each holds
+/// a request in progress and its response's buffers; browsers open a handful.
+const H2_MAX_STREAMS: u32 = 32;
+/// Bytes of response a stream may have buffered that the client has not read.
+const H2_SEND_BUFFER: usize = 64 * 1024;
+/// How often an HTTP/2 connection is pinged, and how long its answer may take: a peer that
+/// vanished is let go, not kept until the kernel notices.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// Connections open per peer address, for `max_connections_per_ip`.
+#[derive(Clone)]
+struct PerIp {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    max: usize,
+}
+
+impl PerIp {
+    fn new(max: usize) -> Self {
+        Self {
+            open: Arc::default(),
+            max,
+        }
+    }
+
+    /// A slot for one more connection from `ip`, or `None` when it holds its share.
+    fn open(&self, ip: IpAddr) -> Option<IpSlot> {
+        if self.max == 0 {
+            return Some(IpSlot(None));
+        }
+        let mut open = self.open.lock().expect("not poisoned");
+        let held = open.entry(ip).or_insert(0);
+        if *held >= self.max {
+            return None;
+        }
+        *held += 1;
+        Some(IpSlot(Some((self.clone(), ip))))
+    }
+}
+
+/// One connection's share of its address's cap, given back when the connection ends.
+struct IpSlot(Option<(PerIp, IpAddr)>);
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let Some((per_ip, ip)) = self.0.take() else {
+            return;
+        };
+        let mut open = per_ip.open.lock().expect("not poisoned");
+        if let std::collections::hash_map::Entry::Occupied(mut held) = open.entry(ip) {
+            *held.get_mut() -= 1;
+            if *held.get() == 0 {
+                held.remove();
+            }
+        }
+    }
+}
+
+/// Serves the API on a listener bound at start-up, and health and metrics alone on the
+/// admin listener when one is configured. Restarting the server reuses the same sockets,
+/// so the ports never change under clients.
 pub struct WarpServer {
     listener: TcpListener,
+    admin: Option<TcpListener>,
     ctx: ApiContext,
     limits: ConnectionLimits,
     tls: Option<TlsAcceptor>,
 }
 
+/// Connections the admin listener takes at once: probes and scrapers, not an audience.
+const ADMIN_CONNECTIONS: usize = 64;
+
 impl WarpServer {
-    /// Serves `ctx`'s routes on `listener`, over TLS when `tls` is given.
+    /// Serves `ctx`'s routes on `listener`, over TLS when `tls` is given; `/healthz`,
+    /// `/readyz` and `/metrics` also on `admin` (plain HTTP).
     pub fn new(
         listener: TcpListener,
+        admin: Option<TcpListener>,
         ctx: ApiContext,
         limits: ConnectionLimits,
         tls: Option<TlsAcceptor>,
     ) -> Self {
         Self {
             listener,
+            admin,
             ctx,
             limits,
             tls,
@@ -80,60 +148,55 @@ impl WarpServer {
 impl HttpServer for WarpServer {
     fn serve(&self, stop: CancellationToken) -> ServeFuture {
         let listener = self.listener.try_clone();
+        let admin = self.admin.as_ref().map(TcpListener::try_clone).transpose();
         let mut ctx = self.ctx.clone();
         ctx.shutdown = stop.clone();
         let limits = self.limits;
         let tls = self.tls.clone();
         Box::pin(async move {
-            let listener = listener?;
-            listener.set_nonblocking(true)?;
-            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let listener = tokio_listener(listener?)?;
             let sessions = ctx.sessions.clone();
             sessions.reopen();
-            let service = warp::service(routes(ctx));
-            let connections = Arc::new(Semaphore::new(limits.max_connections));
-            let graceful = GracefulShutdown::new();
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .max_buf_size(limits.max_header_bytes.max(8192));
-            loop {
-                let (stream, peer) = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(pair) => pair,
-                        Err(e) => {
-                            // Out of file descriptors and the like: pause rather than spin.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    metrics::counter!("pollcast_connections_refused_total").increment(1);
-                    continue; // dropping the stream closes it
-                };
-                let _ = stream.set_nodelay(true);
-                let (service, builder, tls) = (service.clone(), builder.clone(), tls.clone());
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let Some(tls) = tls else {
-                        return serve_connection(stream, peer, service, builder, watcher).await;
+            // Why shared: the admin listener's loop is a task of its own.
+            let graceful = Arc::new(GracefulShutdown::new());
+            let builder = builder(&limits);
+            let admin = match admin? {
+                Some(admin) => {
+                    let admin = tokio_listener(admin)?;
+                    let service = warp::service(super::admin_routes(&ctx));
+                    let limits = ConnectionLimits {
+                        max_connections: ADMIN_CONNECTIONS,
+                        max_connections_per_ip: 0,
+                        ..limits
                     };
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            serve_connection(stream, peer, service, builder, watcher).await
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
+                    let accepting = accept_loop(
+                        admin,
+                        service,
+                        limits,
+                        None,
+                        builder.clone(),
+                        graceful.clone(),
+                        stop.clone(),
+                    );
+                    Some(tokio::spawn(accepting))
+                }
+                None => None,
+            };
+            let service = warp::service(routes(ctx));
+            accept_loop(
+                listener,
+                service,
+                limits,
+                tls,
+                builder,
+                graceful.clone(),
+                stop.clone(),
+            )
+            .await;
+            if let Some(admin) = admin {
+                let _ = admin.await;
             }
-            drop(listener);
+            let graceful = Arc::into_inner(graceful).expect("both accept loops have ended");
             if tokio::time::timeout(REQUEST_GRACE, graceful.shutdown())
                 .await
                 .is_err()
@@ -152,13 +215,105 @@ impl HttpServer for WarpServer {
     }
 }
 
-/// Serves HTTP/1.1 and HTTP/2 (with WebSocket upgrades) on one accepted connection.
+fn tokio_listener(listener: TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
+}
+
+/// HTTP/1.1 and HTTP/2 settings: every buffer a peer can fill without reading is bounded
+/// (see the README's "Limits").
+fn builder(limits: &ConnectionLimits) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Some(H2_KEEPALIVE))
+        .keep_alive_timeout(H2_KEEPALIVE);
+    builder
+}
+
+/// Accepts connections until `stop`, each within the connection caps.
+async fn accept_loop<S>(
+    listener: tokio::net::TcpListener,
+    service: S,
+    limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
+    builder: Builder<TokioExecutor>,
+    graceful: Arc<GracefulShutdown>,
+    stop: CancellationToken,
+) where
+    S: Service<Request<Incoming>, Response = warp::reply::Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = PerIp::new(limits.max_connections_per_ip);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let accepted = Instant::now();
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics::counter!("pollcast_connections_refused_total", "reason" => "max_connections")
+                .increment(1);
+            continue; // dropping the stream closes it
+        };
+        let Some(slot) = per_ip.open(peer.ip()) else {
+            metrics::counter!("pollcast_connections_refused_total", "reason" => "max_connections_per_ip")
+                .increment(1);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (service, builder, tls) = (service.clone(), builder.clone(), tls.clone());
+        let watcher = graceful.watcher();
+        let deadline = accepted + limits.header_read_timeout;
+        tokio::spawn(async move {
+            let _held = (permit, slot);
+            let Some(tls) = tls else {
+                return serve_connection(stream, peer, service, builder, watcher, deadline).await;
+            };
+            match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    serve_connection(stream, peer, service, builder, watcher, deadline).await
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 (with WebSocket upgrades) on one accepted connection. A
+/// connection that has not delivered a whole request head by `deadline` is closed. Why ours
+/// and not only hyper's `header_read_timeout`: that one starts once the protocol is known,
+/// and hyper waits without a deadline for the bytes that tell HTTP/1 from HTTP/2, so a
+/// silent socket (or one byte, then silence) held its slot for ever.
 async fn serve_connection<I, S>(
     io: I,
     peer: SocketAddr,
     service: S,
     builder: Builder<TokioExecutor>,
     watcher: Watcher,
+    deadline: Instant,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = warp::reply::Response, Error = Infallible>
@@ -167,11 +322,31 @@ async fn serve_connection<I, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let handler = hyper::service::service_fn(move |req| handle(service.clone(), peer, req));
+    let heard = Arc::new(AtomicBool::new(false));
+    let first = heard.clone();
+    let handler = hyper::service::service_fn(move |req| {
+        // Why a relaxed store: it only has to be seen by this connection's own task, later.
+        first.store(true, Ordering::Relaxed);
+        handle(service.clone(), peer, req)
+    });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), handler)
         .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    let mut conn = std::pin::pin!(watcher.watch(conn));
+    let ended = tokio::select! {
+        ended = &mut conn => Some(ended),
+        _ = tokio::time::sleep_until(deadline) => None,
+    };
+    let ended = match ended {
+        Some(ended) => ended,
+        None if !heard.load(Ordering::Relaxed) => {
+            metrics::counter!("pollcast_connections_timed_out_total").increment(1);
+            tracing::debug!(%peer, "closing a connection that sent no request head in time");
+            return; // dropping the connection closes the socket
+        }
+        None => conn.await,
+    };
+    if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

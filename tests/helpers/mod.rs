@@ -243,6 +243,8 @@ impl TestEnv {
 /// A pollcast running inside the test process.
 pub struct TestApp {
     pub api: Api,
+    /// The admin listener, when the test configured `http.admin_addr`.
+    pub admin: Option<SocketAddr>,
     pub env: TestEnv,
     stop: CancellationToken,
     task: JoinHandle<Result<(), pollcast::startup::Stopped>>,
@@ -264,11 +266,13 @@ impl TestApp {
         configure(&mut settings);
         let app = Application::build(settings).await.expect("app starts");
         let api = Api::new(app.local_addr());
+        let admin = app.admin_addr();
         let stop = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
         api.wait_ready().await;
         Self {
             api,
+            admin,
             env,
             stop,
             task,
