@@ -31,6 +31,15 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// tungstenite's read buffer. Why so small: its default (128 KiB) is zero-filled on the first
 /// read, which made 10,000 idle subscribers cost over a gigabyte; clients send only pongs.
 const READ_BUFFER: usize = 4 * 1024;
+/// Bytes queued for a client that does not read, at most; beyond it the session ends. Why
+/// a bound at all: every ping a client sends queues a pong, and one client that pinged and
+/// never read took gigabytes (tungstenite's default is unbounded). It holds the largest
+/// snapshot (32 options of 200 characters, a 500-character question) several times.
+pub const WRITE_BUDGET: usize = 128 * 1024;
+/// Messages a client may send in a burst, and per second sustained; more closes the
+/// session (1008). Clients send pongs (one per server ping) and now and then a ping.
+const INCOMING_BURST: f64 = 20.0;
+const INCOMING_PER_SEC: f64 = 2.0;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -124,6 +133,7 @@ async fn upgrade(
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(0)
+            .max_write_buffer_size(WRITE_BUDGET)
             .max_message_size(Some(MAX_INCOMING))
             .max_frame_size(Some(MAX_INCOMING));
         let socket =
@@ -172,6 +182,7 @@ async fn session(socket: Socket, mut s: Session) {
     let mut ping = tokio::time::interval(s.keepalive.ping_every);
     ping.tick().await;
     let mut heard = tokio::time::Instant::now();
+    let mut allowance = Allowance::new();
     loop {
         tokio::select! {
             _ = s.shutdown.cancelled() => {
@@ -215,12 +226,52 @@ async fn session(socket: Socket, mut s: Session) {
             }
             incoming = rx.next() => match incoming {
                 Some(Ok(msg)) if msg.is_close() => break,
-                Some(Ok(_)) => heard = tokio::time::Instant::now(),
+                Some(Ok(_)) => {
+                    heard = tokio::time::Instant::now();
+                    if !allowance.take(heard) {
+                        tracing::debug!(poll_id, "closing a subscriber that sends too much");
+                        metrics::counter!("pollcast_websocket_clients_dropped_total").increment(1);
+                        send(&mut tx, Message::Close(Some(CloseFrame {
+                            code: CloseCode::Policy,
+                            reason: "too many messages".into(),
+                        })))
+                        .await;
+                        break;
+                    }
+                }
+                // Errors include a full write budget: the client sent and did not read.
                 Some(Err(_)) | None => break,
             }
         }
     }
     tracing::debug!(poll_id, "subscriber disconnected");
+}
+
+/// A token bucket of the messages a client may send.
+struct Allowance {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Allowance {
+    fn new() -> Self {
+        Self {
+            tokens: INCOMING_BURST,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Spends one message; `false` when the client is over its allowance.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        let refill = now.duration_since(self.at).as_secs_f64() * INCOMING_PER_SEC;
+        self.tokens = (self.tokens + refill).min(INCOMING_BURST);
+        self.at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 /// A close frame "going away" (1001).

@@ -188,6 +188,41 @@ async fn an_oversized_client_message_closes_the_socket(backend: Backend) {
     assert_eq!(app.api.get("/healthz").await.0, 200);
 }
 
+/// One WebSocket upgrade, then pings as fast as the socket takes them, never reading: each
+/// ping queues a pong on the server. Once took gigabytes and a core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_floods_pings_and_never_reads_is_closed() {
+    use futures_util::SinkExt;
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let socket = subscribe(&app, poll).await;
+    let (mut tx, _never_read) = socket.split();
+    let payload = tokio_tungstenite::tungstenite::Bytes::from(vec![b'p'; 125]);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let refused = loop {
+        if started.elapsed() > Duration::from_secs(20) || sent >= 2_000_000 {
+            break false;
+        }
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            tx.send(Message::Ping(payload.clone())),
+        )
+        .await
+        {
+            Ok(Ok(())) => sent += 1,
+            // Refused (reset), or the server stopped reading: it has let go of us.
+            Ok(Err(_)) | Err(_) => break true,
+        }
+    };
+    assert!(
+        refused,
+        "still taking pings after {sent} in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(app.api.get("/healthz").await.0, 200);
+}
+
 async fn silent_subscribers_are_pinged_and_closed_when_they_never_answer(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| {
         s.http.ws_ping_interval_secs = 1;
