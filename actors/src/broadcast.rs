@@ -88,15 +88,50 @@ impl CountsFrame {
     }
 }
 
-/// Receives the frames of one poll; `None` until the first publish after subscribing.
-pub type Subscription = watch::Receiver<Option<Arc<CountsFrame>>>;
+type Feed = watch::Sender<Option<Arc<CountsFrame>>>;
+
+/// Receives the frames of one poll (`None` until the first publish after subscribing); use
+/// it as the `watch::Receiver` it derefs to. Dropping the last subscription of a poll
+/// forgets the poll. Why here and not at the next publish: a poll that is never published
+/// again (an id that does not exist, asked for by a client sweeping ids) would otherwise
+/// keep its entry forever.
+#[derive(Debug)]
+pub struct Subscription {
+    updates: watch::Receiver<Option<Arc<CountsFrame>>>,
+    poll: PollId,
+    polls: Arc<DashMap<PollId, Feed>>,
+}
+
+impl std::ops::Deref for Subscription {
+    type Target = watch::Receiver<Option<Arc<CountsFrame>>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.updates
+    }
+}
+
+impl std::ops::DerefMut for Subscription {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.updates
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // `1`: this receiver, still alive while it drops. The shard lock that `remove_if`
+        // holds orders it with a `subscribe` of the same poll, so a new subscriber either
+        // finds the entry kept or makes a new one.
+        self.polls
+            .remove_if(&self.poll, |_, feed| feed.receiver_count() <= 1);
+    }
+}
 
 /// The per-poll subscriber registry, shared by the broadcaster and the WebSocket handlers.
 /// Cloning is cheap. It outlives broadcaster restarts, so subscribers are never dropped by
 /// one.
 #[derive(Debug, Clone, Default)]
 pub struct BroadcastHub {
-    polls: Arc<DashMap<PollId, watch::Sender<Option<Arc<CountsFrame>>>>>,
+    polls: Arc<DashMap<PollId, Feed>>,
 }
 
 impl BroadcastHub {
@@ -107,10 +142,21 @@ impl BroadcastHub {
 
     /// Subscribes to the updates of `poll` published from now on.
     pub fn subscribe(&self, poll: PollId) -> Subscription {
-        self.polls
+        let updates = self
+            .polls
             .entry(poll)
             .or_insert_with(|| watch::channel(None).0)
-            .subscribe()
+            .subscribe();
+        Subscription {
+            updates,
+            poll,
+            polls: self.polls.clone(),
+        }
+    }
+
+    /// Polls that have at least one subscriber.
+    pub fn polls_watched(&self) -> usize {
+        self.polls.len()
     }
 
     /// Publishes an update to the current subscribers of its poll; returns how many there
@@ -351,6 +397,18 @@ mod tests {
         hub.publish(&update(1));
         assert!(!watching.has_changed().unwrap());
         assert_eq!(watching.borrow().as_ref().unwrap().seq, 2);
+    }
+
+    #[test]
+    fn the_last_subscriber_leaving_forgets_the_poll_even_if_it_is_never_published() {
+        let hub = BroadcastHub::new();
+        let (first, second) = (hub.subscribe(7), hub.subscribe(7));
+        drop(first);
+        assert_eq!(hub.polls_watched(), 1, "one subscriber is still there");
+        drop(second);
+        assert_eq!(hub.polls_watched(), 0);
+        let _again = hub.subscribe(7);
+        assert_eq!(hub.polls_watched(), 1);
     }
 
     #[test]
