@@ -86,11 +86,17 @@ struct PollShape {
 }
 
 impl PollShape {
-    fn of(poll: &Poll) -> Self {
+    /// `close_grace`: a poll closed longer ago than that has had its final counts published
+    /// (or will have them re-sent by the scheduler, with every count), so its results are no
+    /// longer hidden: a vote that is counted after them must reach subscribers too.
+    fn of(poll: &Poll, close_grace: Duration) -> Self {
+        let published = poll
+            .closed_at
+            .is_some_and(|at| now_millis() >= at + close_grace.as_millis() as UnixMillis);
         Self {
             options: poll.options.iter().map(|o| o.id).collect(),
             max_choices: poll.settings.max_choices as usize,
-            hide_results: poll.settings.hide_results,
+            hide_results: poll.settings.hide_results && !published,
         }
     }
 
@@ -132,7 +138,7 @@ impl PollAggregator {
             .get_poll(args.poll_id)
             .await?
             .as_ref()
-            .map(PollShape::of))
+            .map(|poll| PollShape::of(poll, args.close_grace)))
     }
 
     /// Hands a committed flush to subscribers and to the event sink.
@@ -235,6 +241,10 @@ impl PollAggregator {
             );
             Self::publish(state, outcome, Some(closed_at), hide_results);
         }
+        // The final counts are out (now or before): later votes' counts are shown as well.
+        if let Some(shape) = &mut state.shape {
+            shape.hide_results = false;
+        }
         state.closing = None;
         Ok(through)
     }
@@ -306,7 +316,7 @@ impl Actor for PollAggregator {
         // Why take the poll out: the arguments live on in the state, and only its shape is
         // needed; 10,000 aggregators need not each keep their poll's texts.
         let shape = match std::mem::replace(&mut args.poll, PollAtStart::Unavailable) {
-            PollAtStart::Given(poll) => Some(PollShape::of(&poll)),
+            PollAtStart::Given(poll) => Some(PollShape::of(&poll, args.close_grace)),
             PollAtStart::Unavailable => None,
             // Why not fail when the store is down: a restart loop would burn the restart
             // budget; the options are loaded again at the first flush instead.

@@ -11,4 +11,4 @@ mod tls;
 mod voters;
 mod votes;
 mod webhooks;
-mod ws;
+pub mod ws;

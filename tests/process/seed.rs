@@ -35,6 +35,54 @@ async fn raw_votes_written_by_the_seed_app_are_counted() {
     assert_eq!(app.env.ledger(poll).await, ["seed-user"]);
 }
 
+/// Why the seed's producer: pollcast itself refuses votes once a poll is closed, and a vote
+/// counted after the final result is one another producer wrote (or one whose append
+/// outlasted the grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vote_counted_after_a_hidden_polls_final_result_reaches_subscribers() {
+    let app = TestApp::spawn(Backend::Production).await;
+    let poll = app
+        .api
+        .create_poll_with(serde_json::json!({
+            "question": "Secret?", "options": ["A", "B"], "hideResults": true
+        }))
+        .await["id"]
+        .as_i64()
+        .unwrap();
+    let mut socket = crate::api::ws::subscribe(&app, poll).await;
+    assert_eq!(
+        crate::api::ws::next_json(&mut socket).await["type"],
+        "snapshot"
+    );
+    app.api.close_poll(poll).await;
+    loop {
+        if crate::api::ws::next_json(&mut socket).await["type"] == "closed" {
+            break;
+        }
+    }
+    let production = app.env.production.clone().unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &production.brokers)
+        .set("broker.address.family", "v4")
+        .create()
+        .unwrap();
+    let value = format!(r#"{{"pollId":"{poll}","optionId":"2","userId":"after-the-close"}}"#);
+    let key = poll.to_string();
+    producer
+        .send(
+            FutureRecord::to(&production.raw_votes_topic)
+                .key(&key)
+                .payload(&value),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let late = crate::api::ws::next_json(&mut socket).await;
+    assert_eq!(late["type"], "counts", "{late}");
+    assert_eq!(late["counts"][0]["optionId"], 2, "{late}");
+    assert_eq!(late["counts"][0]["newCount"], 1, "{late}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_applies_the_postgres_schema_and_exits() {
     let env = TestEnv::new(Backend::Production).await;
