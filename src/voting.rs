@@ -28,6 +28,10 @@ const CATALOG_TTL: Duration = Duration::from_secs(1);
 /// one query every half second instead of 10,000 a second (docs/BENCHMARKS.md).
 const REFRESH_EVERY: Duration = Duration::from_millis(500);
 
+/// How long an expired entry of a poll being voted in is still served while the refresher
+/// re-reads it; a vote then never waits on the store for a poll it knows.
+const STALE_MAX: Duration = Duration::from_secs(5);
+
 /// Polls whose cached closed flag is re-read in one query, at most.
 const STALE_READS_MAX: usize = 1000;
 
@@ -128,23 +132,24 @@ impl PollCatalog {
 
     async fn read(&self, id: PollId) -> Result<Option<Arc<PollMeta>>, StoreError> {
         let cached = self.polls.get(&id).map(|m| m.clone());
-        if let Some(meta) = &cached
-            && meta.loaded.elapsed() < CATALOG_TTL
-        {
-            return Ok(cached);
+        if let Some(meta) = &cached {
+            let age = meta.loaded.elapsed();
+            // Why serve an expired entry while the refresher runs: `get` has marked the poll
+            // voted in, so the refresher's next pass re-reads it; the vote need not wait for
+            // the store, whatever else queues on it. Past `STALE_MAX` the refresher is not
+            // keeping up (the store is slow or down) and the vote reads for itself.
+            if age < CATALOG_TTL || (self.stale.is_some() && age < STALE_MAX) {
+                return Ok(cached);
+            }
         }
         // Why only the closed flag once a poll is known: everything else about it is fixed
         // at creation.
         let fresh = match &cached {
-            Some(meta) => {
+            Some(_) => {
                 let loaded = Instant::now();
-                self.closed_now(id).await.map(|closed| {
-                    closed.map(|closed| {
-                        let meta = Arc::new(meta.reread(closed, loaded));
-                        self.polls.insert(id, meta.clone());
-                        meta
-                    })
-                })
+                self.closed_now(id)
+                    .await
+                    .map(|closed| closed.map(|closed| self.reread(id, closed, loaded)))
             }
             None => self
                 .store
@@ -185,11 +190,32 @@ impl PollCatalog {
         }
     }
 
-    /// Records what the store just said about a poll (after creating or closing it).
+    /// Records what the store just said about a poll (after creating, reading or closing
+    /// it). A close already remembered is kept: a read that began before it must not undo it.
     pub fn remember(&self, poll: &Poll) -> Arc<PollMeta> {
-        let meta = Arc::new(PollMeta::of(poll));
-        self.polls.insert(poll.id, meta.clone());
-        meta
+        let mut meta = PollMeta::of(poll);
+        match self.polls.entry(poll.id) {
+            dashmap::Entry::Occupied(mut known) => {
+                meta.closed |= known.get().closed;
+                let meta = Arc::new(meta);
+                known.insert(meta.clone());
+                meta
+            }
+            dashmap::Entry::Vacant(new) => new.insert(Arc::new(meta)).clone(),
+        }
+    }
+
+    /// Installs a closed flag re-read at `loaded` into the entry as it is *now*. Why not
+    /// into the copy taken before the read: a close remembered while the read ran would be
+    /// overwritten by the older answer, and the poll would take votes again here.
+    fn reread(&self, id: PollId, closed: bool, loaded: Instant) -> Arc<PollMeta> {
+        let mut entry = self
+            .polls
+            .get_mut(&id)
+            .expect("known polls are never forgotten");
+        let fresh = Arc::new(entry.reread(closed, loaded));
+        *entry = fresh.clone();
+        fresh
     }
 
     /// Re-reads, in one query, the closed flag of every poll voted in since the last
@@ -618,7 +644,8 @@ mod tests {
         for &poll in &polls {
             assert!(!closed(&catalog, poll).await);
         }
-        let long_ago = Instant::now() - 2 * CATALOG_TTL;
+        // Longer ago than the refresher is trusted to keep up: each vote reads for itself.
+        let long_ago = Instant::now() - 2 * STALE_MAX;
         for mut meta in catalog.polls.iter_mut() {
             *meta = Arc::new(meta.reread(false, long_ago));
         }
@@ -628,6 +655,28 @@ mod tests {
         let seen =
             futures_util::future::join_all(polls.iter().map(|&poll| closed(&catalog, poll))).await;
         assert_eq!(seen, [false, true, false, true, false]);
+    }
+
+    #[tokio::test]
+    async fn an_expired_entry_read_again_while_this_process_closes_the_poll_stays_closed() {
+        let (_dir, catalog, polls) = catalog_of(1).await;
+        let id = polls[0];
+        catalog.get(id).await.unwrap();
+        let long_ago = Instant::now() - 2 * CATALOG_TTL;
+        for mut meta in catalog.polls.iter_mut() {
+            *meta = Arc::new(meta.reread(false, long_ago));
+        }
+        // The vote's re-read of the expired flag is under way (it has its copy of the entry
+        // and will be told "open") when this process closes the poll.
+        let before_the_close = catalog.polls.get(&id).unwrap().clone();
+        let read_began = Instant::now();
+        let mut poll = catalog.store.get_poll(id).await.unwrap().unwrap();
+        poll.closed = true;
+        catalog.remember(&poll);
+        let answered = catalog.reread(id, false, read_began);
+        assert!(!before_the_close.closed);
+        assert!(answered.closed, "the close remembered meanwhile is kept");
+        assert!(closed(&catalog, id).await);
     }
 
     #[tokio::test]
