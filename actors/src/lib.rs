@@ -26,7 +26,7 @@ pub use http_actor::{HttpServer, ServeFuture};
 pub use ingest::IngestSettings;
 pub use ports::{
     Claim, ConsumerStatus, CountsBus, CountsFeed, DedupGuard, FlushOutcome, GuardError, LedgerRow,
-    LogError, LogRecord, NoEvents, Offset, Partition, PollEvents, PollStore, SourceEvent,
+    LogError, LogRecord, NoEvents, Offset, Partition, PollEvents, PollPage, PollStore, SourceEvent,
     StoreError, VoteAppender, VoteSource, VoteSourceFactory, Voter,
 };
 pub use root::{RootArgs, RootMsg, RootSupervisor};

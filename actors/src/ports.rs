@@ -73,8 +73,8 @@ pub trait PollStore: Send + Sync + 'static {
     /// Creates a poll with options numbered 1..=n.
     async fn create_poll(&self, poll: NewPoll) -> Result<Poll, StoreError>;
 
-    /// Every poll, newest first.
-    async fn list_polls(&self) -> Result<Vec<Poll>, StoreError>;
+    /// At most `page.limit` polls older than `page.before` (all when `None`), newest first.
+    async fn list_polls(&self, page: PollPage) -> Result<Vec<Poll>, StoreError>;
 
     /// One poll with its current counts.
     async fn get_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError>;
@@ -158,6 +158,23 @@ pub trait PollStore: Send + Sync + 'static {
 
     /// Cheap round trip, for readiness checks.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// One page of the poll list: polls with an id below `before`, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollPage {
+    /// Only polls older than this one (the previous page's last id); `None`: from the newest.
+    pub before: Option<PollId>,
+    /// Polls at most.
+    pub limit: i64,
+}
+
+impl PollPage {
+    /// As many polls as a store lists in one read.
+    pub const ALL: Self = Self {
+        before: None,
+        limit: i64::MAX,
+    };
 }
 
 /// A voter whose ballot is in the ledger.

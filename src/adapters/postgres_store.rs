@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use pollcast_actors::ballot;
 use pollcast_actors::domain::{UnixMillis, now_millis};
 use pollcast_actors::{
-    FlushOutcome, LedgerRow, NewPoll, OptionCount, Poll, PollId, PollOption, PollStore, StoreError,
-    Vote, Voter,
+    FlushOutcome, LedgerRow, NewPoll, OptionCount, Poll, PollId, PollOption, PollPage, PollStore,
+    StoreError, Vote, Voter,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Row};
@@ -33,7 +33,13 @@ pub struct PgPoolSettings {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// The vote path's own connections (closed flags). Why its own: listing, exports and
+    /// snapshots queue on `pool`, and a vote must never wait behind them.
+    flags: PgPool,
 }
+
+/// Connections of the vote path's own pool.
+const FLAG_CONNECTIONS: u32 = 2;
 
 fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |e| StoreError::new(what, e)
@@ -54,8 +60,12 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options.clone());
+        let flags = PgPoolOptions::new()
+            .max_connections(FLAG_CONNECTIONS)
+            .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self { pool, flags })
     }
 
     /// Applies pending migrations (idempotent; serialised by sqlx's advisory lock, so several
@@ -78,8 +88,12 @@ impl PostgresStore {
         Ok(sql_common::option_counts(rows))
     }
 
-    /// The newest polls (at most [`LIST_LIMIT`]), or those among `ids` (at most as many).
-    async fn polls_where(&self, ids: Option<&[PollId]>) -> Result<Vec<Poll>, sqlx::Error> {
+    /// The polls among `ids` (at most [`LIST_LIMIT`]), or a page of the newest.
+    async fn polls_where(
+        &self,
+        ids: Option<&[PollId]>,
+        page: PollPage,
+    ) -> Result<Vec<Poll>, sqlx::Error> {
         // Why REPEATABLE READ: the version and the counts are two statements, and a flush
         // committing between them would pair an old `seq` with newer counts.
         let mut conn = self.pool.begin().await?;
@@ -88,11 +102,13 @@ impl PostgresStore {
             .await?;
         let sql = format!(
             "SELECT {POLL_COLUMNS} FROM polls \
-             WHERE ($1::BIGINT[] IS NULL OR id = ANY($1)) ORDER BY id DESC LIMIT $2"
+             WHERE ($1::BIGINT[] IS NULL OR id = ANY($1)) AND id < $3 \
+             ORDER BY id DESC LIMIT $2"
         );
         let rows = sqlx::query(&sql)
             .bind(ids)
-            .bind(LIST_LIMIT)
+            .bind(page.limit.min(LIST_LIMIT))
+            .bind(page.before.unwrap_or(PollId::MAX))
             .fetch_all(&mut *conn)
             .await?;
         if rows.is_empty() {
@@ -164,19 +180,21 @@ impl PollStore for PostgresStore {
         Ok(sql_common::created(id, poll, created_at))
     }
 
-    async fn list_polls(&self) -> Result<Vec<Poll>, StoreError> {
-        self.polls_where(None).await.map_err(err("list polls"))
+    async fn list_polls(&self, page: PollPage) -> Result<Vec<Poll>, StoreError> {
+        self.polls_where(None, page)
+            .await
+            .map_err(err("list polls"))
     }
 
     async fn get_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError> {
-        let polls = self.polls_where(Some(&[id])).await;
+        let polls = self.polls_where(Some(&[id]), PollPage::ALL).await;
         Ok(polls.map_err(err("get poll"))?.into_iter().next())
     }
 
     async fn get_polls(&self, ids: &[PollId]) -> Result<Vec<Poll>, StoreError> {
         let mut polls = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(LIST_LIMIT as usize) {
-            let read = self.polls_where(Some(chunk)).await;
+            let read = self.polls_where(Some(chunk), PollPage::ALL).await;
             polls.extend(read.map_err(err("get polls"))?);
         }
         Ok(polls)
@@ -186,7 +204,7 @@ impl PollStore for PostgresStore {
         let closed: Option<bool> =
             sqlx::query_scalar("SELECT closed_at IS NOT NULL FROM polls WHERE id = $1")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.flags)
                 .await
                 .map_err(err("read poll state"))?;
         Ok(closed)
@@ -195,7 +213,7 @@ impl PollStore for PostgresStore {
     async fn closed_among(&self, ids: &[PollId]) -> Result<Vec<PollId>, StoreError> {
         sqlx::query_scalar("SELECT id FROM polls WHERE closed_at IS NOT NULL AND id = ANY($1)")
             .bind(ids)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.flags)
             .await
             .map_err(err("read poll states"))
     }

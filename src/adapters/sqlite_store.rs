@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use pollcast_actors::ballot;
 use pollcast_actors::domain::{UnixMillis, now_millis};
 use pollcast_actors::{
-    FlushOutcome, LedgerRow, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollStore,
-    StoreError, Vote, Voter,
+    FlushOutcome, LedgerRow, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollPage,
+    PollStore, StoreError, Vote, Voter,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -117,6 +117,9 @@ pub struct SqliteStore {
     /// spinning on SQLITE_BUSY.
     writer: SqlitePool,
     readers: SqlitePool,
+    /// The vote path's own reader (closed flags). Why its own: listing, exports and
+    /// snapshots queue on `readers`, and a vote must never wait behind them.
+    flags: SqlitePool,
     /// Flushes, applied by the group-committing writer task.
     flushes: mpsc::Sender<FlushJob>,
 }
@@ -154,6 +157,11 @@ impl SqliteStore {
             .map_err(|e| StoreError::new("migrate the database", e))?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
+            .connect_with(options.clone().read_only(true))
+            .await
+            .map_err(err("open the database for reading"))?;
+        let flags = SqlitePoolOptions::new()
+            .max_connections(1)
             .connect_with(options.read_only(true))
             .await
             .map_err(err("open the database for reading"))?;
@@ -162,6 +170,7 @@ impl SqliteStore {
         Ok(Self {
             writer,
             readers,
+            flags,
             flushes,
         })
     }
@@ -209,22 +218,25 @@ impl SqliteStore {
         // mode a read transaction sees one snapshot.
         let mut conn = self.readers.begin().await?;
         let filter = match which {
-            Which::All => "",
+            Which::Page(_) => "WHERE id < ?",
             Which::One(_) => "WHERE id = ?",
             // One JSON array parameter, whatever the number of ids.
             Which::Among(_) => "WHERE id IN (SELECT value FROM json_each(?))",
         };
-        let sql = format!(
-            "SELECT {POLL_COLUMNS} FROM polls {filter} ORDER BY id DESC LIMIT {LIST_LIMIT}"
-        );
+        let sql = format!("SELECT {POLL_COLUMNS} FROM polls {filter} ORDER BY id DESC LIMIT ?");
         let mut query = sqlx::query(&sql);
+        let mut limit = LIST_LIMIT;
         match which {
-            Which::All => {}
+            Which::Page(page) => {
+                query = query.bind(page.before.unwrap_or(PollId::MAX));
+                limit = page.limit.min(LIST_LIMIT);
+            }
             Which::One(id) => query = query.bind(id),
             Which::Among(ids) => {
                 query = query.bind(serde_json::to_string(ids).expect("ids serialize"))
             }
         }
+        let query = query.bind(limit);
         let rows = query.fetch_all(&mut *conn).await?;
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -240,8 +252,8 @@ impl SqliteStore {
 /// Which polls [`SqliteStore::polls_where`] reads.
 #[derive(Clone, Copy)]
 enum Which<'a> {
-    /// The newest [`LIST_LIMIT`].
-    All,
+    /// One page of the list (at most [`LIST_LIMIT`]).
+    Page(PollPage),
     One(PollId),
     /// At most [`LIST_LIMIT`] ids.
     Among(&'a [PollId]),
@@ -282,8 +294,8 @@ impl PollStore for SqliteStore {
         Ok(sql_common::created(id, poll, created_at))
     }
 
-    async fn list_polls(&self) -> Result<Vec<Poll>, StoreError> {
-        self.polls_where(Which::All)
+    async fn list_polls(&self, page: PollPage) -> Result<Vec<Poll>, StoreError> {
+        self.polls_where(Which::Page(page))
             .await
             .map_err(err("list polls"))
     }
@@ -309,7 +321,7 @@ impl PollStore for SqliteStore {
         let closed: Option<bool> =
             sqlx::query_scalar("SELECT closed_at IS NOT NULL FROM polls WHERE id = ?")
                 .bind(id)
-                .fetch_optional(&self.readers)
+                .fetch_optional(&self.flags)
                 .await
                 .map_err(err("read poll state"))?;
         Ok(closed)
@@ -323,7 +335,7 @@ impl PollStore for SqliteStore {
              AND id IN (SELECT value FROM json_each(?))",
         )
         .bind(ids)
-        .fetch_all(&self.readers)
+        .fetch_all(&self.flags)
         .await
         .map_err(err("read poll states"))
     }

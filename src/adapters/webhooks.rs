@@ -1241,7 +1241,7 @@ mod tests {
         async fn create_poll(&self, _poll: NewPoll) -> Result<Poll, StoreError> {
             Err(unused("create_poll"))
         }
-        async fn list_polls(&self) -> Result<Vec<Poll>, StoreError> {
+        async fn list_polls(&self, _: pollcast_actors::PollPage) -> Result<Vec<Poll>, StoreError> {
             Err(unused("list_polls"))
         }
         async fn get_poll(&self, id: PollId) -> Result<Option<Poll>, StoreError> {

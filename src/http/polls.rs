@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use pollcast_actors::PollId;
 use pollcast_actors::domain::now_millis;
+use pollcast_actors::{PollId, PollPage};
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -23,6 +23,8 @@ pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
     let list = warp::path!("polls")
         .and(warp::get())
         .and(with_ctx(ctx))
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(super::rate_limit::charge(&ctx.limits))
         .and_then(list);
     let get = warp::path!("polls" / PollId)
         .and(warp::get())
@@ -69,15 +71,58 @@ async fn create(ctx: Arc<ApiContext>, body: CreatePollRequest) -> Result<Respons
     Ok(json_reply(&created, StatusCode::CREATED))
 }
 
-async fn list(ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
+/// Polls a page holds unless the client asks for fewer or more, and at most.
+pub const PAGE_DEFAULT: i64 = 50;
+pub const PAGE_MAX: i64 = 200;
+/// Polls per extra request charged to the client's rate limit: a long page costs the server
+/// (and the store) as much as that many small requests.
+const POLLS_PER_CHARGE: i64 = 10;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<i64>,
+    before: Option<PollId>,
+}
+
+async fn list(
+    ctx: Arc<ApiContext>,
+    query: String,
+    charge: super::rate_limit::Charge,
+) -> Result<Response, Rejection> {
+    let query: ListQuery = serde_urlencoded::from_str(&query)
+        .map_err(|e| ApiError::Invalid(format!("bad query: {e} (expected limit and before)")))?;
+    let limit = query.limit.unwrap_or(PAGE_DEFAULT);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        return Err(ApiError::Invalid(format!("limit must be 1..={PAGE_MAX}")).into());
+    }
+    charge.extra((limit / POLLS_PER_CHARGE) as u32)?;
+    let page = PollPage {
+        before: query.before,
+        limit,
+    };
     let polls = ctx
         .store
-        .list_polls()
+        .list_polls(page)
         .await
         .map_err(ApiError::unavailable)?;
+    // A full page may have more behind it: the cursor is its last (oldest) id.
+    let next = (polls.len() as i64 == limit)
+        .then(|| polls.last().map(|p| p.id))
+        .flatten();
     let now = now_millis();
     let views: Vec<PollView> = polls.into_iter().map(|p| PollView::at(p, now)).collect();
-    Ok(json_reply(&views, StatusCode::OK))
+    let mut reply = json_reply(&views, StatusCode::OK);
+    if let Some(next) = next {
+        let headers = reply.headers_mut();
+        headers.insert("pollcast-next-before", next.into());
+        let link = format!("</polls?before={next}&limit={limit}>; rel=\"next\"");
+        headers.insert(
+            "link",
+            warp::http::HeaderValue::from_str(&link).expect("a link is a valid header value"),
+        );
+    }
+    Ok(reply)
 }
 
 async fn get(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {

@@ -102,6 +102,76 @@ async fn polls_are_listed_newest_first(backend: Backend) {
     assert_eq!(ids, [second, first]);
 }
 
+async fn the_poll_list_comes_in_pages_with_a_cursor(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut created = Vec::new();
+    for _ in 0..5 {
+        created.push(app.api.create_poll(&["A", "B"]).await);
+    }
+    created.reverse(); // newest first, as listed
+    let page = |query: String| {
+        let api = app.api.clone();
+        async move {
+            let response = api
+                .http
+                .get(api.url(&format!("/polls{query}")))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let next = response
+                .headers()
+                .get("pollcast-next-before")
+                .map(|v| v.to_str().unwrap().parse::<i64>().unwrap());
+            let body: Value = response.json().await.unwrap();
+            let ids: Vec<i64> = body
+                .as_array()
+                .map(|polls| polls.iter().map(|p| p["id"].as_i64().unwrap()).collect())
+                .unwrap_or_default();
+            (status, ids, next)
+        }
+    };
+    let (status, first, next) = page("?limit=2".into()).await;
+    assert_eq!((status, &first[..]), (200, &created[..2]));
+    let (_, second, next) = page(format!("?limit=2&before={}", next.unwrap())).await;
+    assert_eq!(second, created[2..4]);
+    let (_, last, next) = page(format!("?limit=2&before={}", next.unwrap())).await;
+    assert_eq!(
+        (&last[..], next),
+        (&created[4..], None),
+        "no cursor after the last page"
+    );
+    let (_, all, next) = page(String::new()).await;
+    assert_eq!(
+        (all, next),
+        (created.clone(), None),
+        "a default page holds them all"
+    );
+    for bad in ["?limit=0", "?limit=201", "?limit=x", "?before=1&nope=2"] {
+        assert_eq!(page(bad.into()).await.0, 422, "{bad}");
+    }
+}
+
+async fn a_long_page_costs_the_client_more_of_its_rate_limit(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.rate_limit.per_ip_per_sec = 1;
+        s.rate_limit.per_ip_burst = 30;
+    })
+    .await;
+    let status = |query: &'static str| {
+        let api = app.api.clone();
+        async move {
+            let url = api.url(&format!("/polls{query}"));
+            api.http.get(url).send().await.unwrap().status().as_u16()
+        }
+    };
+    // 1 + 200 / 10 = 21 of the burst of 30: the second long page does not fit.
+    assert_eq!(status("?limit=200").await, 200);
+    assert_eq!(status("?limit=200").await, 429);
+    // Small requests still fit in what is left.
+    assert_eq!(status("?limit=5").await, 200);
+}
+
 async fn unknown_poll_is_404_with_a_json_error(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (status, body) = app.api.get("/polls/999").await;
@@ -217,6 +287,8 @@ crate::contract_tests!(
     poll_body_of_wrong_shape_is_422_and_not_json_is_400,
     oversized_body_is_rejected_with_413,
     polls_are_listed_newest_first,
+    the_poll_list_comes_in_pages_with_a_cursor,
+    a_long_page_costs_the_client_more_of_its_rate_limit,
     unknown_poll_is_404_with_a_json_error,
     closing_a_poll_marks_it_closed_and_is_idempotent,
     closing_an_unknown_poll_is_404,
