@@ -6,6 +6,7 @@
 //! request and returned in `x-request-id`.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use pollcast_actors::{HttpServer, ServeFuture};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -92,6 +93,12 @@ impl PerIp {
         Some(IpSlot(Some((self.clone(), ip))))
     }
 }
+
+/// A connection's place under `max_connections` and `max_connections_per_ip`, given back
+/// when the last clone is dropped: when the connection ends, or the WebSocket session it was
+/// upgraded to.
+#[derive(Clone)]
+pub struct ConnectionHold(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, IpSlot)>);
 
 /// One connection's share of its address's cap, given back when the connection ends.
 struct IpSlot(Option<(PerIp, IpAddr)>);
@@ -286,14 +293,15 @@ async fn accept_loop<S>(
         let (service, builder, tls) = (service.clone(), builder.clone(), tls.clone());
         let watcher = graceful.watcher();
         let deadline = accepted + limits.header_read_timeout;
+        let hold = ConnectionHold(Arc::new((permit, slot)));
         tokio::spawn(async move {
-            let _held = (permit, slot);
             let Some(tls) = tls else {
-                return serve_connection(stream, peer, service, builder, watcher, deadline).await;
+                return serve_connection(stream, peer, service, builder, watcher, deadline, hold)
+                    .await;
             };
             match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
                 Ok(Ok(stream)) => {
-                    serve_connection(stream, peer, service, builder, watcher, deadline).await
+                    serve_connection(stream, peer, service, builder, watcher, deadline, hold).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -314,6 +322,7 @@ async fn serve_connection<I, S>(
     builder: Builder<TokioExecutor>,
     watcher: Watcher,
     deadline: Instant,
+    hold: ConnectionHold,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = warp::reply::Response, Error = Infallible>
@@ -327,7 +336,7 @@ async fn serve_connection<I, S>(
     let handler = hyper::service::service_fn(move |req| {
         // Why a relaxed store: it only has to be seen by this connection's own task, later.
         first.store(true, Ordering::Relaxed);
-        handle(service.clone(), peer, req)
+        handle(service.clone(), peer, &hold, req)
     });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), handler)
@@ -372,11 +381,12 @@ pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
 }
 
 /// Runs one request through the routes, inside a span carrying its request id.
-async fn handle<S>(
+fn handle<S>(
     mut service: S,
     peer: SocketAddr,
+    hold: &ConnectionHold,
     mut req: Request<Incoming>,
-) -> Result<warp::reply::Response, Infallible>
+) -> impl Future<Output = Result<warp::reply::Response, Infallible>> + use<S>
 where
     S: Service<Request<Incoming>, Response = warp::reply::Response, Error = Infallible>,
 {
@@ -388,7 +398,7 @@ where
         // the WebSocket route upgrades the connection itself (see `ws.rs`).
         let upgrade = hyper::upgrade::on(&mut req);
         req.extensions_mut()
-            .insert(super::ws::PendingUpgrade::new(upgrade));
+            .insert(super::ws::PendingUpgrade::new(upgrade, hold.clone()));
     }
     let span = tracing::info_span!(
         "request",
@@ -396,9 +406,14 @@ where
         method = %req.method(),
         path = req.uri().path(),
     );
-    let mut resp = service.call(req).instrument(span).await?;
-    resp.headers_mut().insert(X_REQUEST_ID, id);
-    Ok(resp)
+    // Why an async block after the synchronous part: the hold is borrowed, not moved into
+    // every request's future (only an upgrade takes a clone of it).
+    let call = service.call(req).instrument(span);
+    async move {
+        let mut resp = call.await?;
+        resp.headers_mut().insert(X_REQUEST_ID, id);
+        Ok(resp)
+    }
 }
 
 /// The client's `x-request-id` when it is short and printable, else a new random one.

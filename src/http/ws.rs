@@ -22,6 +22,7 @@ use warp::{Filter, Rejection, Reply};
 
 use super::error::ApiError;
 use super::models::{PollView, Snapshot};
+use super::server::ConnectionHold;
 use super::{ApiContext, with_ctx};
 
 /// Clients only send pings and close frames; anything big is abuse.
@@ -45,16 +46,18 @@ type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// The connection upgrade of a request, set aside by the server before routing (warp keeps
 /// its own out of reach). Cloneable so that a filter can take it from the extensions.
+/// It carries the connection's place under the connection caps too: hyper ends the
+/// connection's own task at the upgrade, and the session must go on holding that place.
 #[derive(Clone)]
-pub struct PendingUpgrade(Arc<Mutex<Option<OnUpgrade>>>);
+pub struct PendingUpgrade(Arc<Mutex<Option<(OnUpgrade, ConnectionHold)>>>);
 
 impl PendingUpgrade {
-    /// Holds `upgrade` until the WebSocket route takes it.
-    pub fn new(upgrade: OnUpgrade) -> Self {
-        Self(Arc::new(Mutex::new(Some(upgrade))))
+    /// Holds `upgrade`, and the connection's `hold`, until the WebSocket route takes them.
+    pub fn new(upgrade: OnUpgrade, hold: ConnectionHold) -> Self {
+        Self(Arc::new(Mutex::new(Some((upgrade, hold)))))
     }
 
-    fn take(&self) -> Option<OnUpgrade> {
+    fn take(&self) -> Option<(OnUpgrade, ConnectionHold)> {
         self.0.lock().expect("not poisoned").take()
     }
 }
@@ -105,7 +108,7 @@ async fn upgrade(
         .await
         .map_err(ApiError::unavailable)?
         .ok_or(ApiError::PollNotFound(poll_id))?;
-    let Some(on_upgrade) = pending.and_then(|p| p.take()) else {
+    let Some((on_upgrade, hold)) = pending.and_then(|p| p.take()) else {
         return Err(ApiError::BadRequest("this connection cannot be upgraded".into()).into());
     };
     let snapshot = Snapshot {
@@ -123,6 +126,7 @@ async fn upgrade(
         keepalive: ctx.keepalive,
     };
     ctx.sessions.spawn(async move {
+        let _counted_under_the_caps = hold;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
