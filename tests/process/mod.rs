@@ -1,3 +1,4 @@
+mod adversarial;
 mod cluster;
 mod config;
 mod crash;
