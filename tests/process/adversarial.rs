@@ -108,7 +108,7 @@ async fn normal_client(api: Api, poll: i64, stop: Arc<AtomicBool>) -> Normal {
             Ok((status, body)) => normal.refused.push(format!("{status} {body}")),
             Err(_) => normal.refused.push("no answer".into()),
         }
-        if n.is_multiple_of(10) {
+        if n % 10 == 0 {
             let health = tokio::time::timeout(STALL, api.get("/healthz")).await;
             if !matches!(health, Ok((200, _))) {
                 normal.health_failures += 1;
