@@ -43,11 +43,55 @@ port_error!(
     StoreError,
     "store:"
 );
-port_error!(
-    /// The vote log could not append, read or commit.
-    LogError,
-    "vote log:"
-);
+/// The vote log could not append, read or commit.
+#[derive(Debug)]
+pub struct LogError {
+    /// The operation that failed, for the log line and the 503 body.
+    pub what: &'static str,
+    /// What the backend said.
+    pub source: BoxError,
+    /// Whether an append may still take effect: the log gave no answer in time (a Kafka
+    /// producer still holds the record and may deliver it), as opposed to a definite refusal.
+    /// The vote path keeps the voter's claim then, so that a retry with the same vote id is
+    /// a retry and not a second ballot.
+    pub outcome_unknown: bool,
+}
+
+impl std::fmt::Display for LogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "vote log: {}: {}", self.what, self.source)?;
+        if self.outcome_unknown {
+            f.write_str(" (outcome unknown: it may still be appended)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LogError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+impl LogError {
+    /// Wraps a backend error with the name of the operation that failed: nothing was done.
+    pub fn new(what: &'static str, source: impl Into<BoxError>) -> Self {
+        Self {
+            what,
+            source: source.into(),
+            outcome_unknown: false,
+        }
+    }
+
+    /// An append whose outcome is not known: it may still be appended (the field
+    /// `outcome_unknown` is set).
+    pub fn outcome_unknown(what: &'static str, source: impl Into<BoxError>) -> Self {
+        Self {
+            outcome_unknown: true,
+            ..Self::new(what, source)
+        }
+    }
+}
 port_error!(
     /// The duplicate guard could not be reached.
     GuardError,
