@@ -283,6 +283,7 @@ impl PollStore for PostgresStore {
                 .map_err(err("read poll version"))?;
             let all = Self::counts(&mut tx, poll).await?;
             tx.commit().await.map_err(err("commit flush"))?;
+            sql_common::report_reused(plan.reused.iter().map(|v| (poll, *v)));
             return Ok(sql_common::outcome(
                 &plan.deltas,
                 plan.inserts.len() as u64,
@@ -354,6 +355,7 @@ impl PollStore for PostgresStore {
         .map_err(err("bump poll version"))?;
         let all = Self::counts(&mut tx, poll).await?;
         tx.commit().await.map_err(err("commit flush"))?;
+        sql_common::report_reused(plan.reused.iter().map(|v| (poll, *v)));
         Ok(sql_common::outcome(
             &plan.deltas,
             plan.inserts.len() as u64,
