@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::{CountsUpdate, LogEntry, NewPoll, OptionCount, Poll, PollId, UnixMillis, Vote};
+use crate::domain::{
+    CountsUpdate, LogEntry, NewPoll, OptionCount, OptionId, Poll, PollId, UnixMillis, Vote,
+};
 
 /// Any error from a backend, kept as its source so logs show the whole chain.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -213,6 +215,8 @@ pub struct Voter {
     pub user_id: String,
     /// The vote id of the ballot (empty when the vote had none).
     pub vote_id: String,
+    /// The options of the ballot.
+    pub choices: Vec<OptionId>,
 }
 
 /// One row of a poll's ledger: a counted vote, current or replaced by a later one.
@@ -329,10 +333,16 @@ pub trait VoteSourceFactory: Send + Sync + 'static {
 /// What [`DedupGuard::claim`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// Nobody had claimed (poll, user): the claim is now this vote's.
+    /// Nobody had claimed (poll, user): the claim is now this attempt's.
     Fresh,
-    /// The claim is held by a vote with the same vote id: this is a retry of it.
+    /// The claim is held by a vote with the same vote id and the same ballot: this is a retry
+    /// of it. The claim is now this attempt's (an earlier attempt that fails can no longer
+    /// release it), except for a claim written by an older pollcast, which stays as it is.
     Retry,
+    /// The claim is held by a vote with the same vote id but another ballot: the id (an
+    /// `Idempotency-Key`) was reused for a different vote, which must be refused rather than
+    /// acknowledged and then skipped by the ledger.
+    Reused,
     /// The claim is held by another vote of this user: a duplicate.
     Taken,
 }
@@ -340,13 +350,18 @@ pub enum Claim {
 /// The fast-path duplicate guard: at most one accepted vote per (poll, user) while a claim
 /// lives. The store's ledger stays the truth; the guard only turns most duplicates into a 409
 /// before they reach the log.
+///
+/// A claim records the vote id, the ballot (its options, in any order) and the attempt that
+/// made or last retried it. Attempts are random numbers the caller draws per request.
 #[async_trait]
 pub trait DedupGuard: Send + Sync + 'static {
-    /// Atomically claims (poll, user) for the vote `vote_id`.
-    async fn claim(&self, poll: PollId, user: &str, vote_id: &str) -> Result<Claim, GuardError>;
+    /// Atomically claims (vote.poll_id, vote.user_id) for this vote, as attempt `attempt`.
+    async fn claim(&self, vote: &Vote, attempt: u64) -> Result<Claim, GuardError>;
 
-    /// Releases a claim whose vote could not be appended, so the voter may retry.
-    async fn release(&self, poll: PollId, user: &str) -> Result<(), GuardError>;
+    /// Releases the claim of a vote that could not be appended, so the voter may retry, but
+    /// only while attempt `attempt` still holds it (checked and deleted in one step): a claim
+    /// a retry took over, or another vote's, is left alone. Returns whether it was released.
+    async fn release(&self, poll: PollId, user: &str, attempt: u64) -> Result<bool, GuardError>;
 
     /// Cheap round trip, for readiness checks.
     async fn ping(&self) -> Result<(), GuardError>;

@@ -403,8 +403,8 @@ impl PollStore for PostgresStore {
     }
 
     async fn voters_since(&self, since: UnixMillis) -> Result<Vec<Voter>, StoreError> {
-        let rows: Vec<(PollId, String, String)> = sqlx::query_as(
-            "SELECT poll_id, user_id, vote_id FROM votes WHERE current AND voted_at >= $1",
+        let rows: Vec<(PollId, String, String, String)> = sqlx::query_as(
+            "SELECT poll_id, user_id, vote_id, choices FROM votes WHERE current AND voted_at >= $1",
         )
         .bind(since)
         .fetch_all(&self.pool)

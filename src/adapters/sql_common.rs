@@ -179,13 +179,14 @@ pub fn outcome(
     }
 }
 
-/// Voters from `(poll_id, user_id, vote_id)` rows.
-pub fn voters(rows: Vec<(PollId, String, String)>) -> Vec<Voter> {
+/// Voters from `(poll_id, user_id, vote_id, choices)` rows.
+pub fn voters(rows: Vec<(PollId, String, String, String)>) -> Vec<Voter> {
     rows.into_iter()
-        .map(|(poll_id, user_id, vote_id)| Voter {
+        .map(|(poll_id, user_id, vote_id, choices)| Voter {
             poll_id,
             user_id,
             vote_id,
+            choices: ballot::decode_choices(&choices),
         })
         .collect()
 }
