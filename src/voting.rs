@@ -393,13 +393,17 @@ pub enum VoteRejection {
     /// This user already voted in this poll.
     #[error("user already voted in poll {0}")]
     Duplicate(PollId),
+    /// The vote id (idempotency key) was used before by this user in this poll, for another
+    /// ballot.
+    #[error("this voteId (Idempotency-Key) was already used in poll {0} for another ballot")]
+    VoteIdReused(PollId),
     /// The store could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The duplicate guard could not be reached; nothing was appended.
     #[error(transparent)]
     Guard(#[from] GuardError),
-    /// The vote could not be made durable; the claim was released.
+    /// The vote could not be made durable; the claim was released if it certainly was not.
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -463,23 +467,36 @@ impl VoteIntake {
     }
 
     async fn claim_and_append(&self, vote: Vote, allow_change: bool) -> Result<(), VoteRejection> {
-        let claim = self
-            .guard
-            .claim(vote.poll_id, &vote.user_id, vote.ledger_id())
-            .await?;
+        // Random, so that a claim names the request that holds it, across processes too.
+        let attempt: u64 = rand::random();
+        let claim = self.guard.claim(&vote, attempt).await?;
         // A retry is appended again rather than answered from memory: the first attempt may
         // still be failing, and the ledger applies the vote id once however often it is read.
         // A change is appended too where the poll allows it; the ledger orders it after the
-        // ballot it replaces.
-        if claim == Claim::Taken && !allow_change {
-            return Err(VoteRejection::Duplicate(vote.poll_id));
+        // ballot it replaces. A vote id reused for another ballot never is: the ledger would
+        // skip it as the vote already applied, and a 202 must mean "counted".
+        match claim {
+            Claim::Reused => return Err(VoteRejection::VoteIdReused(vote.poll_id)),
+            Claim::Taken if !allow_change => return Err(VoteRejection::Duplicate(vote.poll_id)),
+            _ => {}
         }
         let (poll_id, user_id) = (vote.poll_id, vote.user_id.clone());
         if let Err(err) = self.log.append(LogEntry::Vote(vote)).await {
-            if claim == Claim::Fresh
-                && let Err(release) = self.guard.release(poll_id, &user_id).await
-            {
-                tracing::error!(poll_id, user_id = %user_id, error = %release, "could not release the claim of a vote that was not appended");
+            // Released only where this attempt made the claim and the vote is certainly not
+            // in the log: a retry's claim may stand for an earlier attempt still in flight,
+            // and a vote whose append has an unknown outcome may yet be delivered and counted
+            // (then a retry with its vote id is a retry, and another vote a 409). The guard
+            // releases the claim only while this attempt holds it.
+            if claim == Claim::Fresh && !err.outcome_unknown {
+                match self.guard.release(poll_id, &user_id, attempt).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!(poll_id, user_id = %user_id, "the claim of a vote that was not appended was taken over by a retry; kept");
+                    }
+                    Err(release) => {
+                        tracing::error!(poll_id, user_id = %user_id, error = %release, "could not release the claim of a vote that was not appended");
+                    }
+                }
             }
             return Err(err.into());
         }
@@ -690,5 +707,135 @@ mod tests {
         catalog.get(polls[0]).await.unwrap();
         assert_eq!(catalog.refresh().await.unwrap(), 1);
         assert!(closed(&catalog, polls[0]).await);
+    }
+
+    /// What [`ScriptedLog`] does with one append.
+    enum Step {
+        Append,
+        Fail {
+            outcome_unknown: bool,
+        },
+        /// Says it started, waits to be let go, then fails definitely.
+        SlowFail {
+            started: oneshot::Sender<()>,
+            go: oneshot::Receiver<()>,
+        },
+    }
+
+    /// A vote log that answers each append with the next step of its script.
+    struct ScriptedLog(std::sync::Mutex<std::collections::VecDeque<Step>>);
+
+    impl ScriptedLog {
+        fn new(steps: impl IntoIterator<Item = Step>) -> Arc<Self> {
+            Arc::new(Self(std::sync::Mutex::new(steps.into_iter().collect())))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl VoteAppender for ScriptedLog {
+        async fn append(&self, _entry: LogEntry) -> Result<(), LogError> {
+            let step = self.0.lock().unwrap().pop_front().unwrap_or(Step::Append);
+            match step {
+                Step::Append => Ok(()),
+                Step::Fail { outcome_unknown } if outcome_unknown => {
+                    Err(LogError::outcome_unknown("append", "no delivery report"))
+                }
+                Step::Fail { .. } => Err(LogError::new("append", "refused")),
+                Step::SlowFail { started, go } => {
+                    started.send(()).unwrap();
+                    go.await.unwrap();
+                    Err(LogError::new("append", "refused, late"))
+                }
+            }
+        }
+    }
+
+    /// A vote path over one open poll (options 1 and 2), an in-process guard and `log`.
+    async fn intake_with(log: Arc<ScriptedLog>) -> (tempfile::TempDir, VoteIntake, PollId) {
+        let (dir, catalog, polls) = catalog_of(1).await;
+        let guard = Arc::new(crate::adapters::MemoryGuard::new(Duration::from_secs(60)));
+        (dir, VoteIntake::new(catalog, guard, log), polls[0])
+    }
+
+    fn vote(poll: PollId, id: &str) -> Vote {
+        Vote {
+            vote_id: Some(id.into()),
+            ..Vote::single(poll, 1, "u")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_definite_append_failure_releases_the_claim_for_another_vote() {
+        let log = ScriptedLog::new([Step::Fail {
+            outcome_unknown: false,
+        }]);
+        let (_dir, intake, poll) = intake_with(log).await;
+        let failed = intake.submit(vote(poll, "a")).await;
+        assert!(matches!(failed, Err(VoteRejection::Log(_))), "{failed:?}");
+        intake
+            .submit(vote(poll, "b"))
+            .await
+            .expect("not a duplicate of a vote that is not in the log");
+    }
+
+    #[tokio::test]
+    async fn an_append_of_unknown_outcome_keeps_the_claim_for_its_retry() {
+        let log = ScriptedLog::new([Step::Fail {
+            outcome_unknown: true,
+        }]);
+        let (_dir, intake, poll) = intake_with(log).await;
+        let failed = intake.submit(vote(poll, "a")).await;
+        assert!(matches!(failed, Err(VoteRejection::Log(_))), "{failed:?}");
+        let other = intake.submit(vote(poll, "b")).await;
+        assert!(
+            matches!(other, Err(VoteRejection::Duplicate(_))),
+            "the first vote may still be counted: {other:?}"
+        );
+        intake
+            .submit(vote(poll, "a"))
+            .await
+            .expect("its retry is accepted");
+    }
+
+    #[tokio::test]
+    async fn a_slow_attempt_that_fails_late_keeps_the_claim_of_its_successful_retry() {
+        let (started, started_rx) = oneshot::channel();
+        let (go, go_rx) = oneshot::channel();
+        let log = ScriptedLog::new([Step::SlowFail { started, go: go_rx }]);
+        let (_dir, intake, poll) = intake_with(log).await;
+        let first = tokio::spawn({
+            let intake = intake.clone();
+            async move { intake.submit(vote(poll, "a")).await }
+        });
+        started_rx.await.unwrap();
+        intake
+            .submit(vote(poll, "a"))
+            .await
+            .expect("the retry is appended");
+        go.send(()).unwrap();
+        let first = first.await.unwrap();
+        assert!(matches!(first, Err(VoteRejection::Log(_))), "{first:?}");
+        let other = intake.submit(vote(poll, "b")).await;
+        assert!(
+            matches!(other, Err(VoteRejection::Duplicate(_))),
+            "the retry's vote is in the log: {other:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_vote_id_reused_for_another_ballot_is_refused_before_the_log() {
+        let log = ScriptedLog::new([Step::Append]);
+        let (_dir, intake, poll) = intake_with(log.clone()).await;
+        intake.submit(vote(poll, "a")).await.unwrap();
+        let other_ballot = Vote {
+            choices: vec![2],
+            ..vote(poll, "a")
+        };
+        let refused = intake.submit(other_ballot).await;
+        assert!(
+            matches!(refused, Err(VoteRejection::VoteIdReused(_))),
+            "{refused:?}"
+        );
+        intake.submit(vote(poll, "a")).await.expect("a retry");
     }
 }

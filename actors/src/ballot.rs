@@ -9,8 +9,11 @@
 //! - A later ballot of the same voter is skipped, unless the poll allows changes; then it
 //!   replaces the current one: its options lose a vote, the new ones gain one, and both stay
 //!   in the ledger (the old one no longer current).
+//! - A vote whose (user, vote id) is already in the ledger *with another ballot* is skipped
+//!   too, but reported in [`BallotPlan::reused`]: its vote id was reused for a different
+//!   vote, which the duplicate guard should have refused and which cannot be counted.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use crate::domain::{OptionId, Vote};
 
@@ -19,9 +22,9 @@ use crate::domain::{OptionId, Vote};
 pub struct LedgerView {
     /// Each voter's current ballot.
     pub current: HashMap<String, Vec<OptionId>>,
-    /// (user, vote id) pairs already in the ledger. Only needed where changes are allowed:
-    /// elsewhere a voter with a ballot has nothing more counted anyway.
-    pub applied: HashSet<(String, String)>,
+    /// (user, vote id) pairs already in the ledger, with their options (to tell a replay
+    /// from a vote id reused for another ballot).
+    pub applied: HashMap<(String, String), Vec<OptionId>>,
 }
 
 /// A vote to insert into the ledger.
@@ -45,6 +48,9 @@ pub struct BallotPlan<'a> {
     pub deltas: BTreeMap<OptionId, i64>,
     /// Voters counted for the first time.
     pub new_voters: i64,
+    /// Votes skipped because their (user, vote id) is in the ledger, or earlier in the batch,
+    /// with another ballot: each was acknowledged but is not counted (see [`same_ballot`]).
+    pub reused: Vec<&'a Vote>,
 }
 
 impl BallotPlan<'_> {
@@ -60,12 +66,23 @@ pub fn plan<'a>(allow_change: bool, ledger: &LedgerView, votes: &'a [Vote]) -> B
     // Each voter's ballot as the batch goes, and where it came from: the ledger, or the
     // index in `out.inserts` of the row that is current so far.
     let mut ballots: HashMap<&str, (&[OptionId], Option<usize>)> = HashMap::new();
-    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    let mut seen: HashMap<(&str, &str), &[OptionId]> = HashMap::new();
     for vote in votes {
         let (user, id) = (vote.user_id.as_str(), vote.ledger_id());
-        if !seen.insert((user, id)) || ledger.applied.contains(&(user.to_owned(), id.to_owned())) {
+        let earlier = match seen.get(&(user, id)) {
+            Some(choices) => Some(*choices),
+            None => ledger
+                .applied
+                .get(&(user.to_owned(), id.to_owned()))
+                .map(Vec::as_slice),
+        };
+        if let Some(earlier) = earlier {
+            if !same_ballot(earlier, &vote.choices) {
+                out.reused.push(vote);
+            }
             continue;
         }
+        seen.insert((user, id), &vote.choices);
         let before = ballots
             .get(user)
             .copied()
@@ -97,6 +114,22 @@ pub fn plan<'a>(allow_change: bool, ledger: &LedgerView, votes: &'a [Vote]) -> B
     }
     out.deltas.retain(|_, d| *d != 0);
     out
+}
+
+/// Whether two ballots choose the same options, in whatever order.
+pub fn same_ballot(a: &[OptionId], b: &[OptionId]) -> bool {
+    a.len() == b.len() && a.iter().all(|o| b.contains(o)) && b.iter().all(|o| a.contains(o))
+}
+
+/// A ballot's options in one canonical text, whatever their order: `1,3` for `[3, 1]`. What
+/// the Redis duplicate guard keeps of a ballot.
+pub fn canonical_choices(choices: &[OptionId]) -> String {
+    if choices.is_sorted() {
+        return encode_choices(choices);
+    }
+    let mut sorted = choices.to_vec();
+    sorted.sort_unstable();
+    encode_choices(&sorted)
 }
 
 /// Options as the ledger stores them: `1,3`.
@@ -132,7 +165,10 @@ mod tests {
         }
     }
 
-    fn ledger(current: &[(&str, &[OptionId])], applied: &[(&str, &str)]) -> LedgerView {
+    fn ledger(
+        current: &[(&str, &[OptionId])],
+        applied: &[(&str, &str, &[OptionId])],
+    ) -> LedgerView {
         LedgerView {
             current: current
                 .iter()
@@ -140,7 +176,7 @@ mod tests {
                 .collect(),
             applied: applied
                 .iter()
-                .map(|(u, i)| (u.to_string(), i.to_string()))
+                .map(|(u, i, c)| ((u.to_string(), i.to_string()), c.to_vec()))
                 .collect(),
         }
     }
@@ -169,7 +205,7 @@ mod tests {
     #[test]
     fn a_change_moves_the_count_once_and_keeps_the_old_ballot_in_the_ledger() {
         let votes = [vote("a", "2", &[2])];
-        let plan = plan(true, &ledger(&[("a", &[1])], &[("a", "1")]), &votes);
+        let plan = plan(true, &ledger(&[("a", &[1])], &[("a", "1", &[1])]), &votes);
         assert_eq!(plan.deltas, BTreeMap::from([(1, -1), (2, 1)]));
         assert_eq!(plan.replaced, vec!["a"]);
         assert_eq!(plan.new_voters, 0);
@@ -179,7 +215,7 @@ mod tests {
     #[test]
     fn replaying_a_change_after_it_was_applied_changes_nothing() {
         let votes = [vote("a", "1", &[1]), vote("a", "2", &[2])];
-        let applied = ledger(&[("a", &[2])], &[("a", "1"), ("a", "2")]);
+        let applied = ledger(&[("a", &[2])], &[("a", "1", &[1]), ("a", "2", &[2])]);
         assert!(plan(true, &applied, &votes).is_empty());
     }
 
@@ -209,7 +245,11 @@ mod tests {
     #[test]
     fn changing_to_the_same_options_moves_no_count_but_is_recorded() {
         let votes = [vote("a", "2", &[2, 1])];
-        let plan = plan(true, &ledger(&[("a", &[1, 2])], &[("a", "1")]), &votes);
+        let plan = plan(
+            true,
+            &ledger(&[("a", &[1, 2])], &[("a", "1", &[1, 2])]),
+            &votes,
+        );
         assert!(plan.deltas.is_empty());
         assert_eq!(plan.inserts.len(), 1);
         assert_eq!(plan.replaced, vec!["a"]);
@@ -224,14 +264,57 @@ mod tests {
             vote("a", "3", &[2]),
         ];
         let first = plan(true, &LedgerView::default(), &votes);
-        let applied: Vec<(&str, &str)> = first
+        let applied: Vec<(&str, &str, &[OptionId])> = first
             .inserts
             .iter()
-            .map(|i| (i.vote.user_id.as_str(), i.vote.ledger_id()))
+            .map(|i| {
+                let v = i.vote;
+                (v.user_id.as_str(), v.ledger_id(), v.choices.as_slice())
+            })
             .collect();
         assert_eq!(applied.len(), 3, "every vote looked at is recorded");
         let replay = plan(true, &ledger(&[("a", &[2])], &applied), &votes);
         assert!(replay.is_empty(), "{replay:?}");
+        assert!(replay.reused.is_empty(), "a replay is not a reuse");
+    }
+
+    #[test]
+    fn a_vote_id_reused_for_another_ballot_is_skipped_and_reported() {
+        // Reused against the ledger (no changes allowed, and allowed), and within a batch.
+        for allow_change in [false, true] {
+            let votes = [vote("a", "1", &[3]), vote("a", "1", &[1])];
+            let plan = plan(
+                allow_change,
+                &ledger(&[("a", &[1])], &[("a", "1", &[1])]),
+                &votes,
+            );
+            assert!(plan.is_empty());
+            let reused: Vec<&[OptionId]> = plan.reused.iter().map(|v| &v.choices[..]).collect();
+            assert_eq!(
+                reused,
+                [&[3][..]],
+                "the same ballot again is a plain replay"
+            );
+        }
+        let votes = [
+            vote("b", "k", &[1, 2]),
+            vote("b", "k", &[2, 1]),
+            vote("b", "k", &[3]),
+        ];
+        let plan = plan(false, &LedgerView::default(), &votes);
+        assert_eq!(plan.inserts.len(), 1);
+        assert_eq!(plan.deltas, BTreeMap::from([(1, 1), (2, 1)]));
+        assert_eq!(plan.reused.len(), 1, "[2, 1] is the same ballot as [1, 2]");
+        assert_eq!(plan.reused[0].choices, [3]);
+    }
+
+    #[test]
+    fn a_ballots_canonical_text_ignores_the_order_of_its_options() {
+        assert_eq!(canonical_choices(&[3, 1, 12]), "1,3,12");
+        assert_eq!(canonical_choices(&[2]), "2");
+        assert!(same_ballot(&[1, 3], &[3, 1]));
+        assert!(!same_ballot(&[1, 3], &[1]));
+        assert!(!same_ballot(&[1, 3], &[1, 2]));
     }
 
     #[test]

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::{CountsUpdate, LogEntry, NewPoll, OptionCount, Poll, PollId, UnixMillis, Vote};
+use crate::domain::{
+    CountsUpdate, LogEntry, NewPoll, OptionCount, OptionId, Poll, PollId, UnixMillis, Vote,
+};
 
 /// Any error from a backend, kept as its source so logs show the whole chain.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -43,11 +45,55 @@ port_error!(
     StoreError,
     "store:"
 );
-port_error!(
-    /// The vote log could not append, read or commit.
-    LogError,
-    "vote log:"
-);
+/// The vote log could not append, read or commit.
+#[derive(Debug)]
+pub struct LogError {
+    /// The operation that failed, for the log line and the 503 body.
+    pub what: &'static str,
+    /// What the backend said.
+    pub source: BoxError,
+    /// Whether an append may still take effect: the log gave no answer in time (a Kafka
+    /// producer still holds the record and may deliver it), as opposed to a definite refusal.
+    /// The vote path keeps the voter's claim then, so that a retry with the same vote id is
+    /// a retry and not a second ballot.
+    pub outcome_unknown: bool,
+}
+
+impl std::fmt::Display for LogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "vote log: {}: {}", self.what, self.source)?;
+        if self.outcome_unknown {
+            f.write_str(" (outcome unknown: it may still be appended)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LogError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+impl LogError {
+    /// Wraps a backend error with the name of the operation that failed: nothing was done.
+    pub fn new(what: &'static str, source: impl Into<BoxError>) -> Self {
+        Self {
+            what,
+            source: source.into(),
+            outcome_unknown: false,
+        }
+    }
+
+    /// An append whose outcome is not known: it may still be appended (the field
+    /// `outcome_unknown` is set).
+    pub fn outcome_unknown(what: &'static str, source: impl Into<BoxError>) -> Self {
+        Self {
+            outcome_unknown: true,
+            ..Self::new(what, source)
+        }
+    }
+}
 port_error!(
     /// The duplicate guard could not be reached.
     GuardError,
@@ -186,6 +232,8 @@ pub struct Voter {
     pub user_id: String,
     /// The vote id of the ballot (empty when the vote had none).
     pub vote_id: String,
+    /// The options of the ballot.
+    pub choices: Vec<OptionId>,
 }
 
 /// One row of a poll's ledger: a counted vote, current or replaced by a later one.
@@ -302,10 +350,16 @@ pub trait VoteSourceFactory: Send + Sync + 'static {
 /// What [`DedupGuard::claim`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// Nobody had claimed (poll, user): the claim is now this vote's.
+    /// Nobody had claimed (poll, user): the claim is now this attempt's.
     Fresh,
-    /// The claim is held by a vote with the same vote id: this is a retry of it.
+    /// The claim is held by a vote with the same vote id and the same ballot: this is a retry
+    /// of it. The claim is now this attempt's (an earlier attempt that fails can no longer
+    /// release it), except for a claim written by an older pollcast, which stays as it is.
     Retry,
+    /// The claim is held by a vote with the same vote id but another ballot: the id (an
+    /// `Idempotency-Key`) was reused for a different vote, which must be refused rather than
+    /// acknowledged and then skipped by the ledger.
+    Reused,
     /// The claim is held by another vote of this user: a duplicate.
     Taken,
 }
@@ -313,13 +367,18 @@ pub enum Claim {
 /// The fast-path duplicate guard: at most one accepted vote per (poll, user) while a claim
 /// lives. The store's ledger stays the truth; the guard only turns most duplicates into a 409
 /// before they reach the log.
+///
+/// A claim records the vote id, the ballot (its options, in any order) and the attempt that
+/// made or last retried it. Attempts are random numbers the caller draws per request.
 #[async_trait]
 pub trait DedupGuard: Send + Sync + 'static {
-    /// Atomically claims (poll, user) for the vote `vote_id`.
-    async fn claim(&self, poll: PollId, user: &str, vote_id: &str) -> Result<Claim, GuardError>;
+    /// Atomically claims (vote.poll_id, vote.user_id) for this vote, as attempt `attempt`.
+    async fn claim(&self, vote: &Vote, attempt: u64) -> Result<Claim, GuardError>;
 
-    /// Releases a claim whose vote could not be appended, so the voter may retry.
-    async fn release(&self, poll: PollId, user: &str) -> Result<(), GuardError>;
+    /// Releases the claim of a vote that could not be appended, so the voter may retry, but
+    /// only while attempt `attempt` still holds it (checked and deleted in one step): a claim
+    /// a retry took over, or another vote's, is left alone. Returns whether it was released.
+    async fn release(&self, poll: PollId, user: &str, attempt: u64) -> Result<bool, GuardError>;
 
     /// Cheap round trip, for readiness checks.
     async fn ping(&self) -> Result<(), GuardError>;

@@ -292,6 +292,7 @@ impl FileVoteLog {
                             vote_id: v.ledger_id().to_owned(),
                             poll_id: v.poll_id,
                             user_id: v.user_id,
+                            choices: v.choices,
                         }),
                 ),
                 _ => {}

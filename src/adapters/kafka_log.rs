@@ -199,9 +199,23 @@ impl VoteAppender for KafkaVoteLog {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => {
                 self.recover_from_fatal(&producer, &e);
-                Err(LogError::new("append to Kafka", e))
+                // A timed-out record may have reached the broker (or may still: librdkafka
+                // holds in-flight ones): its outcome is unknown, unlike a refusal.
+                let timed_out = matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::MessageTimedOut
+                            | RDKafkaErrorCode::RequestTimedOut
+                            | RDKafkaErrorCode::OperationTimedOut
+                    )
+                );
+                Err(if timed_out {
+                    LogError::outcome_unknown("append to Kafka", e)
+                } else {
+                    LogError::new("append to Kafka", e)
+                })
             }
-            Err(_) => Err(LogError::new(
+            Err(_) => Err(LogError::outcome_unknown(
                 "append to Kafka",
                 format!("no delivery report within {:?}", self.timeout),
             )),

@@ -301,6 +301,7 @@ impl PollStore for PostgresStore {
                 .map_err(err("read poll version"))?;
             let all = Self::counts(&mut tx, poll).await?;
             tx.commit().await.map_err(err("commit flush"))?;
+            sql_common::report_reused(plan.reused.iter().map(|v| (poll, *v)));
             return Ok(sql_common::outcome(
                 &plan.deltas,
                 plan.inserts.len() as u64,
@@ -372,6 +373,7 @@ impl PollStore for PostgresStore {
         .map_err(err("bump poll version"))?;
         let all = Self::counts(&mut tx, poll).await?;
         tx.commit().await.map_err(err("commit flush"))?;
+        sql_common::report_reused(plan.reused.iter().map(|v| (poll, *v)));
         Ok(sql_common::outcome(
             &plan.deltas,
             plan.inserts.len() as u64,
@@ -419,8 +421,8 @@ impl PollStore for PostgresStore {
     }
 
     async fn voters_since(&self, since: UnixMillis) -> Result<Vec<Voter>, StoreError> {
-        let rows: Vec<(PollId, String, String)> = sqlx::query_as(
-            "SELECT poll_id, user_id, vote_id FROM votes WHERE current AND voted_at >= $1",
+        let rows: Vec<(PollId, String, String, String)> = sqlx::query_as(
+            "SELECT poll_id, user_id, vote_id, choices FROM votes WHERE current AND voted_at >= $1",
         )
         .bind(since)
         .fetch_all(&self.pool)

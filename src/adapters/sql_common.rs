@@ -141,11 +141,11 @@ pub fn created(id: PollId, poll: NewPoll, created_at: UnixMillis) -> Poll {
 pub fn ledger_view(rows: impl IntoIterator<Item = (String, String, String, bool)>) -> LedgerView {
     let mut view = LedgerView::default();
     for (user, vote_id, choices, current) in rows {
+        let choices = ballot::decode_choices(&choices);
         if current {
-            view.current
-                .insert(user.clone(), ballot::decode_choices(&choices));
+            view.current.insert(user.clone(), choices.clone());
         }
-        view.applied.insert((user, vote_id));
+        view.applied.insert((user, vote_id), choices);
     }
     view
 }
@@ -179,15 +179,38 @@ pub fn outcome(
     }
 }
 
-/// Voters from `(poll_id, user_id, vote_id)` rows.
-pub fn voters(rows: Vec<(PollId, String, String)>) -> Vec<Voter> {
+/// Voters from `(poll_id, user_id, vote_id, choices)` rows.
+pub fn voters(rows: Vec<(PollId, String, String, String)>) -> Vec<Voter> {
     rows.into_iter()
-        .map(|(poll_id, user_id, vote_id)| Voter {
+        .map(|(poll_id, user_id, vote_id, choices)| Voter {
             poll_id,
             user_id,
             vote_id,
+            choices: ballot::decode_choices(&choices),
         })
         .collect()
+}
+
+/// Logs and counts the votes of a flush whose vote id the ledger (or the batch) already held
+/// with another ballot. Each got a 202 but is not counted; a flush cannot answer its client,
+/// so this is the one trace of it (`pollcast_vote_id_reused_total`). The duplicate guard
+/// refuses such votes (422) before they are appended; one that reaches the ledger slipped
+/// past it (an expired or lost claim, or a claim made by an older pollcast).
+pub fn report_reused<'a>(votes: impl IntoIterator<Item = (PollId, &'a pollcast_actors::Vote)>) {
+    let mut n = 0;
+    for (poll, vote) in votes {
+        n += 1;
+        tracing::error!(
+            poll_id = poll,
+            user_id = %vote.user_id,
+            vote_id = vote.ledger_id(),
+            choices = ?vote.choices,
+            "a vote reused the vote id of another ballot of this voter: acknowledged but not counted"
+        );
+    }
+    if n > 0 {
+        metrics::counter!("pollcast_vote_id_reused_total").increment(n);
+    }
 }
 
 /// Counts from `(option id, votes)` rows.

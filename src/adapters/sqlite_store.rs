@@ -443,8 +443,8 @@ impl PollStore for SqliteStore {
     }
 
     async fn voters_since(&self, since: UnixMillis) -> Result<Vec<Voter>, StoreError> {
-        let rows: Vec<(PollId, String, String)> = sqlx::query_as(
-            "SELECT poll_id, user_id, vote_id FROM votes WHERE current AND voted_at >= ?",
+        let rows: Vec<(PollId, String, String, String)> = sqlx::query_as(
+            "SELECT poll_id, user_id, vote_id, choices FROM votes WHERE current AND voted_at >= ?",
         )
         .bind(since)
         .fetch_all(&self.readers)
@@ -507,6 +507,7 @@ async fn commit_group(
     allow_change: &mut HashMap<PollId, bool>,
 ) -> Result<Vec<FlushOutcome>, StoreError> {
     let mut tx = writer.begin().await.map_err(err("begin flush"))?;
+    let mut reused = Vec::new();
     learn_allow_change(&mut tx, batch, allow_change).await?;
     let mut outcomes: Vec<Option<FlushOutcome>> = vec![None; batch.len()];
     let mut fixed = Vec::new();
@@ -519,7 +520,7 @@ async fn commit_group(
     // poll apart (a restarted aggregator's flush may still be queued behind its old one).
     let distinct: HashSet<PollId> = fixed.iter().map(|i| batch[*i].poll).collect();
     if distinct.len() == fixed.len() {
-        let many = apply_first_ballots_of_many(&mut tx, batch, &fixed).await?;
+        let many = apply_first_ballots_of_many(&mut tx, batch, &fixed, &mut reused).await?;
         for (i, outcome) in fixed.iter().zip(many) {
             outcomes[*i] = Some(outcome);
         }
@@ -528,10 +529,11 @@ async fn commit_group(
     for (job, outcome) in batch.iter().zip(outcomes) {
         done.push(match outcome {
             Some(outcome) => outcome,
-            None => apply_in(&mut tx, job, allow_change).await?,
+            None => apply_in(&mut tx, job, allow_change, &mut reused).await?,
         });
     }
     tx.commit().await.map_err(err("commit flush"))?;
+    sql_common::report_reused(reused.iter().map(|(poll, vote)| (*poll, vote)));
     Ok(done)
 }
 
@@ -627,6 +629,49 @@ async fn count_recorded(
     Ok(())
 }
 
+/// Finds, among votes the ledger did not take (`DO NOTHING`), those whose (poll, user, vote
+/// id) it holds with another ballot: [`ballot::plan`]'s `reused`, for the flushes that skip
+/// it. Why only here: when every vote was new none can be (the usual case reads nothing).
+async fn find_reused(
+    tx: &mut SqliteConnection,
+    rows: &[(PollId, &Vote)],
+    reused: &mut Reused,
+) -> Result<(), StoreError> {
+    let mut held: HashMap<(PollId, String, String), String> = HashMap::new();
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT poll_id, user_id, vote_id, choices FROM votes \
+             WHERE (poll_id, user_id, vote_id) IN (VALUES ",
+        );
+        let mut list = q.separated(", ");
+        for (poll, vote) in chunk {
+            list.push("(")
+                .push_bind_unseparated(*poll)
+                .push_unseparated(", ")
+                .push_bind_unseparated(&vote.user_id)
+                .push_unseparated(", ")
+                .push_bind_unseparated(vote.ledger_id())
+                .push_unseparated(")");
+        }
+        q.push(")");
+        let found: Vec<(PollId, String, String, String)> = q
+            .build_query_as()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err("read the ledger's vote ids"))?;
+        held.extend(found.into_iter().map(|(p, u, i, c)| ((p, u, i), c)));
+    }
+    for (poll, vote) in rows {
+        let key = (*poll, vote.user_id.clone(), vote.ledger_id().to_owned());
+        if let Some(choices) = held.get(&key)
+            && !ballot::same_ballot(&ballot::decode_choices(choices), &vote.choices)
+        {
+            reused.push((*poll, (*vote).clone()));
+        }
+    }
+    Ok(())
+}
+
 /// Records `n` ballots of `poll` choosing `options`.
 fn tally(
     inserted: &mut HashMap<PollId, i64>,
@@ -652,6 +697,7 @@ async fn apply_first_ballots_of_many(
     tx: &mut SqliteConnection,
     batch: &[FlushJob],
     which: &[usize],
+    reused: &mut Reused,
 ) -> Result<Vec<FlushOutcome>, StoreError> {
     let now = now_millis();
     let rows: Vec<(PollId, &Vote)> = which
@@ -701,6 +747,7 @@ async fn apply_first_ballots_of_many(
     } else {
         // Some were repeats or replays (`DO NOTHING`): count what the ledger took.
         count_recorded(tx, watermark, &mut inserted, &mut deltas).await?;
+        find_reused(tx, &rows, reused).await?;
     }
     let moves: Vec<(PollId, OptionId, i64)> = deltas
         .iter()
@@ -766,21 +813,29 @@ async fn commit_one(
     allow_change: &mut HashMap<PollId, bool>,
 ) -> Result<FlushOutcome, StoreError> {
     let mut tx = writer.begin().await.map_err(err("begin flush"))?;
-    let outcome = apply_in(&mut tx, job, allow_change).await?;
+    let mut reused = Vec::new();
+    let outcome = apply_in(&mut tx, job, allow_change, &mut reused).await?;
     tx.commit().await.map_err(err("commit flush"))?;
+    sql_common::report_reused(reused.iter().map(|(poll, vote)| (*poll, vote)));
     Ok(outcome)
 }
+
+/// Votes whose vote id the ledger held with another ballot (see [`ballot::BallotPlan::reused`]),
+/// reported once their flush has committed.
+type Reused = Vec<(PollId, Vote)>;
 
 /// One poll's flush, inside a transaction (see [`group_commit`]).
 async fn apply_in(
     tx: &mut SqliteConnection,
     job: &FlushJob,
     allow_change: &mut HashMap<PollId, bool>,
+    reused: &mut Reused,
 ) -> Result<FlushOutcome, StoreError> {
     if allows_change(tx, job.poll, allow_change).await? {
-        apply_changes(tx, job.poll, &job.votes).await
+        apply_changes(tx, job.poll, &job.votes, reused).await
     } else {
-        let mut one = apply_first_ballots_of_many(tx, std::slice::from_ref(job), &[0]).await?;
+        let job = std::slice::from_ref(job);
+        let mut one = apply_first_ballots_of_many(tx, job, &[0], reused).await?;
         Ok(one.pop().expect("one outcome per flush"))
     }
 }
@@ -790,6 +845,7 @@ async fn apply_changes(
     tx: &mut SqliteConnection,
     poll: PollId,
     votes: &[Vote],
+    reused: &mut Reused,
 ) -> Result<FlushOutcome, StoreError> {
     let now = now_millis();
     let mut rows = Vec::new();
@@ -811,6 +867,7 @@ async fn apply_changes(
         rows.extend(found);
     }
     let plan = ballot::plan(true, &sql_common::ledger_view(rows), votes);
+    reused.extend(plan.reused.iter().map(|v| (poll, (*v).clone())));
     // Why first: the partial unique index allows one current ballot per voter.
     for user in &plan.replaced {
         sqlx::query(

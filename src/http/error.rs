@@ -52,6 +52,11 @@ pub enum ApiError {
     /// One vote per user and poll.
     #[error("this user already voted in poll {0}")]
     AlreadyVoted(PollId),
+    /// A `voteId` / `Idempotency-Key` already used by this voter for another ballot.
+    #[error(
+        "this voteId (Idempotency-Key) was already used by this user in poll {0} for another ballot; a new vote needs a new key"
+    )]
+    VoteIdReused(PollId),
     /// Signed voter identity: the token is missing, forged or expired.
     #[error("{0}: votes need `Authorization: Bearer <voter token>`")]
     VoterToken(crate::voter_token::TokenError),
@@ -90,6 +95,8 @@ impl ApiError {
             Self::OptionNotFound { .. } => (StatusCode::NOT_FOUND, "option_not_found"),
             Self::PollClosed(_) => (StatusCode::GONE, "poll_closed"),
             Self::AlreadyVoted(_) => (StatusCode::CONFLICT, "already_voted"),
+            // 422 as the IETF Idempotency-Key draft answers a key reused with another payload.
+            Self::VoteIdReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
@@ -114,6 +121,7 @@ impl From<VoteRejection> for ApiError {
                 Self::Invalid(rejection.to_string())
             }
             VoteRejection::Duplicate(poll) => Self::AlreadyVoted(poll),
+            VoteRejection::VoteIdReused(poll) => Self::VoteIdReused(poll),
             other @ (VoteRejection::Store(_) | VoteRejection::Guard(_) | VoteRejection::Log(_)) => {
                 Self::unavailable(other)
             }

@@ -176,7 +176,132 @@ async fn without_allow_change_a_second_vote_is_still_409(backend: Backend) {
     assert_eq!(app.api.vote(poll, 2, "u1").await.0, 409);
 }
 
+/// A vote with `Idempotency-Key: key`: the status and the body.
+async fn vote_with_key_answer(api: &Api, body: Value, key: &str) -> (u16, Value) {
+    let resp = api
+        .post("/vote")
+        .header("Idempotency-Key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+async fn a_vote_id_reused_for_another_ballot_is_refused_with_422(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let poll = app.api.create_poll(&["A", "B", "C"]).await;
+    let first = json!({ "pollId": poll, "optionId": 1, "userId": "u" });
+    let other = json!({ "pollId": poll, "optionId": 3, "userId": "u" });
+    assert_eq!(vote_with_key(&app.api, first.clone(), "k").await, 202);
+    let (status, body) = vote_with_key_answer(&app.api, other.clone(), "k").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"], "idempotency_key_reused");
+    let in_body = json!({ "pollId": poll, "optionIds": [3], "userId": "u", "voteId": "k" });
+    let (status, body) = app.api.vote_body(in_body).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+    assert_eq!(
+        vote_with_key(&app.api, first, "k").await,
+        202,
+        "the first ballot's retry still is one"
+    );
+    assert_eq!(
+        vote_with_key(&app.api, other, "k2").await,
+        409,
+        "a new key: a second vote"
+    );
+    let counted = app.api.wait_for_total(poll, 1, SETTLE).await;
+    assert_eq!(counts(&counted), [1, 0, 0]);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(counts(&app.api.poll(poll).await), [1, 0, 0]);
+    assert_eq!(ledger(&app.api, poll).await.len(), 1);
+}
+
+async fn parallel_votes_with_one_key_are_answered_as_they_are_counted(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let poll = app.api.create_poll(&["A", "B", "C"]).await;
+    let attempts = (0..10).map(|i| {
+        let api = app.api.clone();
+        let option = if i % 2 == 0 { 1 } else { 3 };
+        tokio::spawn(async move {
+            let body = json!({ "pollId": poll, "optionId": option, "userId": "u" });
+            (option, vote_with_key_answer(&api, body, "same-key").await)
+        })
+    });
+    let mut answers = Vec::new();
+    for attempt in attempts {
+        answers.push(attempt.await.unwrap());
+    }
+    let accepted: std::collections::HashSet<i64> = answers
+        .iter()
+        .filter(|(_, (status, _))| *status == 202)
+        .map(|(option, _)| *option)
+        .collect();
+    assert_eq!(accepted.len(), 1, "one ballot is accepted: {answers:?}");
+    let winner = *accepted.iter().next().unwrap();
+    for (option, (status, body)) in &answers {
+        if *option == winner {
+            assert_eq!(
+                *status, 202,
+                "every request of the accepted ballot: {answers:?}"
+            );
+        } else {
+            assert_eq!(
+                (*status, body["error"].as_str()),
+                (422, Some("idempotency_key_reused")),
+                "{answers:?}"
+            );
+        }
+    }
+    let counted = app.api.wait_for_total(poll, 1, SETTLE).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut expected = vec![0, 0, 0];
+    expected[winner as usize - 1] = 1;
+    assert_eq!(counts(&counted), expected);
+    assert_eq!(counts(&app.api.poll(poll).await), expected);
+    assert_eq!(ledger(&app.api, poll).await.len(), 1);
+}
+
+/// The value of the `/metrics` sample whose line starts with `prefix`.
+async fn metric(api: &Api, prefix: &str) -> Option<f64> {
+    let text = api.http.get(api.url("/metrics")).send().await.unwrap();
+    let text = text.text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn a_vote_id_reused_past_an_expired_claim_is_reported_by_the_ledger(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| s.dedup.ttl_secs = 1).await;
+    let poll = app.api.create_poll(&["A", "B", "C"]).await;
+    let first = json!({ "pollId": poll, "optionId": 1, "userId": "u" });
+    assert_eq!(vote_with_key(&app.api, first, "k").await, 202);
+    app.api.wait_for_total(poll, 1, SETTLE).await;
+    // Past the claim's lifetime the guard no longer knows the key: only the ledger does.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let other = json!({ "pollId": poll, "optionId": 3, "userId": "u" });
+    assert_eq!(vote_with_key(&app.api, other, "k").await, 202);
+    let deadline = std::time::Instant::now() + SETTLE;
+    while metric(&app.api, "pollcast_vote_id_reused_total").await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reused vote id was never reported"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(counts(&app.api.poll(poll).await), [1, 0, 0]);
+    assert_eq!(ledger(&app.api, poll).await.len(), 1);
+}
+
 crate::contract_tests!(
+    a_vote_id_reused_for_another_ballot_is_refused_with_422,
+    parallel_votes_with_one_key_are_answered_as_they_are_counted,
+    a_vote_id_reused_past_an_expired_claim_is_reported_by_the_ledger,
     a_multiple_choice_ballot_counts_each_chosen_option_once,
     a_ballot_with_too_many_repeated_or_unknown_choices_is_refused,
     a_retried_vote_is_accepted_again_and_counted_once,

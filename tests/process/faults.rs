@@ -10,9 +10,26 @@ use crate::helpers::{Api, Backend, SETTLE, TestApp, TestEnv};
 
 /// Votes until one is accepted (a dependency that just came back may need a moment).
 async fn vote_until_accepted(api: &Api, poll: i64, user: &str) {
+    vote_until_accepted_with(api, poll, user, None).await
+}
+
+/// A vote for option 1, with `Idempotency-Key: key` if given.
+async fn vote_with(api: &Api, poll: i64, user: &str, key: Option<&str>) -> (u16, Value) {
+    let body = serde_json::json!({ "pollId": poll, "optionId": 1, "userId": user });
+    let mut request = api.post("/vote").json(&body);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let resp = request.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+/// [`vote_until_accepted`], with `Idempotency-Key: key` if given.
+async fn vote_until_accepted_with(api: &Api, poll: i64, user: &str, key: Option<&str>) {
     let deadline = Instant::now() + SETTLE;
     loop {
-        let (status, body) = api.vote(poll, 1, user).await;
+        let (status, body) = vote_with(api, poll, user, key).await;
         if status == 202 {
             return;
         }
@@ -68,7 +85,7 @@ async fn redis_down_means_503_with_nothing_appended_and_votes_resume_when_it_ret
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_down_means_503_after_a_bounded_wait_and_the_claim_is_released() {
+async fn kafka_down_means_503_after_a_bounded_wait_and_the_claim_is_kept_for_a_retry() {
     let broker = PrivateBroker::start().await;
     let env = TestEnv::new(Backend::Production).await;
     let production = env.production.clone().unwrap();
@@ -83,7 +100,7 @@ async fn kafka_down_means_503_after_a_bounded_wait_and_the_claim_is_released() {
 
     broker.proxy.cut();
     let started = Instant::now();
-    let (status, body) = app.api.vote(poll, 1, "during").await;
+    let (status, body) = vote_with(&app.api, poll, "during", Some("k-during")).await;
     let waited = started.elapsed();
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"], "unavailable");
@@ -91,14 +108,25 @@ async fn kafka_down_means_503_after_a_bounded_wait_and_the_claim_is_released() {
         waited < Duration::from_secs(8),
         "bounded by the produce timeout: {waited:?}"
     );
+    // The producer timed out: the vote may still be delivered, so its claim stays, and
+    // only its retry (same key) is accepted.
     assert!(
-        !production.claimed(poll, "during").await,
-        "claim released, so the voter can retry"
+        production.claimed(poll, "during").await,
+        "claim kept while the vote's outcome is unknown"
+    );
+    let (status, body) = vote_with(&app.api, poll, "during", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("already_voted"))
     );
 
     broker.proxy.restore();
-    vote_until_accepted(&app.api, poll, "during").await;
+    vote_until_accepted_with(&app.api, poll, "during", Some("k-during")).await;
     app.api.wait_for_total(poll, 2, SETTLE).await;
+    // Whether or not the timed-out attempt was delivered after all, it is counted once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(app.api.poll(poll).await["totalVotes"], 2);
+    assert_eq!(app.env.ledger(poll).await, ["before", "during"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
