@@ -57,9 +57,13 @@ pub struct ConnectionLimits {
 
 /// HTTP/2 streams a client may have open at once on one connection. Why so few: each holds
 /// a request in progress and its response's buffers; browsers open a handful.
-const H2_MAX_STREAMS: u32 = 32;
+const H2_MAX_STREAMS: u32 = 16;
 /// Bytes of response a stream may have buffered that the client has not read.
-const H2_SEND_BUFFER: usize = 64 * 1024;
+const H2_SEND_BUFFER: usize = 16 * 1024;
+/// Bytes a client may send on one stream, and on the whole connection, before pollcast has
+/// read them (HTTP/2 flow control). Request bodies are at most `http.max_body_bytes`.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 128 * 1024;
 /// How often an HTTP/2 connection is pinged, and how long its answer may take: a peer that
 /// vanished is let go, not kept until the kernel notices.
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
@@ -241,6 +245,8 @@ fn builder(limits: &ConnectionLimits) -> Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_send_buf_size(H2_SEND_BUFFER)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(H2_KEEPALIVE))
         .keep_alive_timeout(H2_KEEPALIVE);

@@ -599,3 +599,69 @@ async fn listing_polls_as_fast_as_the_rate_limit_allows_does_not_stall_votes() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_that_never_read_their_responses_hold_bounded_memory() {
+    under_attack("HTTP/2 streams of 200-poll pages, never read", &[], |server, _, deadline| async move {
+        use http_body_util::Empty;
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let admin = Api::new(server);
+        let creating = futures_util::stream::iter(0..400)
+            .map(|i| {
+                let admin = admin.clone();
+                async move {
+                    let options: Vec<String> =
+                        (0..8).map(|o| format!("Option {o} of poll {i}")).collect();
+                    let body = serde_json::json!({ "question": format!("Poll {i}?"), "options": options });
+                    admin.create_poll_with(body).await;
+                }
+            })
+            .buffer_unordered(16);
+        creating.collect::<Vec<()>>().await;
+        let (mut streams, mut refused) = (0, 0);
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            let Ok(stream) = connect_from(server).await else {
+                refused += 1;
+                continue;
+            };
+            let Ok((mut sender, conn)) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+            else {
+                refused += 1;
+                continue;
+            };
+            held.push(tokio::spawn(async move {
+                let _ = conn.await;
+            }));
+            for _ in 0..16 {
+                let request = hyper::Request::get(format!("http://{server}/polls?limit=200"))
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                // The response's head arrives; its body is never read, so flow control
+                // stops the server at its buffers.
+                match tokio::time::timeout(Duration::from_secs(2), sender.send_request(request)).await {
+                    Ok(Ok(response)) => {
+                        streams += 1;
+                        held.push(tokio::spawn(async move {
+                            let _unread = response;
+                            std::future::pending::<()>().await
+                        }));
+                    }
+                    _ => refused += 1,
+                }
+            }
+            held.push(tokio::spawn(async move {
+                let _sender = sender;
+                std::future::pending::<()>().await
+            }));
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+        for task in held {
+            task.abort();
+        }
+        format!("{streams} streams opened and left unread, {refused} refused")
+    })
+    .await;
+}
