@@ -13,6 +13,7 @@ mod polls;
 pub mod rate_limit;
 mod server;
 mod votes;
+mod write_deadline;
 pub mod ws;
 
 use std::sync::Arc;

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::Instrument;
 
+use super::write_deadline::{WRITE_STALL_LIMIT, WriteDeadline};
 use super::{ApiContext, routes};
 
 /// How long open WebSocket sessions get to send their close frames at shutdown.
@@ -296,6 +297,7 @@ async fn accept_loop<S>(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let stream = WriteDeadline::new(stream, WRITE_STALL_LIMIT);
         let (service, builder, tls) = (service.clone(), builder.clone(), tls.clone());
         let watcher = graceful.watcher();
         let deadline = accepted + limits.header_read_timeout;
