@@ -1,13 +1,17 @@
 use std::time::{Duration, Instant};
 
-use crate::helpers::{Backend, SETTLE, TestApp};
+use crate::helpers::{Api, Backend, SETTLE, TestApp};
 
 /// The value of the first sample of `/metrics` whose line starts with `prefix`.
-async fn sample(app: &TestApp, prefix: &str) -> Option<f64> {
-    let text = app
-        .api
+pub async fn sample(app: &TestApp, prefix: &str) -> Option<f64> {
+    sample_of(&app.api, prefix).await
+}
+
+/// The same, of any server.
+pub async fn sample_of(api: &Api, prefix: &str) -> Option<f64> {
+    let text = api
         .http
-        .get(app.api.url("/metrics"))
+        .get(api.url("/metrics"))
         .send()
         .await
         .unwrap()
@@ -50,6 +54,18 @@ async fn metrics_count_votes_requests_flushes_lag_and_subscribers(backend: Backe
             .starts_with("text/plain")
     );
 
+    // Why deltas: a counter that moved by more than this test's requests would hide a
+    // double count; the metrics are the process's, and each test runs in its own process.
+    let counters = [
+        r#"pollcast_votes_total{result="accepted"}"#,
+        r#"pollcast_votes_total{result="already_voted"}"#,
+        r#"pollcast_votes_total{result="malformed_json"}"#,
+        "pollcast_votes_counted_total",
+    ];
+    let mut before = Vec::new();
+    for prefix in counters {
+        before.push(sample(&app, prefix).await.unwrap_or(0.0));
+    }
     let poll = app.api.create_poll(&["A", "B"]).await;
     let (socket, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/ws/polls/{poll}", app.api.addr))
@@ -74,6 +90,9 @@ async fn metrics_count_votes_requests_flushes_lag_and_subscribers(backend: Backe
         ("pollcast_websocket_subscribers", 1.0),
     ] {
         eventually(&app, prefix, |v| v >= at_least).await;
+    }
+    for (prefix, before) in counters.into_iter().zip(before) {
+        eventually(&app, prefix, |v| v == before + 1.0).await;
     }
     eventually(&app, "pollcast_votes_pending_flush", |v| v == 0.0).await;
     eventually(&app, "pollcast_consumer_lag{", |v| v == 0.0).await;

@@ -4,7 +4,7 @@ mod export;
 mod health;
 mod hostile;
 mod lifecycle;
-mod metrics;
+pub mod metrics;
 mod polls;
 mod rate_limits;
 mod tls;

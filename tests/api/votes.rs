@@ -182,14 +182,18 @@ async fn votes_accepted_before_a_graceful_shutdown_are_counted_after_restart(bac
     for i in 0..20 {
         assert_eq!(app.api.vote(poll, 1, &format!("u{i}")).await.0, 202);
     }
-    // Give the ingest actor time to route the votes to the aggregator.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let env = app.shutdown().await;
-    if backend == Backend::Embedded {
-        assert_eq!(env.ledger(poll).await.len(), 20, "flushed at shutdown");
+    // Until the votes wait in their aggregator (read from the log, not yet flushed): only
+    // the shutdown's flush can then write them, on either log.
+    let deadline = std::time::Instant::now() + SETTLE;
+    while super::metrics::sample(&app, "pollcast_votes_pending_flush").await != Some(20.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the votes never reached the aggregator"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // (With Kafka the consumer may not have joined its group before the shutdown; then the
-    // votes are read after the restart. Either way each is counted once.)
+    let env = app.shutdown().await;
+    assert_eq!(env.ledger(poll).await.len(), 20, "flushed at shutdown");
     let app = TestApp::start(env, |_| {}).await;
     app.api.wait_for_total(poll, 20, SETTLE).await;
     assert_eq!(

@@ -121,9 +121,8 @@ async fn settle(api: &Api, poll: i64, at_least: i64) -> i64 {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_flushes_commits_and_exits_zero() {
-    let env = TestEnv::new(Backend::Embedded).await;
+async fn sigterm_flushes_commits_and_exits_zero(backend: Backend) {
+    let env = TestEnv::new(backend).await;
     let mut server = ServerProcess::start(
         &env,
         &[("POLLCAST__AGGREGATOR__FLUSH_INTERVAL_MS", "60000")],
@@ -133,7 +132,17 @@ async fn sigterm_flushes_commits_and_exits_zero() {
     for i in 0..25 {
         assert_eq!(server.api.vote(poll, 2, &format!("u{i}")).await.0, 202);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until the votes wait in their aggregator: only the shutdown's flush can count them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while crate::api::metrics::sample_of(&server.api, "pollcast_votes_pending_flush").await
+        != Some(25.0)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "votes never reached the aggregator"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     server.signal(Signal::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{}", server.output());
@@ -145,7 +154,10 @@ async fn sigterm_flushes_commits_and_exits_zero() {
     assert_eq!(env.ledger(poll).await.len(), 25, "flushed before exiting");
 }
 
-crate::contract_tests!(sigkill_under_load_loses_and_double_counts_nothing);
+crate::contract_tests!(
+    sigkill_under_load_loses_and_double_counts_nothing,
+    sigterm_flushes_commits_and_exits_zero,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_crash_votes_not_yet_counted_still_refuse_duplicates() {
