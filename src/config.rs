@@ -163,6 +163,9 @@ pub struct HttpSettings {
     pub admin_addr: Option<String>,
     /// Longest a client may take to send a request body once its head is in.
     pub body_read_timeout_ms: u64,
+    /// The address the audience reaches pollcast at (`https://polls.example.com`), for the
+    /// join links and QR codes of the presenter screen. Unset: the host each request named.
+    pub public_url: Option<String>,
     /// Largest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
     /// Longest a client may take to send a request head.
@@ -189,6 +192,7 @@ impl Default for HttpSettings {
             max_connections_per_ip: None,
             admin_addr: None,
             body_read_timeout_ms: 10_000,
+            public_url: None,
             max_header_bytes: 16 * 1024,
             header_read_timeout_ms: 10_000,
             ws_ping_interval_secs: 30,
@@ -524,6 +528,18 @@ impl Settings {
             admin
                 .parse::<SocketAddr>()
                 .map_err(|e| invalid("http.admin_addr", &format!("{e} (expected IP:PORT)")))?;
+        }
+        if let Some(url) = &self.http.public_url {
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"));
+            let host = rest.map(|r| r.trim_end_matches('/'));
+            if host.is_none_or(|h| h.is_empty() || h.contains(['/', '?', '#', ' ', '"'])) {
+                return Err(invalid(
+                    "http.public_url",
+                    "must be an origin like https://polls.example.com (no path)",
+                ));
+            }
         }
         if self.http.body_read_timeout_ms == 0 {
             return Err(invalid("http.body_read_timeout_ms", "must be positive"));

@@ -272,6 +272,8 @@ impl Application {
                 idle_timeout: Duration::from_secs(settings.http.ws_idle_timeout_secs),
             },
             cors_origins: settings.http.cors_origins.clone(),
+            public_url: settings.http.public_url.clone(),
+            tls: settings.http.tls_cert_path.is_some(),
         };
         let args = RootArgs {
             store,

@@ -7,6 +7,7 @@ mod debug;
 pub mod error;
 mod export;
 mod health;
+mod join;
 pub mod models;
 mod page;
 mod polls;
@@ -61,6 +62,11 @@ pub struct ApiContext {
     pub sessions: TaskTracker,
     /// WebSocket ping interval and idle timeout.
     pub keepalive: ws::Keepalive,
+    /// The address the audience reaches the server at, for join links (`None`: the host
+    /// each request was sent to).
+    pub public_url: Option<String>,
+    /// Whether the server speaks HTTPS (join links then start with `https://`).
+    pub tls: bool,
     /// Origins allowed cross-origin access (empty: none).
     pub cors_origins: Vec<String>,
     /// Verifies voter tokens in signed identity mode (`None`: userId from the body).
@@ -88,6 +94,8 @@ pub fn routes(
             .or(export::routes(&ctx))
             .unify()
             .or(ws::routes(&ctx))
+            .unify()
+            .or(join::routes(&ctx))
             .unify(),
     );
     let api = health::routes(&ctx)

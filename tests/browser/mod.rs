@@ -5,5 +5,6 @@
 //! them these tests fail saying so, they are never skipped.
 
 mod driver;
+mod event;
 mod files;
 mod live_poll;

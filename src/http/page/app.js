@@ -142,18 +142,28 @@
 
   // ---- Views and routing ----
 
-  const views = ["view-list", "view-new", "view-poll", "view-missing"];
+  const views = ["view-list", "view-new", "view-poll", "view-present", "view-missing"];
 
   function showView(id) {
     for (const view of views) $(view).hidden = view !== id;
+  }
+
+  // "full": everything, for the organiser; "audience": voting and results only (where the
+  // join link and QR code lead); "present": the projector screen.
+  function setMode(mode) {
+    document.body.dataset.mode = mode;
   }
 
   function route() {
     leavePoll();
     setStatus("");
     const hash = location.hash || "#/";
-    const match = /^#\/polls\/(\d+)\/?$/.exec(hash);
-    if (match) openPoll(Number(match[1]));
+    const full = /^#\/polls\/(\d+)\/?$/.exec(hash);
+    const present = /^#\/polls\/(\d+)\/present\/?$/.exec(hash);
+    const audience = /^#\/vote\/(\d+)\/?$/.exec(hash);
+    const [mode, match] = present ? ["present", present] : audience ? ["audience", audience] : ["full", full];
+    setMode(mode);
+    if (match) openPoll(Number(match[1]), mode);
     else if (hash === "#/new") showNew();
     else showList();
   }
@@ -363,9 +373,10 @@
     $("webhook-secret-box").hidden = true;
   }
 
-  async function openPoll(id) {
+  async function openPoll(id, mode = "full") {
     const c = {
       id,
+      mode,
       poll: null,
       lastSeq: -Infinity,
       optionKey: "",
@@ -379,7 +390,20 @@
       voting: false,
     };
     current = c;
-    showView("view-poll");
+    if (mode === "present") {
+      showView("view-present");
+      $("present-question").textContent = "Loading…";
+      $("present-bars").replaceChildren();
+      $("present-qr").replaceChildren();
+      $("present-url").textContent = "";
+      $("present-total").textContent = "";
+      $("present-state").textContent = "";
+      loadJoinCode(c);
+    } else {
+      showView("view-poll");
+    }
+    $("present-link").href = `#/polls/${id}/present`;
+    $("own-choice").hidden = true;
     $("poll-question").textContent = "Loading…";
     $("choice-list").replaceChildren();
     $("bars").replaceChildren();
@@ -492,7 +516,8 @@
         if (!(typeof message.seq === "number" && message.seq > c.lastSeq) || !c.poll) return;
         c.lastSeq = message.seq;
         applyCounts(c, message.counts);
-        renderResults(c);
+        if (c.mode === "present") renderPresent(c);
+        else renderResults(c);
         break;
       case "closed":
         if (!c.poll) return;
@@ -533,8 +558,12 @@
     const key = c.poll.options.map((o) => `${o.id}:${o.text}`).join("\n") + `|${c.poll.maxChoices}`;
     if (key !== c.optionKey) {
       c.optionKey = key;
-      buildChoices(c);
-      buildBars(c);
+      if (c.mode === "present") {
+        buildPresentBars(c);
+      } else {
+        buildChoices(c);
+        buildBars(c);
+      }
     }
     renderPoll(c);
   }
@@ -601,6 +630,10 @@
   }
 
   function renderPoll(c) {
+    if (c.mode === "present") {
+      renderPresent(c);
+      return;
+    }
     const poll = c.poll;
     $("poll-question").textContent = poll.question;
     $("view-poll").dataset.pollId = String(poll.id);
@@ -660,7 +693,14 @@
 
   function renderVoting(c) {
     const final = isFinal(c);
-    const voted = previousChoice(c.id).length > 0;
+    const chosen = previousChoice(c.id);
+    const voted = chosen.length > 0;
+    // The audience sees the results once it has voted (or the poll is over), with its choice.
+    $("view-poll").querySelector(".results").dataset.voted = String(voted || final);
+    const own = $("own-choice");
+    const texts = c.poll.options.filter((o) => chosen.includes(o.id)).map((o) => o.text);
+    own.hidden = texts.length === 0;
+    own.textContent = texts.length ? `Your choice: ${texts.join(", ")}` : "";
     const locked = final || (voted && !c.poll.allowChange);
     for (const input of $("choice-list").querySelectorAll("input")) input.disabled = locked;
     const button = $("vote-submit");
@@ -728,6 +768,91 @@
   }
 
   const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+  // ---- Presenter screen ----
+
+  // The QR code comes from the server as SVG, with the link it encodes beside it, so the
+  // text under the code is always what the code says.
+  async function loadJoinCode(c) {
+    try {
+      const response = await fetch(`/polls/${c.id}/qr.svg`, { cache: "no-store" });
+      if (c.stopped || !response.ok) return;
+      const text = await response.text();
+      const doc = new DOMParser().parseFromString(text, "image/svg+xml");
+      const svg = doc.documentElement;
+      if (c.stopped || !svg || svg.nodeName !== "svg") return;
+      const url = svg.getAttribute("data-join-url") || "";
+      const node = document.importNode(svg, true);
+      node.setAttribute("role", "img");
+      node.setAttribute("aria-label", `QR code of ${url}`);
+      node.setAttribute("data-testid", "present-qr-code");
+      $("present-qr").replaceChildren(node);
+      $("present-url").textContent = url.replace(/^https?:\/\//, "");
+    } catch {
+      // Without the code the screen still shows the results; the link can be read out.
+    }
+  }
+
+  function buildPresentBars(c) {
+    const rows = c.poll.options.map((option) => {
+      const fill = el("div", { className: "bar-fill" });
+      const track = el("div", { className: "bar-track", "aria-hidden": "true" }, fill);
+      const nums = el("span", { className: "nums", "data-testid": `present-nums-${option.id}` });
+      const label = el("div", { className: "present-label" }, el("span", { className: "text", text: option.text }), nums);
+      return el("div", { className: "present-bar", "data-testid": `present-bar-${option.id}`, "data-option-id": option.id }, label, track);
+    });
+    $("present-bars").replaceChildren(...rows);
+  }
+
+  // m:ss under an hour, h:mm:ss above: a room reads it at a glance.
+  function clock(ms) {
+    const total = Math.max(0, Math.ceil(ms / 1000));
+    const h = Math.floor(total / 3600);
+    const m = Math.floor((total % 3600) / 60);
+    const s = String(total % 60).padStart(2, "0");
+    return h > 0 ? `${h}:${String(m).padStart(2, "0")}:${s}` : `${m}:${s}`;
+  }
+
+  function renderPresent(c) {
+    const poll = c.poll;
+    const final = isFinal(c);
+    const hidden = poll.options.some((o) => typeof o.votes !== "number");
+    $("present-question").textContent = poll.question;
+    document.title = `${poll.question} · pollcast`;
+    $("view-present").dataset.final = String(final);
+    $("view-present").dataset.pollId = String(poll.id);
+    const state = $("present-state");
+    clearInterval(c.countdownTimer);
+    const at = poll.closesAt ? Date.parse(poll.closesAt) : NaN;
+    const tick = () => {
+      let text = "Live";
+      let kind = "live";
+      if (final) [text, kind] = ["Closed", "closed"];
+      else if (!Number.isNaN(at)) text = at > Date.now() ? `Live · closing in ${clock(at - Date.now())}` : "Closing…";
+      if (hidden && !final) [text, kind] = [`${text} · results at the close`, "hidden"];
+      state.textContent = text;
+      state.dataset.state = kind;
+    };
+    tick();
+    if (!final && !Number.isNaN(at)) c.countdownTimer = setInterval(tick, 1000);
+    $("present-hidden").hidden = !hidden;
+    $("present-bars").hidden = hidden;
+    if (hidden) {
+      $("present-total").textContent = "";
+      return;
+    }
+    const total = poll.options.reduce((sum, o) => sum + o.votes, 0);
+    $("present-total").textContent =
+      poll.maxChoices > 1 ? plural(total, "choice") + " in all" : plural(total, "vote");
+    for (const option of poll.options) {
+      const row = document.querySelector(`[data-testid="present-bar-${option.id}"]`);
+      if (!row) continue;
+      const share = total > 0 ? option.votes / total : 0;
+      row.querySelector(".bar-fill").style.width = `${(share * 100).toFixed(2)}%`;
+      row.querySelector(".nums").textContent = `${option.votes} · ${Math.round(share * 100)}%`;
+      row.dataset.votes = String(option.votes);
+    }
+  }
 
   // Network errors, 503 and 429 are retried with the same voteId: the server counts a vote
   // id once, so a retry after a lost answer can never count twice.
