@@ -135,9 +135,23 @@ fn retry_secs(wait: &std::time::Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
+/// Every error's body.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    /// What went wrong, for programs: `poll_not_found`, `already_voted`, …
+    #[schema(value_type = String, example = "poll_not_found")]
+    pub error: &'a str,
+    /// The same, for people.
+    #[schema(value_type = String)]
+    pub message: &'a str,
+}
+
 /// The JSON error response.
 pub fn error_reply(status: StatusCode, code: &str, message: &str) -> warp::reply::Response {
-    let body = serde_json::json!({ "error": code, "message": message });
+    let body = ErrorBody {
+        error: code,
+        message,
+    };
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }
 

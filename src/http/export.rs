@@ -13,6 +13,7 @@ use warp::{Filter, Rejection, Reply};
 
 use super::error::ApiError;
 use super::models::PollView;
+use super::openapi::ExportView;
 use super::{ApiContext, is_admin, with_ctx};
 
 /// Ledger rows per page by default, and at most (`limit`); a page is held in memory.
@@ -59,7 +60,25 @@ pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-async fn export(
+#[utoipa::path(get, path = "/polls/{id}/export", tag = "polls",
+    params(
+        ("id" = i64, Path, description = "The poll"),
+        ("format" = Option<String>, Query, description = "`json` (default) or `csv`"),
+        ("data" = Option<String>, Query, description = "`counts` (default) or `ledger` (admin)"),
+        ("after" = Option<i64>, Query, description = "Ledger: rows after this row number"),
+        ("limit" = Option<i64>, Query, description = "Ledger: rows per page"),
+    ),
+    responses(
+        (status = 200, description = "A download: the poll with its counts, or a page of its ledger", content(
+            (ExportView = "application/json"),
+            (String = "text/csv"),
+        )),
+        (status = 401, description = "The ledger needs the admin token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "The poll hides its results until it closes", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No such poll", body = crate::http::error::ErrorBody),
+        (status = 422, description = "A bad query", body = crate::http::error::ErrorBody),
+    ))]
+pub(super) async fn export(
     id: PollId,
     ctx: Arc<ApiContext>,
     admin: bool,

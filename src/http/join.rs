@@ -49,7 +49,13 @@ pub fn join_url(public_url: Option<&str>, host: Option<&str>, tls: bool, id: Pol
     format!("{base}/j/{id}")
 }
 
-async fn qr_svg(
+#[utoipa::path(get, path = "/polls/{id}/qr.svg", tag = "live",
+    params(("id" = i64, Path, description = "The poll")),
+    responses(
+        (status = 200, description = "The QR code of the poll's join link `/j/{id}`", content_type = "image/svg+xml", body = String),
+        (status = 404, description = "No such poll", body = crate::http::error::ErrorBody),
+    ))]
+pub(super) async fn qr_svg(
     id: PollId,
     host: Option<warp::host::Authority>,
     ctx: Arc<ApiContext>,

@@ -9,6 +9,7 @@ mod export;
 mod health;
 mod join;
 pub mod models;
+mod openapi;
 mod page;
 mod polls;
 pub mod rate_limit;
@@ -99,6 +100,8 @@ pub fn routes(
             .unify(),
     );
     let api = health::routes(&ctx)
+        .or(openapi::routes())
+        .unify()
         .or(limited)
         .unify()
         .or(debug::routes(&ctx))

@@ -27,16 +27,20 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 /// `POST /polls`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreatePollRequest {
-    /// The question.
+    /// The question (1 to 500 characters).
+    #[schema(min_length = 1, max_length = 500)]
     pub question: String,
-    /// Option texts, in display order.
+    /// Option texts, in display order (2 to 32, each 1 to 200 characters, no duplicates).
+    #[schema(min_items = 2, max_items = 32)]
     pub options: Vec<String>,
     /// Options one voter may choose (default 1).
+    #[schema(minimum = 1)]
     pub max_choices: Option<u32>,
     /// RFC 3339 time at which the poll closes by itself.
+    #[schema(format = DateTime)]
     pub closes_at: Option<String>,
     /// Show counts only once the poll is closed.
     #[serde(default)]
@@ -49,7 +53,7 @@ pub struct CreatePollRequest {
 }
 
 /// The `webhook` of a `POST /polls`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WebhookRequest {
     /// An `http` or `https` URL.
@@ -163,14 +167,16 @@ impl WebhookRequest {
 
 /// `POST /vote`: the seed app's body; ids may be numbers or numeric strings. Several
 /// choices come as `optionIds`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VoteRequest {
     /// The poll.
     #[serde(deserialize_with = "flexible_id")]
+    #[schema(schema_with = flexible_id_schema)]
     pub poll_id: PollId,
     /// The option chosen (single choice).
     #[serde(default, deserialize_with = "flexible_opt_id")]
+    #[schema(schema_with = flexible_id_schema)]
     pub option_id: Option<OptionId>,
     /// The options chosen (multiple choice).
     pub option_ids: Option<Vec<OptionId>>,
@@ -246,15 +252,32 @@ impl VoteRequest {
 }
 
 /// `202` body of `POST /vote` (the seed app's).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct VoteAccepted {
     /// Always "Vote queued".
+    #[schema(value_type = String, example = "Vote queued")]
     pub status: &'static str,
+}
+
+/// An id as a number, or as a numeric string (the seed app's clients send strings).
+fn flexible_id_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+    let one_of = OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Integer).format(Some(
+            utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::Int64),
+        )))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^-?[0-9]+$")),
+        )
+        .build();
+    Schema::OneOf(one_of)
 }
 
 /// A poll as every endpoint and the WebSocket snapshot show it. While a poll hides its
 /// results, every count is `null`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PollView {
     /// The poll's id.
@@ -266,10 +289,13 @@ pub struct PollView {
     /// Whether it refuses votes.
     pub closed: bool,
     /// RFC 3339 creation time.
+    #[schema(format = DateTime)]
     pub created_at: String,
     /// RFC 3339 closing time.
+    #[schema(format = DateTime)]
     pub closed_at: Option<String>,
     /// RFC 3339 time at which it closes by itself.
+    #[schema(format = DateTime)]
     pub closes_at: Option<String>,
     /// Options one voter may choose.
     pub max_choices: u32,
@@ -286,7 +312,7 @@ pub struct PollView {
 }
 
 /// One option of a [`PollView`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OptionView {
     /// Its id within the poll.
     pub id: OptionId,
@@ -338,7 +364,7 @@ impl PollView {
 
 /// `201` body of `POST /polls`: the poll, and its webhook with the signing secret, shown
 /// this once.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatedPoll {
     /// The poll.
@@ -346,10 +372,23 @@ pub struct CreatedPoll {
     pub poll: PollView,
     /// The webhook, if one was given.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<WebhookView>)]
     pub webhook: Option<WebhookTarget>,
     /// The key of the HMAC that signs its deliveries.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_secret: Option<String>,
+}
+
+/// How a poll's webhook is shown (its secret only once, beside it, in `webhookSecret`).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Webhook)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)] // a description of `WebhookTarget`'s JSON, never built
+pub struct WebhookView {
+    /// Where the events are delivered.
+    url: String,
+    /// Also sends the counts this often while the poll is open.
+    results_every_secs: Option<u32>,
 }
 
 /// First WebSocket message: the poll as it is now.

@@ -45,7 +45,19 @@ pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-async fn create(ctx: Arc<ApiContext>, body: CreatePollRequest) -> Result<Response, Rejection> {
+#[utoipa::path(post, path = "/polls", tag = "polls", request_body = CreatePollRequest,
+    security(("admin" = [])),
+    responses(
+        (status = 201, description = "The poll (and its webhook secret, shown this once)", body = crate::http::models::CreatedPoll),
+        (status = 400, description = "Not JSON", body = crate::http::error::ErrorBody),
+        (status = 401, description = "No or wrong admin token", body = crate::http::error::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::http::error::ErrorBody),
+        (status = 422, description = "Not a valid poll", body = crate::http::error::ErrorBody),
+    ))]
+pub(super) async fn create(
+    ctx: Arc<ApiContext>,
+    body: CreatePollRequest,
+) -> Result<Response, Rejection> {
     let new = body.validate(now_millis())?;
     let poll = ctx
         .store
@@ -85,7 +97,18 @@ struct ListQuery {
     before: Option<PollId>,
 }
 
-async fn list(
+#[utoipa::path(get, path = "/polls", tag = "polls",
+    params(
+        ("limit" = Option<i64>, Query, description = "Polls per page, 1 to 200 (default 50)"),
+        ("before" = Option<i64>, Query, description = "Only polls older than this id: the previous page's `Pollcast-Next-Before`"),
+    ),
+    responses(
+        (status = 200, description = "A page of polls, newest first", body = Vec<PollView>,
+            headers(("pollcast-next-before" = i64, description = "The cursor of the next page, while more may follow"))),
+        (status = 422, description = "A bad query", body = crate::http::error::ErrorBody),
+        (status = 429, description = "Over the rate limit", body = crate::http::error::ErrorBody),
+    ))]
+pub(super) async fn list(
     ctx: Arc<ApiContext>,
     query: String,
     charge: super::rate_limit::Charge,
@@ -125,7 +148,13 @@ async fn list(
     Ok(reply)
 }
 
-async fn get(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
+#[utoipa::path(get, path = "/polls/{id}", tag = "polls",
+    params(("id" = i64, Path, description = "The poll")),
+    responses(
+        (status = 200, description = "The poll with its current counts", body = PollView),
+        (status = 404, description = "No such poll", body = crate::http::error::ErrorBody),
+    ))]
+pub(super) async fn get(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
     let poll = ctx
         .store
         .get_poll(id)
@@ -138,7 +167,15 @@ async fn get(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
     ))
 }
 
-async fn close(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
+#[utoipa::path(post, path = "/polls/{id}/close", tag = "polls",
+    params(("id" = i64, Path, description = "The poll")),
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "The closed poll (closing again changes nothing)", body = PollView),
+        (status = 401, description = "No or wrong admin token", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No such poll", body = crate::http::error::ErrorBody),
+    ))]
+pub(super) async fn close(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
     let poll = ctx
         .intake
         .close(id)

@@ -49,9 +49,23 @@ fn accepted() -> Response {
     response
 }
 
+#[utoipa::path(post, path = "/vote", tag = "votes", request_body = crate::http::models::VoteRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "The vote's id, if the body has no `voteId`")),
+    responses(
+        (status = 202, description = "Durable in the vote log: it will be counted once", body = crate::http::models::VoteAccepted),
+        (status = 400, description = "Not JSON", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Signed voter identity: no valid voter token", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No such poll or option", body = crate::http::error::ErrorBody),
+        (status = 409, description = "This user already voted in this poll", body = crate::http::error::ErrorBody),
+        (status = 410, description = "The poll is closed", body = crate::http::error::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::http::error::ErrorBody),
+        (status = 422, description = "Not a valid vote, or a vote id reused with another ballot", body = crate::http::error::ErrorBody),
+        (status = 429, description = "Over a rate limit", body = crate::http::error::ErrorBody),
+        (status = 503, description = "A dependency is down: not known to be counted; retry with the same vote id", body = crate::http::error::ErrorBody),
+    ))]
 /// Why the body is parsed here rather than by a filter: every outcome, malformed bodies
 /// included, is counted in `pollcast_votes_total` by result.
-async fn vote(
+pub(super) async fn vote(
     ctx: Arc<ApiContext>,
     authorization: Option<String>,
     idempotency_key: Option<String>,

@@ -93,7 +93,14 @@ fn websocket_key() -> impl Filter<Extract = (String,), Error = Rejection> + Clon
         .and(warp::header::<String>("sec-websocket-key"))
 }
 
-async fn upgrade(
+#[utoipa::path(get, path = "/ws/polls/{id}", tag = "live",
+    params(("id" = i64, Path, description = "The poll")),
+    responses(
+        (status = 101, description = "A WebSocket: a `snapshot`, then `counts` after each flush that changed the poll, and `closed` once (see the README)"),
+        (status = 400, description = "Not a WebSocket upgrade", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No such poll", body = crate::http::error::ErrorBody),
+    ))]
+pub(super) async fn upgrade(
     poll_id: PollId,
     key: String,
     pending: Option<PendingUpgrade>,

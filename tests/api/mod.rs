@@ -5,6 +5,7 @@ mod health;
 mod hostile;
 mod lifecycle;
 pub mod metrics;
+mod openapi;
 mod polls;
 mod rate_limits;
 mod tls;
