@@ -37,7 +37,10 @@ pub fn current() -> io::Result<NofileLimit> {
     })
 }
 
-#[allow(clippy::unnecessary_cast, reason = "rlim_t is u64 on Linux, not everywhere")]
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "rlim_t is u64 on Linux, not everywhere"
+)]
 fn from_rlim(value: libc::rlim_t) -> u64 {
     if value == libc::RLIM_INFINITY {
         u64::MAX
@@ -46,7 +49,10 @@ fn from_rlim(value: libc::rlim_t) -> u64 {
     }
 }
 
-#[allow(clippy::unnecessary_cast, reason = "rlim_t is u64 on Linux, not everywhere")]
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "rlim_t is u64 on Linux, not everywhere"
+)]
 fn set_soft(soft: u64, hard: u64) -> io::Result<()> {
     let to_rlim = |v: u64| {
         if v == u64::MAX {
