@@ -17,11 +17,34 @@ pub struct Latency {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub samples: u64,
-    /// The histogram itself, as `[microseconds, count]` per recorded bucket. Why in the
-    /// report: percentiles of several runs cannot be merged, their histograms can
+    /// The histogram itself, each recorded bucket as `<microseconds>x<count>`, separated by
+    /// spaces (one string, so that the pretty JSON stays readable). Why in the report:
+    /// percentiles of several runs cannot be merged, their histograms can
     /// (`pollcast-loadgen merge`).
-    #[serde(default)]
+    #[serde(default, with = "compact")]
     pub histogram_us: Vec<(u64, u64)>,
+}
+
+/// `[(1000, 3), (1010, 5)]` as `"1000x3 1010x5"`.
+mod compact {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(buckets: &[(u64, u64)], s: S) -> Result<S::Ok, S::Error> {
+        let text: Vec<String> = buckets.iter().map(|(us, n)| format!("{us}x{n}")).collect();
+        s.serialize_str(&text.join(" "))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u64, u64)>, D::Error> {
+        let text = String::deserialize(d)?;
+        text.split_whitespace()
+            .map(|bucket| {
+                let parsed = bucket
+                    .split_once('x')
+                    .and_then(|(us, n)| Some((us.parse().ok()?, n.parse().ok()?)));
+                parsed.ok_or_else(|| D::Error::custom(format!("bad histogram bucket {bucket}")))
+            })
+            .collect()
+    }
 }
 
 impl Latency {
@@ -291,5 +314,34 @@ impl Report {
                 v.samples, v.p50_ms, v.p99_ms, v.max_ms
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_merge_exactly_through_their_json() {
+        let (mut a, mut b, mut both) = (histogram(), histogram(), histogram());
+        for us in [150, 900, 1_200, 35_000] {
+            a.record(us).unwrap();
+            both.record(us).unwrap();
+        }
+        for us in [80, 2_500, 2_500, 1_000_000] {
+            b.record(us).unwrap();
+            both.record(us).unwrap();
+        }
+        let through_json = |h: &Histogram<u64>| -> Latency {
+            serde_json::from_str(&serde_json::to_string(&Latency::of(h)).unwrap()).unwrap()
+        };
+        let merged = Latency::merge([&through_json(&a), &through_json(&b)]).unwrap();
+        let expected = Latency::of(&both);
+        assert_eq!(merged.samples, 8);
+        assert_eq!(merged.histogram_us, expected.histogram_us);
+        assert_eq!(
+            (merged.p50_ms, merged.p99_ms, merged.max_ms),
+            (expected.p50_ms, expected.p99_ms, expected.max_ms)
+        );
     }
 }
