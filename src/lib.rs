@@ -7,6 +7,7 @@
 
 pub mod adapters;
 pub mod config;
+pub mod fdlimit;
 pub mod http;
 pub mod ids;
 pub mod lifecycle;

@@ -77,6 +77,15 @@ fn describe() {
         "Subscribers dropped for not reading"
     );
     describe_counter!(
+        "pollcast_accept_errors_total",
+        "Failed accepts of new connections, by kind: fd_exhausted (EMFILE/ENFILE: out of file \
+         descriptors), no_memory (ENOBUFS/ENOMEM), other; the accept loop backs off meanwhile"
+    );
+    describe_gauge!(
+        "pollcast_open_files_limit",
+        "The process's open-file limit (soft RLIMIT_NOFILE) after start-up raised it"
+    );
+    describe_counter!(
         "pollcast_actor_restarts_total",
         "Actors restarted by their supervisor, by kind"
     );

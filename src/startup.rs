@@ -219,6 +219,8 @@ pub async fn open_backends(settings: &Settings) -> anyhow::Result<Backends> {
 impl Application {
     /// Opens the backends, binds the listener and starts the supervision tree.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Before the backends, which take descriptors too.
+        crate::fdlimit::prepare(&settings);
         let Backends {
             store,
             appender,

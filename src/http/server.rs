@@ -272,19 +272,22 @@ async fn accept_loop<S>(
 {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let per_ip = PerIp::new(limits.max_connections_per_ip);
+    let mut backoff = AcceptBackoff::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // Out of file descriptors and the like: pause rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    let Some(pause) = backoff.failed(&e) else { continue };
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => continue,
+                    }
                 }
             },
         };
+        backoff.accepted();
         let accepted = Instant::now();
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             metrics::counter!("pollcast_connections_refused_total", "reason" => "max_connections")
@@ -315,6 +318,92 @@ async fn accept_loop<S>(
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// The first pause after a failed accept.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest pause: how long, at worst, a freed descriptor waits to take a new connection.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Accept failures are logged at most this often (the rest are counted in the next line).
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// What the accept loop does after `accept` fails. Why pause at all: out of file descriptors
+/// (EMFILE, ENFILE) the pending connection stays in the listen queue and the listener stays
+/// readable, so accepting again at once fails again at once, a busy loop on a core that the
+/// open connections need. The pause doubles (10 ms to 1 s) while failures go on and is back
+/// to the first at the next connection accepted. Every failure is counted in
+/// `pollcast_accept_errors_total{kind}`; the log gets one line a second at most.
+struct AcceptBackoff {
+    pause: Duration,
+    /// Failures since the last line logged, and when that was.
+    unlogged: u64,
+    logged_at: Option<Instant>,
+    /// Whether the last accept failed (so the next success is logged).
+    failing: bool,
+}
+
+impl AcceptBackoff {
+    fn new() -> Self {
+        Self {
+            pause: ACCEPT_BACKOFF_MIN,
+            unlogged: 0,
+            logged_at: None,
+            failing: false,
+        }
+    }
+
+    /// How long to pause after `error`; `None`: accept again at once (the error was one
+    /// connection's, which the peer reset before it was accepted).
+    fn failed(&mut self, error: &std::io::Error) -> Option<Duration> {
+        use std::io::ErrorKind;
+        if matches!(
+            error.kind(),
+            ErrorKind::ConnectionAborted
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionRefused
+        ) {
+            tracing::debug!(%error, "a connection ended before it was accepted");
+            return None;
+        }
+        let kind = accept_error_kind(error);
+        metrics::counter!("pollcast_accept_errors_total", "kind" => kind).increment(1);
+        self.unlogged += 1;
+        self.failing = true;
+        let pause = self.pause;
+        if self
+            .logged_at
+            .is_none_or(|at| at.elapsed() >= ACCEPT_LOG_EVERY)
+        {
+            tracing::warn!(
+                %error,
+                kind,
+                failures = self.unlogged,
+                pause_ms = pause.as_millis() as u64,
+                "accepting connections fails; open connections are still served, new ones \
+                 wait in the listen queue (see pollcast_accept_errors_total)"
+            );
+            (self.unlogged, self.logged_at) = (0, Some(Instant::now()));
+        }
+        self.pause = (pause * 2).min(ACCEPT_BACKOFF_MAX);
+        Some(pause)
+    }
+
+    /// A connection was accepted: the next failure pauses the shortest time again.
+    fn accepted(&mut self) {
+        if self.failing {
+            tracing::info!(failures = self.unlogged, "accepting connections again");
+            (self.failing, self.unlogged, self.pause) = (false, 0, ACCEPT_BACKOFF_MIN);
+        }
+    }
+}
+
+/// The `kind` label of a failed accept.
+fn accept_error_kind(error: &std::io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE) => "fd_exhausted",
+        Some(libc::ENOBUFS | libc::ENOMEM) => "no_memory",
+        _ => "other",
     }
 }
 
@@ -433,4 +522,42 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
         return given.clone();
     }
     HeaderValue::from_bytes(&crate::ids::random_hex()).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os_error(code: i32) -> std::io::Error {
+        std::io::Error::from_raw_os_error(code)
+    }
+
+    #[test]
+    fn accept_failures_back_off_exponentially_up_to_a_second_and_reset_on_success() {
+        let mut backoff = AcceptBackoff::new();
+        let pauses: Vec<u64> = (0..10)
+            .map(|_| backoff.failed(&os_error(libc::EMFILE)).unwrap().as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        backoff.accepted();
+        assert_eq!(
+            backoff.failed(&os_error(libc::ENFILE)),
+            Some(ACCEPT_BACKOFF_MIN)
+        );
+    }
+
+    #[test]
+    fn a_connection_reset_before_accept_does_not_pause() {
+        let mut backoff = AcceptBackoff::new();
+        assert_eq!(backoff.failed(&os_error(libc::ECONNABORTED)), None);
+        assert_eq!(backoff.pause, ACCEPT_BACKOFF_MIN);
+    }
+
+    #[test]
+    fn accept_errors_are_labelled_by_kind() {
+        assert_eq!(accept_error_kind(&os_error(libc::EMFILE)), "fd_exhausted");
+        assert_eq!(accept_error_kind(&os_error(libc::ENFILE)), "fd_exhausted");
+        assert_eq!(accept_error_kind(&os_error(libc::ENOBUFS)), "no_memory");
+        assert_eq!(accept_error_kind(&os_error(libc::EPERM)), "other");
+    }
 }

@@ -379,6 +379,25 @@ impl ServerProcess {
 
     /// Like [`ServerProcess::start`], leaving the variables in `unset` out of the environment.
     pub fn start_without(env: &TestEnv, extra_env: &[(&str, &str)], unset: &[&str]) -> Self {
+        Self::launch(env, extra_env, unset, None)
+    }
+
+    /// Like [`ServerProcess::start`], with the open-file limit (`RLIMIT_NOFILE`) set to
+    /// `(soft, hard)` before the binary runs (the hard one can only be lowered).
+    pub fn start_with_nofile(
+        env: &TestEnv,
+        extra_env: &[(&str, &str)],
+        nofile: (u64, u64),
+    ) -> Self {
+        Self::launch(env, extra_env, &[], Some(nofile))
+    }
+
+    fn launch(
+        env: &TestEnv,
+        extra_env: &[(&str, &str)],
+        unset: &[&str],
+        nofile: Option<(u64, u64)>,
+    ) -> Self {
         let dir = env.dir.path();
         let mut env = env.env();
         env.extend(
@@ -387,7 +406,24 @@ impl ServerProcess {
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
         env.retain(|(k, _)| !unset.contains(&k.as_str()));
-        let mut child = command(dir, &env, &[]).spawn().expect("binary starts");
+        let mut cmd = command(dir, &env, &[]);
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe and `limit` is a plain value copied in.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("binary starts");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();

@@ -1,30 +1,36 @@
 //! `pollcast-loadgen` against a real pollcast: its figures must match what the server did.
 
-use std::process::Command;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::helpers::{ADMIN_TOKEN, Backend, TestApp};
 
-fn loadgen(app: &TestApp, args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_pollcast-loadgen"))
-        .args([
-            "votes",
-            "--url",
-            &format!("http://{}", app.api.addr),
-            "--token",
-            ADMIN_TOKEN,
-            "--json",
-        ])
-        .args(args)
-        .output()
-        .expect("loadgen runs");
+/// `pollcast-loadgen votes` against `urls` (comma-separated) with `args`.
+fn votes_command(urls: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pollcast-loadgen"));
+    cmd.args(["votes", "--url", urls, "--token", ADMIN_TOKEN, "--json"])
+        .args(args);
+    cmd
+}
+
+fn report_of(out: Output) -> Value {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
+fn loadgen(app: &TestApp, args: &[&str]) -> Value {
+    let out = votes_command(&format!("http://{}", app.api.addr), args)
+        .output()
+        .expect("loadgen runs");
+    report_of(out)
 }
 
 /// Votes the server counted in the probes' own polls.
@@ -142,4 +148,161 @@ async fn a_prober_whose_connection_the_server_closed_while_it_waited_votes_on_a_
     assert!(probes > 4, "a prober voted again after waiting: {report}");
     let probed = probe_votes_counted(&app).await;
     assert_eq!(probed, probes, "each probe vote counted once");
+}
+
+/// Established TCP connections accepted on `ports` of this machine, by (port, peer
+/// address), as the kernel lists them (`/proc/net/tcp`: the servers' side of each socket).
+fn accepted_by_peer(ports: &[u16]) -> BTreeMap<(u16, Ipv4Addr), usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let mut seen = BTreeMap::new();
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, state) = (fields[1], fields[2], fields[3]);
+        if state != "01" {
+            continue; // not ESTABLISHED
+        }
+        let port = u16::from_str_radix(local.split(':').nth(1).unwrap(), 16).unwrap();
+        if !ports.contains(&port) {
+            continue;
+        }
+        // The address is printed as the 32-bit word in memory order.
+        let ip = u32::from_str_radix(remote.split(':').next().unwrap(), 16).unwrap();
+        *seen
+            .entry((port, Ipv4Addr::from(ip.to_ne_bytes())))
+            .or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_spread_over_source_addresses_and_servers_and_reports_merge() {
+    // Two independent servers, each with poll `poll`: the load generator treats its URLs as
+    // one cluster, which for subscribers only needs the poll to exist on each.
+    let (a, b) = (
+        TestApp::spawn(Backend::Embedded).await,
+        TestApp::spawn(Backend::Embedded).await,
+    );
+    let poll = a.api.create_poll(&["x", "y"]).await;
+    assert_eq!(b.api.create_poll(&["x", "y"]).await, poll);
+    let poll = poll.to_string();
+    let ports = [a.api.addr.port(), b.api.addr.port()];
+    let urls = format!("http://{},http://{}", a.api.addr, b.api.addr);
+    let sources: Vec<Ipv4Addr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .map(|s| s.parse().unwrap())
+        .to_vec();
+
+    let mut run = votes_command(
+        &urls,
+        &[
+            "--source-addrs",
+            "127.0.0.2,127.0.0.3,127.0.0.4",
+            "--poll-ids",
+            &poll,
+            "--subscribers",
+            "60",
+            "--count",
+            "30",
+            "--connections",
+            "2",
+            "--quiet",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("loadgen runs");
+    // While it runs: the most connections each server held from each address at once.
+    let mut most = BTreeMap::<(u16, Ipv4Addr), usize>::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while run.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        for (pair, n) in accepted_by_peer(&ports) {
+            let held = most.entry(pair).or_default();
+            *held = (*held).max(n);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = report_of(run.wait_with_output().unwrap());
+    for port in ports {
+        for &source in &sources {
+            let held = most.get(&(port, source)).copied().unwrap_or(0);
+            // 60 subscribers over 2 servers × 3 addresses, and maybe a vote connection.
+            assert!(
+                held >= 10,
+                "server :{port} held {held} connections from {source}: {most:?}"
+            );
+        }
+    }
+    let fanout = &report["fanout"];
+    assert_eq!(fanout["connected"], 60, "{report}");
+    for port in ports {
+        assert_eq!(
+            fanout["by_target"][format!("127.0.0.1:{port}")],
+            30,
+            "{fanout}"
+        );
+    }
+    for source in &sources {
+        assert_eq!(fanout["by_source"][source.to_string()], 20, "{fanout}");
+    }
+    assert_eq!(
+        report["accepted"], 30,
+        "votes went to both servers: {report}"
+    );
+    let (pa, pb) = (
+        a.api.poll(poll.parse().unwrap()).await,
+        b.api.poll(poll.parse().unwrap()).await,
+    );
+    assert!(pa["totalVotes"].as_i64().unwrap() + pb["totalVotes"].as_i64().unwrap() <= 30);
+
+    // A second load generator, and the two reports merged.
+    let second = report_of(
+        votes_command(
+            &format!("http://{}", a.api.addr),
+            &[
+                "--source-addrs",
+                "2",
+                "--poll-ids",
+                &poll,
+                "--subscribers",
+                "4",
+                "--count",
+                "20",
+                "--connections",
+                "1",
+                "--quiet",
+            ],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(second["fanout"]["by_source"]["127.0.0.1"], 2, "{second}");
+    let dir = tempfile::tempdir().unwrap();
+    let (first_path, second_path) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    std::fs::write(&first_path, report.to_string()).unwrap();
+    std::fs::write(&second_path, second.to_string()).unwrap();
+    let merged = report_of(
+        Command::new(env!("CARGO_BIN_EXE_pollcast-loadgen"))
+            .arg("merge")
+            .args([&first_path, &second_path])
+            .arg("--json")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(merged["processes"], 2, "{merged}");
+    assert_eq!(merged["sent"], 50);
+    assert_eq!(merged["accepted"], 50);
+    assert_eq!(merged["connections"], 3);
+    assert_eq!(merged["latency"]["samples"], 50, "histograms merged");
+    let slowest = |r: &Value| r["latency"]["max_ms"].as_f64().unwrap();
+    assert!(slowest(&merged) >= slowest(&report).max(slowest(&second)) * 0.99);
+    assert_eq!(merged["fanout"]["subscribers"], 64);
+    assert_eq!(merged["fanout"]["connected"], 64);
+    assert_eq!(merged["fanout"]["by_source"]["127.0.0.2"], 22, "{merged}");
+    assert_eq!(
+        merged["fanout"]["by_target"][format!("127.0.0.1:{}", ports[0])],
+        34
+    );
+    let url = merged["url"].as_str().unwrap();
+    assert!(url.contains(&b.api.addr.to_string()) && url.contains(&a.api.addr.to_string()));
+    assert!(merged["verification"].is_null(), "neither run verified");
 }

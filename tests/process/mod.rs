@@ -3,6 +3,7 @@ mod cluster;
 mod config;
 mod crash;
 mod faults;
+mod fds;
 mod loadgen;
 mod logs;
 mod seed;

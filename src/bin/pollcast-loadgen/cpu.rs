@@ -7,7 +7,7 @@
 
 use std::fs;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One reading of the counters.
 #[derive(Debug, Clone, Copy)]
@@ -21,7 +21,7 @@ pub struct CpuSample {
 }
 
 /// CPU use between two samples.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CpuUse {
     /// Logical cores of the machine.
     pub cores: usize,
@@ -101,6 +101,33 @@ impl CpuSample {
             loadgen_us_per_vote: per_vote(loadgen),
             server_us_per_vote: per_vote(server),
             machine_idle,
+        }
+    }
+}
+
+impl CpuUse {
+    /// The CPU of several load generators run together against one server (`accepted`: their
+    /// votes): their own CPU adds up; the server's was measured by each over about the same
+    /// time, so the largest reading stands for it; the machine's idle share is the mean.
+    pub fn merge(all: &[&CpuUse], accepted: u64) -> Self {
+        let sum = |f: fn(&CpuUse) -> Option<f64>| all.iter().map(|c| f(c)).sum::<Option<f64>>();
+        let loadgen = sum(|c| c.loadgen_cpu_s);
+        let server = all
+            .iter()
+            .filter_map(|c| c.server_cpu_s)
+            .max_by(f64::total_cmp);
+        let per_vote = |s: Option<f64>| {
+            s.filter(|_| accepted > 0)
+                .map(|s| s * 1e6 / accepted as f64)
+        };
+        let idle: Vec<f64> = all.iter().filter_map(|c| c.machine_idle).collect();
+        Self {
+            cores: all.iter().map(|c| c.cores).max().unwrap_or(1),
+            loadgen_cpu_s: loadgen,
+            server_cpu_s: server,
+            loadgen_us_per_vote: per_vote(loadgen),
+            server_us_per_vote: per_vote(server),
+            machine_idle: (!idle.is_empty()).then(|| idle.iter().sum::<f64>() / idle.len() as f64),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! pollcast-loadgen votes --url http://127.0.0.1:8080 --token T --connections 64 --duration 10s \
 //!     --polls 10 [--duplicate-ratio 0.1] [--subscribers 1000] [--probe] [--verify] [--json]
+//! pollcast-loadgen merge a.json b.json [--json]
 //! ```
 //!
 //! Votes go over HTTP/1.1 keep-alive connections, one request in flight per connection, each
@@ -13,8 +14,14 @@
 //! `--verify` then waits for the counts to stop moving and compares them with the 202s.
 //! With `--server-pid` (a server on this machine) the report also says how much CPU the
 //! server and the load generator each spent per vote, and how idle the machine was.
+//!
+//! One process holds at most its open-file limit of connections, and one source address
+//! about 28,000 ports per target (and 5000 connections on a pollcast, by default): a large
+//! audience takes several `--source-addrs`, several `--url`s and several load generators,
+//! whose JSON reports `merge` adds up.
 
 mod cpu;
+mod net;
 mod probe;
 mod report;
 mod subscribers;
@@ -37,6 +44,34 @@ struct Cli {
 enum Command {
     /// Send votes (and optionally watch with WebSocket subscribers).
     Votes(votes::VoteArgs),
+    /// Merge the JSON reports (`votes --json`) of load generators run at the same time.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct MergeArgs {
+    /// JSON reports, one per load generator.
+    #[arg(required = true)]
+    reports: Vec<std::path::PathBuf>,
+    /// Print the merged report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn merge(args: MergeArgs) -> anyhow::Result<report::Report> {
+    use anyhow::Context;
+    let mut reports = Vec::with_capacity(args.reports.len());
+    for path in &args.reports {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let report: report::Report = serde_json::from_str(&text).with_context(|| {
+            format!("{} is not a JSON report of `votes --json`", path.display())
+        })?;
+        reports.push(report);
+    }
+    let mut merged = report::Report::merge(&reports)?;
+    merged.json = args.json;
+    Ok(merged)
 }
 
 /// Parses `10s`, `500ms`, `2m`.
@@ -49,6 +84,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Votes(args) => votes::run(args).await,
+        Command::Merge(args) => merge(args),
     };
     match result {
         Ok(report) => {

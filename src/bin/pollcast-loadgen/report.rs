@@ -2,13 +2,14 @@
 
 use std::collections::BTreeMap;
 
+use anyhow::Context;
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cpu::CpuUse;
 
 /// Percentiles of a latency histogram recorded in microseconds, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     pub p50_ms: f64,
     pub p90_ms: f64,
@@ -16,6 +17,34 @@ pub struct Latency {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub samples: u64,
+    /// The histogram itself, each recorded bucket as `<microseconds>x<count>`, separated by
+    /// spaces (one string, so that the pretty JSON stays readable). Why in the report:
+    /// percentiles of several runs cannot be merged, their histograms can
+    /// (`pollcast-loadgen merge`).
+    #[serde(default, with = "compact")]
+    pub histogram_us: Vec<(u64, u64)>,
+}
+
+/// `[(1000, 3), (1010, 5)]` as `"1000x3 1010x5"`.
+mod compact {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(buckets: &[(u64, u64)], s: S) -> Result<S::Ok, S::Error> {
+        let text: Vec<String> = buckets.iter().map(|(us, n)| format!("{us}x{n}")).collect();
+        s.serialize_str(&text.join(" "))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u64, u64)>, D::Error> {
+        let text = String::deserialize(d)?;
+        text.split_whitespace()
+            .map(|bucket| {
+                let parsed = bucket
+                    .split_once('x')
+                    .and_then(|(us, n)| Some((us.parse().ok()?, n.parse().ok()?)));
+                parsed.ok_or_else(|| D::Error::custom(format!("bad histogram bucket {bucket}")))
+            })
+            .collect()
+    }
 }
 
 impl Latency {
@@ -28,7 +57,25 @@ impl Latency {
             p999_ms: ms(h.value_at_quantile(0.999)),
             max_ms: ms(h.max()),
             samples: h.len(),
+            histogram_us: h
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
         }
+    }
+
+    /// The latencies of several runs together.
+    pub fn merge<'a>(all: impl IntoIterator<Item = &'a Latency>) -> anyhow::Result<Self> {
+        let mut h = histogram();
+        for latency in all {
+            if latency.samples > 0 && latency.histogram_us.is_empty() {
+                anyhow::bail!("a report without its histogram (from an older load generator)");
+            }
+            for &(us, count) in &latency.histogram_us {
+                h.record_n(us, count).context("a latency out of range")?;
+            }
+        }
+        Ok(Self::of(&h))
     }
 }
 
@@ -38,7 +85,7 @@ pub fn histogram() -> Histogram<u64> {
 }
 
 /// The result of `--verify`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verification {
     /// Sum of the final counts of the polls voted in.
     pub counted: i64,
@@ -50,11 +97,17 @@ pub struct Verification {
 }
 
 /// What the subscribers saw.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Fanout {
     pub subscribers: usize,
     /// Subscribers that connected and got their snapshot.
     pub connected: usize,
+    /// Of those, by target (`host:port`) and by source address (`any` without
+    /// `--source-addrs`).
+    #[serde(default)]
+    pub by_target: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub by_source: BTreeMap<String, usize>,
     /// Delay from the server's flush to receipt, per message and subscriber.
     pub delay: Latency,
     /// Updates a subscriber never received (gaps in seq), over all subscribers.
@@ -64,9 +117,13 @@ pub struct Fanout {
 }
 
 /// Everything a votes run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
+    /// The target URLs, comma-separated.
     pub url: String,
+    /// Load generator processes whose reports this is (see [`Report::merge`]).
+    #[serde(default = "one")]
+    pub processes: usize,
     pub connections: usize,
     pub polls: usize,
     pub seconds: f64,
@@ -87,6 +144,103 @@ pub struct Report {
     pub json: bool,
 }
 
+fn one() -> usize {
+    1
+}
+
+/// Adds `from` into `into`, key by key.
+fn add_counts<K: Ord + Clone>(into: &mut BTreeMap<K, usize>, from: &BTreeMap<K, usize>) {
+    for (k, n) in from {
+        *into.entry(k.clone()).or_default() += n;
+    }
+}
+
+impl Report {
+    /// One report of several load generators run at the same time (each with its share of
+    /// the connections and subscribers): counts add up, latencies are merged from their
+    /// histograms, the duration is the longest, so the rate is all accepted votes over it.
+    /// Verification adds up too, which is right when each process voted in its own polls.
+    pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
+        let first = reports.first().context("no report to merge")?;
+        let mut urls: Vec<&str> = Vec::new();
+        for r in reports {
+            for url in r.url.split(',') {
+                if !urls.contains(&url) {
+                    urls.push(url);
+                }
+            }
+        }
+        let seconds = reports.iter().map(|r| r.seconds).fold(0.0, f64::max);
+        let accepted = reports.iter().map(|r| r.accepted).sum();
+        let mut errors = BTreeMap::new();
+        for r in reports {
+            for (k, n) in &r.errors {
+                *errors.entry(k.clone()).or_default() += n;
+            }
+        }
+        let verification = reports
+            .iter()
+            .map(|r| r.verification.clone())
+            .collect::<Option<Vec<_>>>()
+            .map(|all| Verification {
+                counted: all.iter().map(|v| v.counted).sum(),
+                accepted: all.iter().map(|v| v.accepted).sum(),
+                exact: all.iter().all(|v| v.exact),
+                settle_ms: all.iter().map(|v| v.settle_ms).max().unwrap_or(0),
+            });
+        let fanouts: Vec<&Fanout> = reports.iter().filter_map(|r| r.fanout.as_ref()).collect();
+        let fanout = if fanouts.is_empty() {
+            None
+        } else {
+            let (mut by_target, mut by_source) = (BTreeMap::new(), BTreeMap::new());
+            for f in &fanouts {
+                add_counts(&mut by_target, &f.by_target);
+                add_counts(&mut by_source, &f.by_source);
+            }
+            Some(Fanout {
+                subscribers: fanouts.iter().map(|f| f.subscribers).sum(),
+                connected: fanouts.iter().map(|f| f.connected).sum(),
+                by_target,
+                by_source,
+                delay: Latency::merge(fanouts.iter().map(|f| &f.delay))?,
+                missed_updates: fanouts.iter().map(|f| f.missed_updates).sum(),
+                messages: fanouts.iter().map(|f| f.messages).sum(),
+            })
+        };
+        let probes: Vec<&Latency> = reports
+            .iter()
+            .filter_map(|r| r.visibility.as_ref())
+            .collect();
+        let cpus: Vec<&CpuUse> = reports.iter().map(|r| &r.cpu).collect();
+        Ok(Report {
+            url: urls.join(","),
+            processes: reports.iter().map(|r| r.processes).sum(),
+            connections: reports.iter().map(|r| r.connections).sum(),
+            polls: reports.iter().map(|r| r.polls).max().unwrap_or(first.polls),
+            seconds,
+            sent: reports.iter().map(|r| r.sent).sum(),
+            accepted,
+            duplicates: reports.iter().map(|r| r.duplicates).sum(),
+            errors,
+            accepted_per_sec: if seconds > 0.0 {
+                accepted as f64 / seconds
+            } else {
+                0.0
+            },
+            latency: Latency::merge(reports.iter().map(|r| &r.latency))?,
+            cpu: CpuUse::merge(&cpus, accepted),
+            verification,
+            fanout,
+            visibility: if probes.is_empty() {
+                None
+            } else {
+                Some(Latency::merge(probes)?)
+            },
+            json: first.json,
+        })
+    }
+}
+
 impl Report {
     /// `Some(true/false)` when verified.
     pub fn verified_exact(&self) -> Option<bool> {
@@ -103,8 +257,15 @@ impl Report {
         }
         let l = &self.latency;
         println!(
-            "target       {} ({} connections, {} polls)",
-            self.url, self.connections, self.polls
+            "target       {} ({} connections, {} polls{})",
+            self.url,
+            self.connections,
+            self.polls,
+            if self.processes > 1 {
+                format!(", {} load generators", self.processes)
+            } else {
+                String::new()
+            }
         );
         println!("duration     {:.1} s", self.seconds);
         println!(
@@ -153,5 +314,34 @@ impl Report {
                 v.samples, v.p50_ms, v.p99_ms, v.max_ms
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_merge_exactly_through_their_json() {
+        let (mut a, mut b, mut both) = (histogram(), histogram(), histogram());
+        for us in [150, 900, 1_200, 35_000] {
+            a.record(us).unwrap();
+            both.record(us).unwrap();
+        }
+        for us in [80, 2_500, 2_500, 1_000_000] {
+            b.record(us).unwrap();
+            both.record(us).unwrap();
+        }
+        let through_json = |h: &Histogram<u64>| -> Latency {
+            serde_json::from_str(&serde_json::to_string(&Latency::of(h)).unwrap()).unwrap()
+        };
+        let merged = Latency::merge([&through_json(&a), &through_json(&b)]).unwrap();
+        let expected = Latency::of(&both);
+        assert_eq!(merged.samples, 8);
+        assert_eq!(merged.histogram_us, expected.histogram_us);
+        assert_eq!(
+            (merged.p50_ms, merged.p99_ms, merged.max_ms),
+            (expected.p50_ms, expected.p99_ms, expected.max_ms)
+        );
     }
 }

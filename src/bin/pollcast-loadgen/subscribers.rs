@@ -6,6 +6,8 @@
 //! CPU zero-filling tungstenite's 128 KiB read buffer on every read, the rest mostly in
 //! parsing each message into a `serde_json::Value` and in two locks shared by all of them.
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -15,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::net::{Target, pick};
 use crate::report::{Fanout, Latency, histogram};
 
 /// tungstenite's read buffer, which it zero-fills at every read: the server's messages
@@ -57,6 +60,9 @@ impl Tally {
 pub struct Subscribers {
     count: usize,
     connected: usize,
+    /// Subscribers that got their snapshot, by target (`host:port`) and by source address.
+    by_target: BTreeMap<String, usize>,
+    by_source: BTreeMap<String, usize>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Tally>>,
 }
@@ -72,14 +78,21 @@ fn now_ms() -> i64 {
 /// until told to stop or disconnected.
 async fn subscribe(
     url: String,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
     ready: tokio::sync::mpsc::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) -> Tally {
     let mut tally = Tally::default();
     let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER);
-    let Ok((mut socket, _)) =
-        tokio_tungstenite::connect_async_with_config(&url, Some(config), false).await
-    else {
+    let socket = match crate::net::connect(addr, source).await {
+        Ok(stream) => {
+            let _ = stream.set_nodelay(true);
+            tokio_tungstenite::client_async_with_config(&url, stream, Some(config)).await
+        }
+        Err(e) => Err(e.into()),
+    };
+    let Ok((mut socket, _)) = socket else {
         let _ = ready.send(false).await;
         return tally;
     };
@@ -107,32 +120,51 @@ async fn subscribe(
 }
 
 impl Subscribers {
-    /// Connects `count` subscribers to `ws_url` (a few at a time, so the server's accept
-    /// queue is not flooded) and waits until each has its snapshot.
-    pub async fn connect(ws_url: &str, count: usize) -> anyhow::Result<Self> {
+    /// Connects `count` subscribers of `poll`, spread over every (target, source) pair in
+    /// turn (a few at a time, so the servers' accept queues are not flooded), and waits
+    /// until each has its snapshot.
+    pub async fn connect(
+        targets: &[Target],
+        sources: &[IpAddr],
+        poll: i64,
+        count: usize,
+    ) -> anyhow::Result<Self> {
         let (stop, stopped) = watch::channel(false);
-        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<bool>(count.max(1));
         let mut tasks = Vec::with_capacity(count);
+        let mut waiting = Vec::with_capacity(count);
         for i in 0..count {
-            let task = subscribe(ws_url.to_owned(), ready_tx.clone(), stopped.clone());
+            let (target, source) = pick(i, targets, sources);
+            // Why a channel each: the tally by target and source needs to know whose
+            // snapshot came.
+            let (ready_tx, ready_rx) = tokio::sync::mpsc::channel::<bool>(1);
+            let url = format!("ws://{}/ws/polls/{poll}", target.host);
+            let task = subscribe(url, target.addr, source, ready_tx, stopped.clone());
             tasks.push(tokio::spawn(task));
+            let source = source.map_or_else(|| "any".to_owned(), |s| s.to_string());
+            waiting.push((target.host.clone(), source, ready_rx));
             if i % 256 == 255 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        drop(ready_tx);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut connected = 0;
-        for _ in 0..count {
-            match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
-                Ok(Some(true)) => connected += 1,
-                Ok(Some(false)) => {}
-                _ => break,
+        let (mut by_target, mut by_source) = (BTreeMap::new(), BTreeMap::new());
+        for (target, source, mut ready) in waiting {
+            match tokio::time::timeout_at(deadline, ready.recv()).await {
+                Ok(Some(true)) => {
+                    connected += 1;
+                    *by_target.entry(target).or_default() += 1;
+                    *by_source.entry(source).or_default() += 1;
+                }
+                Ok(_) => {}
+                Err(_) => break,
             }
         }
         Ok(Self {
             count,
             connected,
+            by_target,
+            by_source,
             stop,
             tasks,
         })
@@ -156,6 +188,8 @@ impl Subscribers {
         Fanout {
             subscribers: self.count,
             connected: self.connected,
+            by_target: self.by_target,
+            by_source: self.by_source,
             delay: Latency::of(&delays),
             missed_updates: missed,
             messages,

@@ -1,7 +1,7 @@
 //! The votes load: connections sending unique (or duplicate) votes as fast as answered.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::cpu::CpuSample;
+use crate::net::{Target, check_capacity, pick};
 use crate::probe::Probe;
 use crate::report::{Latency, Report, Verification, histogram};
 use crate::subscribers::Subscribers;
@@ -24,9 +25,16 @@ use crate::subscribers::Subscribers;
 /// Options of `pollcast-loadgen votes`.
 #[derive(Debug, clap::Args)]
 pub struct VoteArgs {
-    /// Base URL of the pollcast under test (http only).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
+    /// Base URL of the pollcast under test (http only). Repeat it (or separate URLs with
+    /// commas) to spread the vote connections and the subscribers over several processes of
+    /// one cluster; polls are created, probed and verified on the first.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
+    url: Vec<String>,
+    /// Loopback source addresses to spread connections over: a count N (127.0.0.1 to
+    /// 127.0.0.N) or a list (`127.0.0.2,127.0.0.3`). Each holds ~28,000 ports per target and
+    /// is one peer under the server's per-address cap. Unset: the system's choice.
+    #[arg(long)]
+    source_addrs: Option<String>,
     /// Admin token, to create the polls.
     #[arg(long, env = "POLLCAST_ADMIN_TOKEN")]
     token: Option<String>,
@@ -78,6 +86,7 @@ pub struct Connection {
     sender: SendRequest<Full<Bytes>>,
     addr: SocketAddr,
     host: String,
+    source: Option<IpAddr>,
 }
 
 impl Connection {
@@ -88,11 +97,11 @@ impl Connection {
 
     /// Another connection to the same server.
     pub async fn reopen(&self) -> anyhow::Result<Self> {
-        Self::open(self.addr, &self.host).await
+        Self::open(self.addr, &self.host, self.source).await
     }
 
-    async fn open(addr: SocketAddr, host: &str) -> anyhow::Result<Self> {
-        let stream = tokio::net::TcpStream::connect(addr)
+    async fn open(addr: SocketAddr, host: &str, source: Option<IpAddr>) -> anyhow::Result<Self> {
+        let stream = crate::net::connect(addr, source)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
@@ -102,6 +111,7 @@ impl Connection {
             sender,
             addr,
             host: host.to_owned(),
+            source,
         })
     }
 
@@ -144,19 +154,6 @@ impl Connection {
     }
 }
 
-async fn target(url: &str) -> anyhow::Result<(SocketAddr, String)> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        bail!("--url must start with http:// (got {url})");
-    };
-    let host = rest.trim_end_matches('/').to_owned();
-    let addr = tokio::net::lookup_host(&host)
-        .await
-        .with_context(|| format!("cannot resolve {host}"))?
-        .next()
-        .with_context(|| format!("{host} has no address"))?;
-    Ok((addr, host))
-}
-
 struct Shared {
     next: AtomicU64,
     accepted: AtomicU64,
@@ -177,13 +174,13 @@ struct WorkerStats {
 }
 
 async fn worker(
-    addr: SocketAddr,
-    host: String,
+    target: Target,
+    source: Option<IpAddr>,
     shared: Arc<Shared>,
 ) -> (WorkerStats, Histogram<u64>) {
     let mut stats = WorkerStats::default();
     let mut latencies = histogram();
-    let Ok(mut conn) = Connection::open(addr, &host).await else {
+    let Ok(mut conn) = Connection::open(target.addr, &target.host, source).await else {
         *stats.errors.entry("connect".into()).or_default() += 1;
         return (stats, latencies);
     };
@@ -220,7 +217,7 @@ async fn worker(
             Ok((status, _)) => *stats.errors.entry(status.as_u16().to_string()).or_default() += 1,
             Err(_) => {
                 *stats.errors.entry("error".into()).or_default() += 1;
-                match Connection::open(addr, &host).await {
+                match conn.reopen().await {
                     Ok(fresh) => conn = fresh,
                     Err(_) => break,
                 }
@@ -241,11 +238,11 @@ struct Readers {
 }
 
 impl Readers {
-    async fn open(addr: SocketAddr, host: &str, polls: &[i64]) -> anyhow::Result<Self> {
+    async fn open(setup: &Connection, polls: &[i64]) -> anyhow::Result<Self> {
         let per = polls.len().div_ceil(VERIFY_CONNECTIONS).max(1);
         let mut shares = Vec::new();
         for share in polls.chunks(per) {
-            shares.push((Connection::open(addr, host).await?, share.to_vec()));
+            shares.push((setup.reopen().await?, share.to_vec()));
         }
         Ok(Self { shares })
     }
@@ -300,8 +297,17 @@ async fn settle(
 }
 
 pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
-    let (addr, host) = target(&args.url).await?;
-    let mut setup = Connection::open(addr, &host).await?;
+    let mut targets = Vec::with_capacity(args.url.len());
+    for url in &args.url {
+        targets.push(Target::resolve(url).await?);
+    }
+    let sources = match &args.source_addrs {
+        Some(text) => crate::net::parse_sources(text).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
+    check_capacity(args.connections + args.subscribers, &targets, &sources)?;
+    let mut setup =
+        Connection::open(targets[0].addr, &targets[0].host, sources.first().copied()).await?;
     let polls = if args.poll_ids.is_empty() {
         let mut polls = Vec::with_capacity(args.polls);
         let options: Vec<String> = (1..=args.options).map(|i| format!("option {i}")).collect();
@@ -320,7 +326,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         args.poll_ids.clone()
     };
     let baseline = if args.verify {
-        Readers::open(addr, &host, &polls).await?.totals().await?
+        Readers::open(&setup, &polls).await?.totals().await?
     } else {
         0
     };
@@ -330,7 +336,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
     };
     let subscribers = match args.subscribers {
         0 => None,
-        n => Some(Subscribers::connect(&format!("ws://{host}/ws/polls/{}", polls[0]), n).await?),
+        n => Some(Subscribers::connect(&targets, &sources, polls[0], n).await?),
     };
 
     let started = Instant::now();
@@ -379,7 +385,10 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
     });
     let cpu_before = CpuSample::now(args.server_pid);
     let workers: Vec<_> = (0..args.connections.max(1))
-        .map(|_| tokio::spawn(worker(addr, host.clone(), shared.clone())))
+        .map(|i| {
+            let (target, source) = pick(i, &targets, &sources);
+            tokio::spawn(worker(target.clone(), source, shared.clone()))
+        })
         .collect();
     let mut total = WorkerStats::default();
     let mut latencies = histogram();
@@ -401,7 +410,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
     let verification = if args.verify {
         let started = Instant::now();
         // Why new connections: the server closes keep-alive connections left idle.
-        let mut readers = Readers::open(addr, &host, &polls).await?;
+        let mut readers = Readers::open(&setup, &polls).await?;
         let (counted, took) =
             settle(&mut readers, baseline + total.accepted as i64, started).await?;
         let counted = counted - baseline;
@@ -423,7 +432,8 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         None => None,
     };
     Ok(Report {
-        url: args.url,
+        url: args.url.join(","),
+        processes: 1,
         connections: args.connections,
         polls: polls.len(),
         seconds,
