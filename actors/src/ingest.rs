@@ -7,7 +7,7 @@
 //! still remembered (or up to what has been read, when nothing is). When an aggregator dies,
 //! its remembered batches tell how far back to rewind the log so they are read again.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -155,6 +155,10 @@ pub struct IngestState {
     aggregators: Option<ActorRef<AggregatorSupervisorMsg>>,
     routes: HashMap<PollId, Route>,
     partitions: HashMap<Partition, PartitionState>,
+    /// Partitions just (re)assigned whose backlog is still being read: their polls are
+    /// flushed as soon as their votes are routed, not at the next flush interval, so that a
+    /// takeover counts (and shows) the votes that waited for it at once.
+    catching_up: HashSet<Partition>,
     next_seq: RouteSeq,
     unflushed: usize,
     draining: bool,
@@ -205,7 +209,13 @@ impl IngestActor {
             .poll(state.settings.batch_max, state.settings.poll_wait)
             .await;
         match event {
-            Ok(SourceEvent::Records(records)) => self.route(state, records).await?,
+            Ok(SourceEvent::Records(records)) => {
+                let caught_up = records.len() < state.settings.batch_max;
+                self.route(state, records).await?;
+                if caught_up {
+                    state.catching_up.clear();
+                }
+            }
             Ok(SourceEvent::Assigned(partitions)) => {
                 tracing::info!(?partitions, "vote log partitions assigned");
             }
@@ -248,6 +258,10 @@ impl IngestActor {
     ) -> Result<(), ActorProcessingErr> {
         let mut by_poll: HashMap<PollId, Vec<(Partition, Offset, LogEntry)>> = HashMap::new();
         for record in records {
+            if !state.partitions.contains_key(&record.partition) {
+                // First records since this partition was assigned (or since the start).
+                state.catching_up.insert(record.partition);
+            }
             let p = state.partitions.entry(record.partition).or_default();
             p.read_next = Some(
                 p.read_next
@@ -272,11 +286,15 @@ impl IngestActor {
                 e.0 = e.0.min(*offset);
                 e.1 += 1;
             }
+            let taken_over = lowest.keys().any(|p| state.catching_up.contains(p));
             let route = state.routes.entry(poll_id).or_default();
             route.last_routed = Instant::now();
             let entries = items.into_iter().map(|(_, _, e)| e).collect();
             let to = match &route.target {
                 Some(target) if target.cast(AggregatorMsg::Votes { seq, entries }).is_ok() => {
+                    if taken_over {
+                        let _ = target.cast(AggregatorMsg::Tick);
+                    }
                     Some(target.get_id())
                 }
                 // Died just now: its supervisor reports the restart, which rewinds.
@@ -517,6 +535,7 @@ impl Actor for IngestActor {
             aggregators: None,
             routes: HashMap::new(),
             partitions: HashMap::new(),
+            catching_up: HashSet::new(),
             next_seq: 0,
             unflushed: 0,
             draining: false,
@@ -578,6 +597,8 @@ impl Actor for IngestActor {
                 self.flush_all(state).await;
                 self.commit(state).await;
                 tracing::info!(unflushed = state.unflushed, "ingest drained");
+                // Why after the commit: the next owner of these partitions starts from it.
+                state.source.close().await;
                 let _ = reply.send(());
             }
         }
@@ -650,6 +671,7 @@ mod tests {
             unflushed: route.in_flight.len(),
             routes: HashMap::from([(7, route)]),
             partitions: HashMap::from([(0, partition)]),
+            catching_up: HashSet::new(),
             next_seq: 0,
             draining: false,
             commit_ticker: None,

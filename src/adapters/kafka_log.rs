@@ -9,6 +9,10 @@
 //!   for records, so nothing fetched sits in a buffer of ours when the actor seeks. On a
 //!   revocation the rebalance callback hands the ingest actor a `Revoked` event and holds the
 //!   rebalance until the actor has flushed and committed those partitions.
+//! - Failover: group sessions are as short as Kafka allows by default (6 s, see
+//!   [`GROUP_DEFAULTS`]), so a crashed process's partitions move within seconds; a graceful
+//!   stop leaves the group explicitly ([`VoteSource::close`]) after its final commit, so its
+//!   partitions move at once.
 //! - Counts bus ([`KafkaCountsBus`]): every flush's counts go to `poll-updates`; every process
 //!   reads all of it (its own consumer group, from the latest offset) for its WebSockets.
 
@@ -71,6 +75,18 @@ impl KafkaSection {
         Duration::from_millis(self.produce_timeout_ms)
     }
 }
+
+/// Group membership defaults of every consumer (operators may override them).
+///
+/// Why these: librdkafka's 45 s session timeout means a crashed process's partitions, and
+/// the polls in them, wait 45 s and more before another process counts them. 6000 ms is the
+/// least a Kafka broker accepts by default (`group.min.session.timeout.ms`); a broker
+/// configured otherwise refuses it, which pollcast reports naming the property. Heartbeats
+/// every second also tell the survivors of a rebalance within a second.
+pub const GROUP_DEFAULTS: [(&str, &str); 2] = [
+    ("session.timeout.ms", "6000"),
+    ("heartbeat.interval.ms", "1000"),
+];
 
 fn kafka_err(what: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> LogError {
     move |e| LogError::new(what, e)
@@ -297,11 +313,20 @@ impl ConsumerContext for IngestContext {
     }
 }
 
-struct PollRequest {
-    max: usize,
-    wait: Duration,
-    reply: Reply,
+/// What the ingest actor asks of the consumer thread.
+enum Request {
+    /// Fetch up to `max` records, waiting at most `wait` for the first.
+    Poll {
+        max: usize,
+        wait: Duration,
+        reply: Reply,
+    },
+    /// Leave the group and stop; answered once left.
+    Close(oneshot::Sender<()>),
 }
+
+/// Longest a graceful stop waits for the consumer to leave its group.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens group consumers of `raw-votes`.
 pub struct KafkaSourceFactory {
@@ -341,6 +366,8 @@ impl VoteSourceFactory for KafkaSourceFactory {
             .client_config(
                 Role::Consumer,
                 &[
+                    GROUP_DEFAULTS[0],
+                    GROUP_DEFAULTS[1],
                     ("group.id", &self.settings.group_id),
                     ("enable.auto.commit", "false"),
                     ("enable.auto.offset.store", "false"),
@@ -383,14 +410,22 @@ impl VoteSourceFactory for KafkaSourceFactory {
 fn serve_polls(
     consumer: Arc<BaseConsumer<IngestContext>>,
     reply_slot: Arc<Mutex<Option<Reply>>>,
-    mut requests: mpsc::Receiver<PollRequest>,
+    mut requests: mpsc::Receiver<Request>,
 ) {
     while let Some(request) = requests.blocking_recv() {
-        *reply_slot.lock().expect("not poisoned") = Some(request.reply);
-        let deadline = Instant::now() + request.wait;
+        let (max, wait, reply) = match request {
+            Request::Poll { max, wait, reply } => (max, wait, reply),
+            Request::Close(done) => {
+                leave_group(&consumer);
+                let _ = done.send(());
+                break;
+            }
+        };
+        *reply_slot.lock().expect("not poisoned") = Some(reply);
+        let deadline = Instant::now() + wait;
         let mut records = Vec::new();
         let mut failure = None;
-        while records.len() < request.max {
+        while records.len() < max {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let timeout = if records.is_empty() {
                 remaining
@@ -405,7 +440,7 @@ fn serve_polls(
                     entry: decode_entry(&message),
                 }),
                 Some(Err(e)) => {
-                    failure = Some(LogError::new("read from Kafka", e));
+                    failure = Some(read_error(e));
                     break;
                 }
                 None if records.is_empty() && !remaining.is_zero() => {}
@@ -428,6 +463,52 @@ fn serve_polls(
     tracing::debug!("vote consumer thread stopped");
 }
 
+/// What a consumer error means for the operator.
+fn read_error(e: KafkaError) -> LogError {
+    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::InvalidSessionTimeout) {
+        tracing::error!(
+            error = %e,
+            "the Kafka broker refused the consumer's session timeout: set \
+             log.kafka.consumer_properties.session_timeout_ms within the broker's \
+             group.min.session.timeout.ms and group.max.session.timeout.ms (Kafka's defaults: \
+             6000 and 1800000; pollcast's default is 6000), or change the broker's limits"
+        );
+        return LogError::new(
+            "join the Kafka consumer group",
+            format!(
+                "{e}: log.kafka.consumer_properties.session_timeout_ms is outside the broker's group.min/max.session.timeout.ms"
+            ),
+        );
+    }
+    LogError::new("read from Kafka", e)
+}
+
+/// Leaves the consumer group: librdkafka's consumer close revokes the assignment (our
+/// callback then has no request to answer, and there is nothing left to flush), sends the
+/// coordinator a LeaveGroup, and is done once that is answered or `CLOSE_TIMEOUT` passes.
+/// The coordinator then rebalances the group at once, instead of waiting for this member's
+/// session to time out.
+fn leave_group(consumer: &BaseConsumer<IngestContext>) {
+    let started = Instant::now();
+    if let Err(e) = consumer.close_queue() {
+        tracing::warn!(error = %e, "could not leave the Kafka consumer group; the others take over when its session times out");
+        return;
+    }
+    while !consumer.closed() {
+        if started.elapsed() > CLOSE_TIMEOUT {
+            tracing::warn!(
+                "leaving the Kafka consumer group took too long; the others take over when its session times out"
+            );
+            return;
+        }
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "left the Kafka consumer group"
+    );
+}
+
 fn decode_entry(message: &impl Message) -> Option<LogEntry> {
     let payload = message.payload()?;
     match LogEntry::from_json(payload) {
@@ -443,7 +524,7 @@ struct KafkaVoteSource {
     high_offsets: Arc<Mutex<HashMap<Partition, Offset>>>,
     consumer: Arc<BaseConsumer<IngestContext>>,
     topic: String,
-    requests: mpsc::Sender<PollRequest>,
+    requests: mpsc::Sender<Request>,
     revoke_done: std_mpsc::Sender<()>,
     revoke_pending: bool,
 }
@@ -464,7 +545,7 @@ impl VoteSource for KafkaVoteSource {
         let (reply, answer) = oneshot::channel();
         let stopped = || LogError::new("read from Kafka", "the consumer thread has stopped");
         self.requests
-            .send(PollRequest { max, wait, reply })
+            .send(Request::Poll { max, wait, reply })
             .await
             .map_err(|_| stopped())?;
         let event = answer.await.map_err(|_| stopped())??;
@@ -521,6 +602,13 @@ impl VoteSource for KafkaVoteSource {
         .await
         .map_err(|e| LogError::new("seek", e))?
         .map_err(kafka_err("seek"))
+    }
+
+    async fn close(&mut self) {
+        let (done, left) = oneshot::channel();
+        if self.requests.send(Request::Close(done)).await.is_ok() {
+            let _ = left.await;
+        }
     }
 }
 
@@ -605,6 +693,8 @@ impl CountsBus for KafkaCountsBus {
             .client_config(
                 Role::Consumer,
                 &[
+                    GROUP_DEFAULTS[0],
+                    GROUP_DEFAULTS[1],
                     ("group.id", &group),
                     ("enable.auto.commit", "false"),
                     ("auto.offset.reset", "latest"),
