@@ -393,7 +393,7 @@ impl VoteSourceFactory for KafkaSourceFactory {
             .spawn(move || serve_polls(thread_consumer, reply, rx))
             .map_err(|e| LogError::new("start the consumer thread", e))?;
         Ok(Box::new(KafkaVoteSource {
-            consumer,
+            consumer: Some(consumer),
             topic: self.settings.raw_votes_topic.clone(),
             requests,
             revoke_done,
@@ -416,9 +416,9 @@ fn serve_polls(
         let (max, wait, reply) = match request {
             Request::Poll { max, wait, reply } => (max, wait, reply),
             Request::Close(done) => {
-                leave_group(&consumer);
+                leave_group(consumer);
                 let _ = done.send(());
-                break;
+                return;
             }
         };
         *reply_slot.lock().expect("not poisoned") = Some(reply);
@@ -483,25 +483,20 @@ fn read_error(e: KafkaError) -> LogError {
     LogError::new("read from Kafka", e)
 }
 
-/// Leaves the consumer group: librdkafka's consumer close revokes the assignment (our
-/// callback then has no request to answer, and there is nothing left to flush), sends the
-/// coordinator a LeaveGroup, and is done once that is answered or `CLOSE_TIMEOUT` passes.
-/// The coordinator then rebalances the group at once, instead of waiting for this member's
+/// Leaves the consumer group. Dropping the last handle of the consumer does it: rdkafka's
+/// drop closes it (librdkafka revokes the assignment, which our callback lets pass as there
+/// is no request to answer and nothing left to flush, sends the coordinator a LeaveGroup and
+/// waits until that is done). Closing it here as well would make that drop fail. The
+/// coordinator then rebalances the group at once instead of waiting for this member's
 /// session to time out.
-fn leave_group(consumer: &BaseConsumer<IngestContext>) {
+fn leave_group(consumer: Arc<BaseConsumer<IngestContext>>) {
     let started = Instant::now();
-    if let Err(e) = consumer.close_queue() {
-        tracing::warn!(error = %e, "could not leave the Kafka consumer group; the others take over when its session times out");
-        return;
-    }
-    while !consumer.closed() {
-        if started.elapsed() > CLOSE_TIMEOUT {
-            tracing::warn!(
-                "leaving the Kafka consumer group took too long; the others take over when its session times out"
-            );
+    match Arc::into_inner(consumer) {
+        Some(consumer) => drop(consumer),
+        None => {
+            tracing::warn!("the Kafka consumer is still in use; it leaves its group when released");
             return;
         }
-        let _ = consumer.poll(Duration::from_millis(100));
     }
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -522,7 +517,8 @@ fn decode_entry(message: &impl Message) -> Option<LogEntry> {
 
 struct KafkaVoteSource {
     high_offsets: Arc<Mutex<HashMap<Partition, Offset>>>,
-    consumer: Arc<BaseConsumer<IngestContext>>,
+    /// `None` once closed.
+    consumer: Option<Arc<BaseConsumer<IngestContext>>>,
     topic: String,
     requests: mpsc::Sender<Request>,
     revoke_done: std_mpsc::Sender<()>,
@@ -530,6 +526,12 @@ struct KafkaVoteSource {
 }
 
 impl KafkaVoteSource {
+    fn consumer(&self, what: &'static str) -> Result<Arc<BaseConsumer<IngestContext>>, LogError> {
+        self.consumer
+            .clone()
+            .ok_or_else(|| LogError::new(what, "the consumer is closed"))
+    }
+
     fn finish_revocation(&mut self) {
         if std::mem::take(&mut self.revoke_pending) {
             let _ = self.revoke_done.send(());
@@ -561,7 +563,7 @@ impl VoteSource for KafkaVoteSource {
             list.add_partition_offset(&self.topic, *partition, KafkaOffset::Offset(*offset))
                 .map_err(kafka_err("commit offsets"))?;
         }
-        let consumer = self.consumer.clone();
+        let consumer = self.consumer("commit offsets")?;
         let committed =
             tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync))
                 .await
@@ -571,7 +573,7 @@ impl VoteSource for KafkaVoteSource {
     }
 
     fn end_offsets(&self) -> Vec<(Partition, Offset)> {
-        let Ok(assignment) = self.consumer.assignment() else {
+        let Some(Ok(assignment)) = self.consumer.as_ref().map(|c| c.assignment()) else {
             return Vec::new();
         };
         assignment
@@ -589,7 +591,7 @@ impl VoteSource for KafkaVoteSource {
     }
 
     async fn seek(&mut self, partition: Partition, offset: Offset) -> Result<(), LogError> {
-        let consumer = self.consumer.clone();
+        let consumer = self.consumer("seek")?;
         let topic = self.topic.clone();
         tokio::task::spawn_blocking(move || {
             consumer.seek(
@@ -605,9 +607,18 @@ impl VoteSource for KafkaVoteSource {
     }
 
     async fn close(&mut self) {
+        // Why drop ours first: the consumer thread's must be the last handle (see leave_group).
+        if self.consumer.take().is_none() {
+            return;
+        }
         let (done, left) = oneshot::channel();
-        if self.requests.send(Request::Close(done)).await.is_ok() {
-            let _ = left.await;
+        if self.requests.send(Request::Close(done)).await.is_ok()
+            && tokio::time::timeout(CLOSE_TIMEOUT, left).await.is_err()
+        {
+            tracing::warn!(
+                "leaving the Kafka consumer group takes too long; the others take over when its \
+                 session times out"
+            );
         }
     }
 }
