@@ -31,6 +31,15 @@ fn start_as_shipped(env: &TestEnv) -> ServerProcess {
     ServerProcess::start_without(env, &[], &TEST_GROUP_SETTINGS)
 }
 
+/// The log lines of a process that tell what happened to its partitions.
+fn notable(output: &str) -> String {
+    output
+        .lines()
+        .filter(|l| l.contains("partitions") || l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// How long a takeover took, from `since` (the signal).
 struct Takeover {
     /// Until the survivor owned every partition.
@@ -291,15 +300,17 @@ async fn killing_one_of_two_processes_under_load_loses_and_double_counts_nothing
             }
             if Instant::now() >= deadline {
                 let missing: Vec<_> = accepted.iter().filter(|u| !counted.contains(**u)).collect();
-                std::fs::write("/tmp/failover_survivor.log", survivor.output()).unwrap();
-                std::fs::write("/tmp/failover_victim.log", victim_output.clone()).unwrap();
                 panic!(
-                    "poll {poll} (partition {}, victim owned {:?}): accepted votes missing after 60 s: {} of {}: {:?}",
+                    "poll {poll} (partition {}; the victim owned {:?}): {} of {} accepted votes \
+                     missing after 60 s, e.g. {:?}\nsurvivor's rebalances and warnings:\n{}\n\
+                     victim's:\n{}",
                     partition_of(poll),
                     owned[0],
                     missing.len(),
                     accepted.len(),
-                    &missing[..missing.len().min(20)]
+                    &missing[..missing.len().min(10)],
+                    notable(&survivor.output()),
+                    notable(&victim_output),
                 );
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -351,6 +362,11 @@ async fn a_stopped_process_hands_its_polls_over_at_once_and_loses_nothing() {
     assert!(
         leaver.output().contains("left the Kafka consumer group"),
         "left the group explicitly: {}",
+        leaver.output()
+    );
+    assert!(
+        !leaver.output().contains(r#""level":"ERROR""#),
+        "a graceful stop logs no error: {}",
         leaver.output()
     );
 
