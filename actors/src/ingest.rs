@@ -52,6 +52,10 @@ impl Default for IngestSettings {
     }
 }
 
+/// How long after a revocation partitions read for the first time count as taken over: the
+/// rebalance and the first fetch take seconds.
+const TAKEOVER_WINDOW: Duration = Duration::from_secs(30);
+
 /// Arguments of the [`IngestActor`]; the factory opens a fresh consumer at every (re)start.
 #[derive(Clone)]
 pub struct IngestArgs {
@@ -155,10 +159,13 @@ pub struct IngestState {
     aggregators: Option<ActorRef<AggregatorSupervisorMsg>>,
     routes: HashMap<PollId, Route>,
     partitions: HashMap<Partition, PartitionState>,
-    /// Partitions just (re)assigned whose backlog is still being read: their polls are
-    /// flushed as soon as their votes are routed, not at the next flush interval, so that a
-    /// takeover counts (and shows) the votes that waited for it at once.
+    /// Partitions just taken over in a rebalance whose backlog is still being read: their
+    /// polls are flushed as soon as their votes are routed, not at the next flush interval,
+    /// so that the votes that waited for the takeover are counted (and shown) at once.
     catching_up: HashSet<Partition>,
+    /// Until when partitions read for the first time count as taken over (set by a
+    /// revocation: with eager rebalancing, the new assignment follows it).
+    taking_over_until: Option<Instant>,
     next_seq: RouteSeq,
     unflushed: usize,
     draining: bool,
@@ -210,11 +217,14 @@ impl IngestActor {
             .await;
         match event {
             Ok(SourceEvent::Records(records)) => {
-                let caught_up = records.len() < state.settings.batch_max;
+                // A read that did not fill up has drained what was fetched of its partitions.
+                let caught_up: HashSet<Partition> = if records.len() < state.settings.batch_max {
+                    records.iter().map(|r| r.partition).collect()
+                } else {
+                    HashSet::new()
+                };
                 self.route(state, records).await?;
-                if caught_up {
-                    state.catching_up.clear();
-                }
+                state.catching_up.retain(|p| !caught_up.contains(p));
             }
             Ok(SourceEvent::Assigned(partitions)) => {
                 tracing::info!(?partitions, "vote log partitions assigned");
@@ -229,6 +239,7 @@ impl IngestActor {
                 for p in &partitions {
                     state.partitions.remove(p);
                 }
+                state.taking_over_until = Some(Instant::now() + TAKEOVER_WINDOW);
                 for route in state.routes.values_mut() {
                     route
                         .in_flight
@@ -258,8 +269,12 @@ impl IngestActor {
     ) -> Result<(), ActorProcessingErr> {
         let mut by_poll: HashMap<PollId, Vec<(Partition, Offset, LogEntry)>> = HashMap::new();
         for record in records {
-            if !state.partitions.contains_key(&record.partition) {
-                // First records since this partition was assigned (or since the start).
+            if !state.partitions.contains_key(&record.partition)
+                && state
+                    .taking_over_until
+                    .is_some_and(|until| Instant::now() < until)
+            {
+                // First records of a partition assigned in a rebalance.
                 state.catching_up.insert(record.partition);
             }
             let p = state.partitions.entry(record.partition).or_default();
@@ -536,6 +551,7 @@ impl Actor for IngestActor {
             routes: HashMap::new(),
             partitions: HashMap::new(),
             catching_up: HashSet::new(),
+            taking_over_until: None,
             next_seq: 0,
             unflushed: 0,
             draining: false,
@@ -672,6 +688,7 @@ mod tests {
             routes: HashMap::from([(7, route)]),
             partitions: HashMap::from([(0, partition)]),
             catching_up: HashSet::new(),
+            taking_over_until: None,
             next_seq: 0,
             draining: false,
             commit_ticker: None,
