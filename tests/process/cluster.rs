@@ -339,7 +339,13 @@ async fn killing_one_of_two_processes_under_load_loses_and_double_counts_nothing
 async fn a_stopped_process_hands_its_polls_over_at_once_and_loses_nothing() {
     let env = TestEnv::new(Backend::Production).await;
     let mut leaver = start_as_shipped(&env);
-    let stayer = start_as_shipped(&env);
+    // A flush interval this long leaves only the flush at takeover to count the votes that
+    // waited for it within the test.
+    let stayer = ServerProcess::start_without(
+        &env,
+        &[("POLLCAST__AGGREGATOR__FLUSH_INTERVAL_MS", "60000")],
+        &TEST_GROUP_SETTINGS,
+    );
     let owned = wait_for_split(&[&leaver.api, &stayer.api]).await;
     let mut polls = Vec::new();
     while !polls.iter().any(|p| owned[0].contains(&partition_of(*p))) {
@@ -378,6 +384,10 @@ async fn a_stopped_process_hands_its_polls_over_at_once_and_loses_nothing() {
         exited.as_secs_f64(),
         handover.owned_all.as_secs_f64(),
         handover.counted_and_pushed.as_secs_f64()
+    );
+    assert!(
+        handover.counted_and_pushed < Duration::from_secs(40),
+        "the polls taken over were flushed at once, not at the next 60 s interval"
     );
     let counted: BTreeSet<String> = env
         .ledger(of_leaver)
