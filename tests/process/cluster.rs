@@ -399,6 +399,18 @@ async fn a_stopped_process_hands_its_polls_over_at_once_and_loses_nothing() {
         counted, accepted,
         "the final flush counted every accepted vote"
     );
+    // The second half of a rolling restart's step: a replacement joins and takes its share.
+    let started = Instant::now();
+    let replacement = start_as_shipped(&env);
+    replacement.api.wait_ready().await;
+    let ready = started.elapsed();
+    wait_for_split(&[&stayer.api, &replacement.api]).await;
+    println!(
+        "rolling restart: the replacement was ready {:.1} s after its start and the two \
+         shared the partitions after {:.1} s",
+        ready.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
     let total = stayer.api.poll(of_leaver).await["totalVotes"]
         .as_i64()
         .unwrap();
