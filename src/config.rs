@@ -347,6 +347,117 @@ impl Default for KafkaSection {
     }
 }
 
+/// Which clients a property of one of the `log.kafka.*properties` tables reaches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reaches {
+    Consumers,
+    Producers,
+}
+
+/// librdkafka properties whose override would break counting exactly once, with the values
+/// that keep it (lower case; `None`: no override at all). pollcast's ledger makes replays
+/// harmless, but only if offsets are committed after the flush, nothing is skipped and every
+/// 202 is durable:
+/// - `enable.auto.commit`, `enable.auto.offset.store`: offsets would be committed before the
+///   flush that applies them; a crash in between loses those votes.
+/// - `auto.offset.reset`: the vote consumer must start a partition without a committed offset
+///   from its beginning (`latest` skips votes), the counts consumer from its end.
+/// - `group.id`: the counts consumers need a group each (`log.kafka.group_id` names the
+///   vote consumers' group).
+/// - `partition.assignment.strategy`: a cooperative (incremental) rebalance revokes some
+///   partitions while the process keeps others, and pollcast drops what it fetched when any
+///   partition is revoked, so records of the kept ones would be skipped. Eager only.
+/// - `isolation.level`: `read_uncommitted` would count votes of aborted transactions.
+/// - `enable.idempotence`, `acks` (`request.required.acks`): a 202 must mean every in-sync
+///   replica has the vote, and a retried send must not duplicate or reorder it.
+const GUARDED_KAFKA_PROPERTIES: &[(&str, Reaches, Option<&[&str]>)] = &[
+    ("enable.auto.commit", Reaches::Consumers, Some(&["false"])),
+    (
+        "enable.auto.offset.store",
+        Reaches::Consumers,
+        Some(&["false"]),
+    ),
+    ("auto.offset.reset", Reaches::Consumers, None),
+    ("group.id", Reaches::Consumers, None),
+    (
+        "partition.assignment.strategy",
+        Reaches::Consumers,
+        Some(&[
+            "range",
+            "roundrobin",
+            "range,roundrobin",
+            "roundrobin,range",
+        ]),
+    ),
+    (
+        "isolation.level",
+        Reaches::Consumers,
+        Some(&["read_committed"]),
+    ),
+    ("enable.idempotence", Reaches::Producers, Some(&["true"])),
+    ("acks", Reaches::Producers, Some(&["all", "-1"])),
+    (
+        "request.required.acks",
+        Reaches::Producers,
+        Some(&["all", "-1"]),
+    ),
+];
+
+impl KafkaSection {
+    /// Refuses librdkafka properties that would break the delivery guarantees (see
+    /// [`GUARDED_KAFKA_PROPERTIES`]), naming the table and the property.
+    fn check_properties(&self) -> Result<(), ConfigError> {
+        let tables: [(&'static str, &HashMap<String, String>, &[Reaches]); 3] = [
+            (
+                "log.kafka.properties",
+                &self.properties,
+                &[Reaches::Consumers, Reaches::Producers],
+            ),
+            (
+                "log.kafka.consumer_properties",
+                &self.consumer_properties,
+                &[Reaches::Consumers],
+            ),
+            (
+                "log.kafka.producer_properties",
+                &self.producer_properties,
+                &[Reaches::Producers],
+            ),
+        ];
+        for (table, properties, reaches) in tables {
+            for (name, value) in properties {
+                // As the clients will see it: underscores stand for dots.
+                let dotted = name.replace('_', ".").to_ascii_lowercase();
+                let Some((_, _, allowed)) = GUARDED_KAFKA_PROPERTIES
+                    .iter()
+                    .find(|(key, to, _)| *key == dotted && reaches.contains(to))
+                else {
+                    continue;
+                };
+                let value = value.trim().to_ascii_lowercase().replace(' ', "");
+                if allowed.is_some_and(|ok| ok.contains(&value.as_str())) {
+                    continue;
+                }
+                let why = match (dotted.as_str(), allowed) {
+                    ("group.id", _) => "set log.kafka.group_id instead".to_owned(),
+                    (_, None) => "pollcast sets it and it must not be overridden".to_owned(),
+                    (_, Some(ok)) => format!(
+                        "only {} keeps every vote counted exactly once",
+                        ok.join(" or ")
+                    ),
+                };
+                return Err(ConfigError::Invalid {
+                    key: table,
+                    why: format!(
+                        "`{name}` (librdkafka `{dotted}`) = {value:?} would break counting exactly once: {why}"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for LogSettings {
     fn default() -> Self {
         Self {
@@ -614,6 +725,7 @@ impl Settings {
                 ));
             }
         }
+        self.log.kafka.check_properties()?;
         if self.dedup.kind == DedupKind::Redis && !self.dedup.redis_url.starts_with("redis") {
             return Err(invalid(
                 "dedup.redis_url",
@@ -798,5 +910,93 @@ mod tests {
             }
         }
         assert!(Settings::default().validate().is_ok());
+    }
+
+    #[test]
+    fn kafka_properties_that_break_exactly_once_are_refused_naming_them() {
+        type Table = fn(&mut KafkaSection) -> &mut HashMap<String, String>;
+        let consumer: Table = |k| &mut k.consumer_properties;
+        let producer: Table = |k| &mut k.producer_properties;
+        let common: Table = |k| &mut k.properties;
+        let refused = [
+            (
+                consumer,
+                "enable_auto_commit",
+                "true",
+                "log.kafka.consumer_properties",
+            ),
+            (common, "enable.auto.commit", "true", "log.kafka.properties"),
+            (
+                consumer,
+                "enable_auto_offset_store",
+                "true",
+                "log.kafka.consumer_properties",
+            ),
+            (
+                consumer,
+                "auto_offset_reset",
+                "latest",
+                "log.kafka.consumer_properties",
+            ),
+            (
+                consumer,
+                "group_id",
+                "other",
+                "log.kafka.consumer_properties",
+            ),
+            (
+                consumer,
+                "partition_assignment_strategy",
+                "cooperative-sticky",
+                "log.kafka.consumer_properties",
+            ),
+            (
+                consumer,
+                "isolation_level",
+                "read_uncommitted",
+                "log.kafka.consumer_properties",
+            ),
+            (
+                producer,
+                "enable_idempotence",
+                "false",
+                "log.kafka.producer_properties",
+            ),
+            (producer, "acks", "1", "log.kafka.producer_properties"),
+            (common, "acks", "0", "log.kafka.properties"),
+            (
+                producer,
+                "request_required_acks",
+                "1",
+                "log.kafka.producer_properties",
+            ),
+        ];
+        for (table, name, value, key) in refused {
+            let mut settings = Settings::default();
+            table(&mut settings.log.kafka).insert(name.into(), value.into());
+            match settings.validate() {
+                Err(ConfigError::Invalid { key: named, why }) => {
+                    assert_eq!(named, key, "{name}");
+                    assert!(why.contains(name), "names {name}: {why}");
+                }
+                other => panic!("{name}={value}: expected a refusal, got {other:?}"),
+            }
+        }
+        let kept = [
+            (consumer, "session_timeout_ms", "10000"),
+            (consumer, "enable_auto_commit", "false"),
+            (consumer, "partition_assignment_strategy", "roundrobin"),
+            (consumer, "isolation_level", "read_committed"),
+            (producer, "acks", "all"),
+            (producer, "enable_idempotence", "true"),
+            (producer, "linger_ms", "5"),
+            // A consumer-only property in the producers' table reaches no consumer.
+            (producer, "auto_offset_reset", "latest"),
+        ];
+        for (table, name, value) in kept {
+            let mut settings = Settings::default();
+            table(&mut settings.log.kafka).insert(name.into(), value.into());
+            assert!(settings.validate().is_ok(), "{name}={value} is harmless");
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! still remembered (or up to what has been read, when nothing is). When an aggregator dies,
 //! its remembered batches tell how far back to rewind the log so they are read again.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +51,10 @@ impl Default for IngestSettings {
         }
     }
 }
+
+/// How long after a revocation partitions read for the first time count as taken over: the
+/// rebalance and the first fetch take seconds.
+const TAKEOVER_WINDOW: Duration = Duration::from_secs(30);
 
 /// Arguments of the [`IngestActor`]; the factory opens a fresh consumer at every (re)start.
 #[derive(Clone)]
@@ -155,6 +159,13 @@ pub struct IngestState {
     aggregators: Option<ActorRef<AggregatorSupervisorMsg>>,
     routes: HashMap<PollId, Route>,
     partitions: HashMap<Partition, PartitionState>,
+    /// Partitions just taken over in a rebalance whose backlog is still being read: their
+    /// polls are flushed as soon as their votes are routed, not at the next flush interval,
+    /// so that the votes that waited for the takeover are counted (and shown) at once.
+    catching_up: HashSet<Partition>,
+    /// Until when partitions read for the first time count as taken over (set by a
+    /// revocation: with eager rebalancing, the new assignment follows it).
+    taking_over_until: Option<Instant>,
     next_seq: RouteSeq,
     unflushed: usize,
     draining: bool,
@@ -205,7 +216,16 @@ impl IngestActor {
             .poll(state.settings.batch_max, state.settings.poll_wait)
             .await;
         match event {
-            Ok(SourceEvent::Records(records)) => self.route(state, records).await?,
+            Ok(SourceEvent::Records(records)) => {
+                // A read that did not fill up has drained what was fetched of its partitions.
+                let caught_up: HashSet<Partition> = if records.len() < state.settings.batch_max {
+                    records.iter().map(|r| r.partition).collect()
+                } else {
+                    HashSet::new()
+                };
+                self.route(state, records).await?;
+                state.catching_up.retain(|p| !caught_up.contains(p));
+            }
             Ok(SourceEvent::Assigned(partitions)) => {
                 tracing::info!(?partitions, "vote log partitions assigned");
             }
@@ -219,6 +239,7 @@ impl IngestActor {
                 for p in &partitions {
                     state.partitions.remove(p);
                 }
+                state.taking_over_until = Some(Instant::now() + TAKEOVER_WINDOW);
                 for route in state.routes.values_mut() {
                     route
                         .in_flight
@@ -248,6 +269,14 @@ impl IngestActor {
     ) -> Result<(), ActorProcessingErr> {
         let mut by_poll: HashMap<PollId, Vec<(Partition, Offset, LogEntry)>> = HashMap::new();
         for record in records {
+            if !state.partitions.contains_key(&record.partition)
+                && state
+                    .taking_over_until
+                    .is_some_and(|until| Instant::now() < until)
+            {
+                // First records of a partition assigned in a rebalance.
+                state.catching_up.insert(record.partition);
+            }
             let p = state.partitions.entry(record.partition).or_default();
             p.read_next = Some(
                 p.read_next
@@ -272,11 +301,15 @@ impl IngestActor {
                 e.0 = e.0.min(*offset);
                 e.1 += 1;
             }
+            let taken_over = lowest.keys().any(|p| state.catching_up.contains(p));
             let route = state.routes.entry(poll_id).or_default();
             route.last_routed = Instant::now();
             let entries = items.into_iter().map(|(_, _, e)| e).collect();
             let to = match &route.target {
                 Some(target) if target.cast(AggregatorMsg::Votes { seq, entries }).is_ok() => {
+                    if taken_over {
+                        let _ = target.cast(AggregatorMsg::Tick);
+                    }
                     Some(target.get_id())
                 }
                 // Died just now: its supervisor reports the restart, which rewinds.
@@ -517,6 +550,8 @@ impl Actor for IngestActor {
             aggregators: None,
             routes: HashMap::new(),
             partitions: HashMap::new(),
+            catching_up: HashSet::new(),
+            taking_over_until: None,
             next_seq: 0,
             unflushed: 0,
             draining: false,
@@ -578,6 +613,8 @@ impl Actor for IngestActor {
                 self.flush_all(state).await;
                 self.commit(state).await;
                 tracing::info!(unflushed = state.unflushed, "ingest drained");
+                // Why after the commit: the next owner of these partitions starts from it.
+                state.source.close().await;
                 let _ = reply.send(());
             }
         }
@@ -650,6 +687,8 @@ mod tests {
             unflushed: route.in_flight.len(),
             routes: HashMap::from([(7, route)]),
             partitions: HashMap::from([(0, partition)]),
+            catching_up: HashSet::new(),
+            taking_over_until: None,
             next_seq: 0,
             draining: false,
             commit_ticker: None,

@@ -320,6 +320,11 @@ pub trait VoteSource: Send + 'static {
     /// Moves the read position of a partition back, so that records that were read but lost
     /// before they were applied (a crashed aggregator) are read again.
     async fn seek(&mut self, partition: Partition, offset: Offset) -> Result<(), LogError>;
+
+    /// Stops reading for good, after the final flush and commit: a group consumer leaves
+    /// its group now, so that the others take its partitions over at once instead of after
+    /// its session times out.
+    async fn close(&mut self) {}
 }
 
 /// Whether the vote log's consumer is reading.

@@ -9,6 +9,10 @@
 //!   for records, so nothing fetched sits in a buffer of ours when the actor seeks. On a
 //!   revocation the rebalance callback hands the ingest actor a `Revoked` event and holds the
 //!   rebalance until the actor has flushed and committed those partitions.
+//! - Failover: group sessions are as short as Kafka allows by default (6 s, see
+//!   [`GROUP_DEFAULTS`]), so a crashed process's partitions move within seconds; a graceful
+//!   stop leaves the group explicitly ([`VoteSource::close`]) after its final commit, so its
+//!   partitions move at once.
 //! - Counts bus ([`KafkaCountsBus`]): every flush's counts go to `poll-updates`; every process
 //!   reads all of it (its own consumer group, from the latest offset) for its WebSockets.
 
@@ -71,6 +75,18 @@ impl KafkaSection {
         Duration::from_millis(self.produce_timeout_ms)
     }
 }
+
+/// Group membership defaults of every consumer (operators may override them).
+///
+/// Why these: librdkafka's 45 s session timeout means a crashed process's partitions, and
+/// the polls in them, wait 45 s and more before another process counts them. 6000 ms is the
+/// least a Kafka broker accepts by default (`group.min.session.timeout.ms`); a broker
+/// configured otherwise refuses it, which pollcast reports naming the property. Heartbeats
+/// every second also tell the survivors of a rebalance within a second.
+pub const GROUP_DEFAULTS: [(&str, &str); 2] = [
+    ("session.timeout.ms", "6000"),
+    ("heartbeat.interval.ms", "1000"),
+];
 
 fn kafka_err(what: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> LogError {
     move |e| LogError::new(what, e)
@@ -311,11 +327,20 @@ impl ConsumerContext for IngestContext {
     }
 }
 
-struct PollRequest {
-    max: usize,
-    wait: Duration,
-    reply: Reply,
+/// What the ingest actor asks of the consumer thread.
+enum Request {
+    /// Fetch up to `max` records, waiting at most `wait` for the first.
+    Poll {
+        max: usize,
+        wait: Duration,
+        reply: Reply,
+    },
+    /// Leave the group and stop; answered once left.
+    Close(oneshot::Sender<()>),
 }
+
+/// Longest a graceful stop waits for the consumer to leave its group.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens group consumers of `raw-votes`.
 pub struct KafkaSourceFactory {
@@ -355,6 +380,8 @@ impl VoteSourceFactory for KafkaSourceFactory {
             .client_config(
                 Role::Consumer,
                 &[
+                    GROUP_DEFAULTS[0],
+                    GROUP_DEFAULTS[1],
                     ("group.id", &self.settings.group_id),
                     ("enable.auto.commit", "false"),
                     ("enable.auto.offset.store", "false"),
@@ -380,7 +407,7 @@ impl VoteSourceFactory for KafkaSourceFactory {
             .spawn(move || serve_polls(thread_consumer, reply, rx))
             .map_err(|e| LogError::new("start the consumer thread", e))?;
         Ok(Box::new(KafkaVoteSource {
-            consumer,
+            consumer: Some(consumer),
             topic: self.settings.raw_votes_topic.clone(),
             requests,
             revoke_done,
@@ -397,14 +424,22 @@ impl VoteSourceFactory for KafkaSourceFactory {
 fn serve_polls(
     consumer: Arc<BaseConsumer<IngestContext>>,
     reply_slot: Arc<Mutex<Option<Reply>>>,
-    mut requests: mpsc::Receiver<PollRequest>,
+    mut requests: mpsc::Receiver<Request>,
 ) {
     while let Some(request) = requests.blocking_recv() {
-        *reply_slot.lock().expect("not poisoned") = Some(request.reply);
-        let deadline = Instant::now() + request.wait;
+        let (max, wait, reply) = match request {
+            Request::Poll { max, wait, reply } => (max, wait, reply),
+            Request::Close(done) => {
+                leave_group(consumer);
+                let _ = done.send(());
+                return;
+            }
+        };
+        *reply_slot.lock().expect("not poisoned") = Some(reply);
+        let deadline = Instant::now() + wait;
         let mut records = Vec::new();
         let mut failure = None;
-        while records.len() < request.max {
+        while records.len() < max {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let timeout = if records.is_empty() {
                 remaining
@@ -419,7 +454,7 @@ fn serve_polls(
                     entry: decode_entry(&message),
                 }),
                 Some(Err(e)) => {
-                    failure = Some(LogError::new("read from Kafka", e));
+                    failure = Some(read_error(e));
                     break;
                 }
                 None if records.is_empty() && !remaining.is_zero() => {}
@@ -442,6 +477,47 @@ fn serve_polls(
     tracing::debug!("vote consumer thread stopped");
 }
 
+/// What a consumer error means for the operator.
+fn read_error(e: KafkaError) -> LogError {
+    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::InvalidSessionTimeout) {
+        tracing::error!(
+            error = %e,
+            "the Kafka broker refused the consumer's session timeout: set \
+             log.kafka.consumer_properties.session_timeout_ms within the broker's \
+             group.min.session.timeout.ms and group.max.session.timeout.ms (Kafka's defaults: \
+             6000 and 1800000; pollcast's default is 6000), or change the broker's limits"
+        );
+        return LogError::new(
+            "join the Kafka consumer group",
+            format!(
+                "{e}: log.kafka.consumer_properties.session_timeout_ms is outside the broker's group.min/max.session.timeout.ms"
+            ),
+        );
+    }
+    LogError::new("read from Kafka", e)
+}
+
+/// Leaves the consumer group. Dropping the last handle of the consumer does it: rdkafka's
+/// drop closes it (librdkafka revokes the assignment, which our callback lets pass as there
+/// is no request to answer and nothing left to flush, sends the coordinator a LeaveGroup and
+/// waits until that is done). Closing it here as well would make that drop fail. The
+/// coordinator then rebalances the group at once instead of waiting for this member's
+/// session to time out.
+fn leave_group(consumer: Arc<BaseConsumer<IngestContext>>) {
+    let started = Instant::now();
+    match Arc::into_inner(consumer) {
+        Some(consumer) => drop(consumer),
+        None => {
+            tracing::warn!("the Kafka consumer is still in use; it leaves its group when released");
+            return;
+        }
+    }
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "left the Kafka consumer group"
+    );
+}
+
 fn decode_entry(message: &impl Message) -> Option<LogEntry> {
     let payload = message.payload()?;
     match LogEntry::from_json(payload) {
@@ -455,14 +531,21 @@ fn decode_entry(message: &impl Message) -> Option<LogEntry> {
 
 struct KafkaVoteSource {
     high_offsets: Arc<Mutex<HashMap<Partition, Offset>>>,
-    consumer: Arc<BaseConsumer<IngestContext>>,
+    /// `None` once closed.
+    consumer: Option<Arc<BaseConsumer<IngestContext>>>,
     topic: String,
-    requests: mpsc::Sender<PollRequest>,
+    requests: mpsc::Sender<Request>,
     revoke_done: std_mpsc::Sender<()>,
     revoke_pending: bool,
 }
 
 impl KafkaVoteSource {
+    fn consumer(&self, what: &'static str) -> Result<Arc<BaseConsumer<IngestContext>>, LogError> {
+        self.consumer
+            .clone()
+            .ok_or_else(|| LogError::new(what, "the consumer is closed"))
+    }
+
     fn finish_revocation(&mut self) {
         if std::mem::take(&mut self.revoke_pending) {
             let _ = self.revoke_done.send(());
@@ -478,7 +561,7 @@ impl VoteSource for KafkaVoteSource {
         let (reply, answer) = oneshot::channel();
         let stopped = || LogError::new("read from Kafka", "the consumer thread has stopped");
         self.requests
-            .send(PollRequest { max, wait, reply })
+            .send(Request::Poll { max, wait, reply })
             .await
             .map_err(|_| stopped())?;
         let event = answer.await.map_err(|_| stopped())??;
@@ -494,7 +577,7 @@ impl VoteSource for KafkaVoteSource {
             list.add_partition_offset(&self.topic, *partition, KafkaOffset::Offset(*offset))
                 .map_err(kafka_err("commit offsets"))?;
         }
-        let consumer = self.consumer.clone();
+        let consumer = self.consumer("commit offsets")?;
         let committed =
             tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync))
                 .await
@@ -504,7 +587,7 @@ impl VoteSource for KafkaVoteSource {
     }
 
     fn end_offsets(&self) -> Vec<(Partition, Offset)> {
-        let Ok(assignment) = self.consumer.assignment() else {
+        let Some(Ok(assignment)) = self.consumer.as_ref().map(|c| c.assignment()) else {
             return Vec::new();
         };
         assignment
@@ -522,7 +605,7 @@ impl VoteSource for KafkaVoteSource {
     }
 
     async fn seek(&mut self, partition: Partition, offset: Offset) -> Result<(), LogError> {
-        let consumer = self.consumer.clone();
+        let consumer = self.consumer("seek")?;
         let topic = self.topic.clone();
         tokio::task::spawn_blocking(move || {
             consumer.seek(
@@ -535,6 +618,22 @@ impl VoteSource for KafkaVoteSource {
         .await
         .map_err(|e| LogError::new("seek", e))?
         .map_err(kafka_err("seek"))
+    }
+
+    async fn close(&mut self) {
+        // Why drop ours first: the consumer thread's must be the last handle (see leave_group).
+        if self.consumer.take().is_none() {
+            return;
+        }
+        let (done, left) = oneshot::channel();
+        if self.requests.send(Request::Close(done)).await.is_ok()
+            && tokio::time::timeout(CLOSE_TIMEOUT, left).await.is_err()
+        {
+            tracing::warn!(
+                "leaving the Kafka consumer group takes too long; the others take over when its \
+                 session times out"
+            );
+        }
     }
 }
 
@@ -619,6 +718,8 @@ impl CountsBus for KafkaCountsBus {
             .client_config(
                 Role::Consumer,
                 &[
+                    GROUP_DEFAULTS[0],
+                    GROUP_DEFAULTS[1],
                     ("group.id", &group),
                     ("enable.auto.commit", "false"),
                     ("auto.offset.reset", "latest"),

@@ -327,8 +327,12 @@ pub struct ServerProcess {
     logs: Arc<Mutex<Vec<String>>>,
 }
 
+/// The pollcast binary under test: cargo's, or `POLLCAST_TEST_BINARY` (a copy kept apart
+/// from a target directory that other checkouts' builds also write to).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_pollcast"))
+    std::env::var_os("POLLCAST_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pollcast")))
 }
 
 /// Environment that points the binary at `dir` for all its state.

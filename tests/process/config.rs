@@ -50,6 +50,50 @@ fn bad_values_stop_startup_naming_the_key() {
 }
 
 #[test]
+fn kafka_properties_that_break_exactly_once_stop_startup_naming_the_property() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, value, named) in [
+        (
+            "POLLCAST__LOG__KAFKA__CONSUMER_PROPERTIES__ENABLE_AUTO_COMMIT",
+            "true",
+            "enable_auto_commit",
+        ),
+        (
+            "POLLCAST__LOG__KAFKA__CONSUMER_PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY",
+            "cooperative-sticky",
+            "partition_assignment_strategy",
+        ),
+        (
+            "POLLCAST__LOG__KAFKA__CONSUMER_PROPERTIES__ISOLATION_LEVEL",
+            "read_uncommitted",
+            "isolation_level",
+        ),
+        (
+            "POLLCAST__LOG__KAFKA__PRODUCER_PROPERTIES__ENABLE_IDEMPOTENCE",
+            "false",
+            "enable_idempotence",
+        ),
+        ("POLLCAST__LOG__KAFKA__PROPERTIES__ACKS", "1", "acks"),
+    ] {
+        let (status, output) = run_to_exit(
+            dir.path(),
+            &[
+                ("POLLCAST__LOG__KIND", "kafka"),
+                // Nothing listens there: start-up must stop before it tries.
+                ("POLLCAST__LOG__KAFKA__BROKERS", "127.0.0.1:1"),
+                (key, value),
+            ],
+            &[],
+        );
+        assert_eq!(status.code(), Some(2), "{key}={value}: {output}");
+        assert!(
+            output.contains(named) && output.contains("exactly once"),
+            "{key}={value} should name {named}: {output}"
+        );
+    }
+}
+
+#[test]
 fn missing_config_file_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let (status, output) =
