@@ -37,34 +37,49 @@ wait_port() {
   fail "$2 did not listen on port $1"
 }
 
-# Uses the PostgreSQL and Redis that answer at PG_HOST:PG_PORT and REDIS_HOST:REDIS_PORT; for
-# each that does not, starts a throwaway one for this run (see start_throwaway_postgres and
-# start_throwaway_redis) and points PG_* / REDIS_* at it. stop_services removes them.
-ensure_postgres_and_redis() {
-  if port_open "$PG_HOST" "$PG_PORT"; then
-    say "using the PostgreSQL on $PG_HOST:$PG_PORT"
-  else
-    say "no PostgreSQL answers on $PG_HOST:$PG_PORT: starting a throwaway one for this run"
-    start_throwaway_postgres
+# Decides, once, whether this run uses the PostgreSQL and Redis that answer at
+# PG_HOST:PG_PORT and REDIS_HOST:REDIS_PORT, or throwaway ones (PG_THROWAWAY and
+# REDIS_THROWAWAY), and installs what a throwaway one needs when it is missing. Once only:
+# installing Debian's package may start its own service on the default port, which is not
+# set up for the tests (no trust auth), so it must not change the decision.
+choose_postgres_and_redis() {
+  if [ -z "${PG_THROWAWAY:-}" ]; then
+    if port_open "$PG_HOST" "$PG_PORT"; then
+      PG_THROWAWAY=no
+      say "using the PostgreSQL on $PG_HOST:$PG_PORT"
+    else
+      PG_THROWAWAY=yes
+      say "no PostgreSQL answers on $PG_HOST:$PG_PORT: a throwaway one will be started for this run"
+      if [ -z "$(postgres_bin)" ]; then
+        say "installing postgresql-15 (once) for a throwaway PostgreSQL"
+        apt_install postgresql-15
+      fi
+    fi
   fi
-  if port_open "$REDIS_HOST" "$REDIS_PORT"; then
-    say "using the Redis on $REDIS_HOST:$REDIS_PORT"
-  else
-    say "no Redis answers on $REDIS_HOST:$REDIS_PORT: starting a throwaway one for this run"
-    start_throwaway_redis
+  if [ -z "${REDIS_THROWAWAY:-}" ]; then
+    if port_open "$REDIS_HOST" "$REDIS_PORT"; then
+      REDIS_THROWAWAY=no
+      say "using the Redis on $REDIS_HOST:$REDIS_PORT"
+    else
+      REDIS_THROWAWAY=yes
+      say "no Redis answers on $REDIS_HOST:$REDIS_PORT: a throwaway one will be started for this run"
+      if ! command -v redis-server >/dev/null 2>&1; then
+        say "installing redis-server (once) for a throwaway Redis"
+        apt_install redis-server
+      fi
+    fi
   fi
 }
 
-# Installs what a throwaway PostgreSQL or Redis needs, when none answers and it is missing
-# (so that the slow part happens before a build, and ensure_postgres_and_redis starts fast).
-install_postgres_and_redis_if_missing() {
-  if ! port_open "$PG_HOST" "$PG_PORT" && [ -z "$(postgres_bin)" ]; then
-    say "installing postgresql-15 (once) for a throwaway PostgreSQL"
-    apt_install postgresql-15
+# Starts the throwaway servers chosen by choose_postgres_and_redis (which it calls first if
+# the caller did not) and points PG_* / REDIS_* at them; stop_services removes them.
+ensure_postgres_and_redis() {
+  choose_postgres_and_redis
+  if [ "$PG_THROWAWAY" = yes ] && [ -z "${PG_TMP:-}" ]; then
+    start_throwaway_postgres
   fi
-  if ! port_open "$REDIS_HOST" "$REDIS_PORT" && ! command -v redis-server >/dev/null 2>&1; then
-    say "installing redis-server (once) for a throwaway Redis"
-    apt_install redis-server
+  if [ "$REDIS_THROWAWAY" = yes ] && [ -z "${REDIS_PID:-}" ]; then
+    start_throwaway_redis
   fi
 }
 
@@ -99,17 +114,12 @@ as_pg_user() {
 
 # A PostgreSQL of its own for this run: a cluster in a temporary directory, trust auth,
 # listening on 127.0.0.1 on a free port (socket in that directory too), no fsync (throwaway
-# data). Run as the `postgres` user when this script is root. Installs postgresql-15 first
-# when no PostgreSQL server is installed.
+# data). Run as the `postgres` user when this script is root. choose_postgres_and_redis
+# installed postgresql-15 if no PostgreSQL server was.
 start_throwaway_postgres() {
   local bin
   bin=$(postgres_bin)
-  if [ -z "$bin" ]; then
-    say "installing postgresql-15 (once) for a throwaway PostgreSQL"
-    apt_install postgresql-15
-    bin=$(postgres_bin)
-    [ -n "$bin" ] || fail "postgresql-15 installed, but no initdb/pg_ctl under /usr/lib/postgresql/*/bin"
-  fi
+  [ -n "$bin" ] || fail "postgresql-15 installed, but no initdb/pg_ctl under /usr/lib/postgresql/*/bin"
   PG_USER=$(id -un)
   if [ "$(id -u)" -eq 0 ]; then
     PG_USER=postgres
@@ -117,7 +127,9 @@ start_throwaway_postgres() {
   fi
   PG_TMP=$(mktemp -d "${TMPDIR:-/tmp}/pollcast-pg.XXXXXX")
   chmod 0755 "$PG_TMP"
-  [ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$PG_TMP"
+  if [ "$(id -u)" -eq 0 ]; then
+    chown "$PG_USER" "$PG_TMP"
+  fi
   as_pg_user "$bin/initdb" -D "$PG_TMP/data" -U postgres --auth=trust --no-sync \
     --encoding=UTF8 --no-locale >"$PG_TMP/initdb.log" 2>&1 \
     || { cat "$PG_TMP/initdb.log" >&2; fail "initdb of the throwaway PostgreSQL failed"; }
@@ -146,13 +158,9 @@ stop_throwaway_postgres() {
 }
 
 # A Redis of its own for this run: 127.0.0.1 on a free port, no persistence, working
-# directory a temporary one. Installs redis-server first when it is missing.
+# directory a temporary one. choose_postgres_and_redis installed redis-server if missing.
 start_throwaway_redis() {
-  if ! command -v redis-server >/dev/null 2>&1; then
-    say "installing redis-server (once) for a throwaway Redis"
-    apt_install redis-server
-    command -v redis-server >/dev/null 2>&1 || fail "redis-server installed, but not on PATH"
-  fi
+  command -v redis-server >/dev/null 2>&1 || fail "redis-server installed, but not on PATH"
   REDIS_TMP=$(mktemp -d "${TMPDIR:-/tmp}/pollcast-redis.XXXXXX")
   REDIS_HOST=127.0.0.1
   REDIS_PORT=$(free_port)
