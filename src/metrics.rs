@@ -28,6 +28,7 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             describe();
+            register();
             handle
         })
         .clone()
@@ -102,6 +103,49 @@ fn describe() {
         "pollcast_webhook_delivery_seconds",
         "Duration of one webhook HTTP attempt"
     );
+}
+
+/// Registers, at zero, the series that only an event would create otherwise (a failed flush,
+/// a restart, a webhook, a dropped subscriber…). Why: dashboards and alert rules then find
+/// every series from the start (a rate over a missing series is no data, not 0), and
+/// `tests/api/dashboards.rs` can check every name they use against a fresh server. Series
+/// with open-ended labels (`pollcast_votes_total{result}` beyond `accepted`,
+/// `pollcast_consumer_lag{partition}`, request latencies) appear with their first event.
+fn register() {
+    use metrics::{counter, gauge, histogram};
+    for name in [
+        "pollcast_votes_counted_total",
+        "pollcast_flush_failures_total",
+        "pollcast_vote_id_reused_total",
+        "pollcast_websocket_updates_coalesced_total",
+        "pollcast_websocket_clients_dropped_total",
+        "pollcast_rate_limited_total",
+        "pollcast_connections_timed_out_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    counter!("pollcast_votes_total", "result" => "accepted").absolute(0);
+    for reason in ["max_connections", "max_connections_per_ip"] {
+        counter!("pollcast_connections_refused_total", "reason" => reason).absolute(0);
+    }
+    for actor in ["pipeline", "http", "aggregator"] {
+        counter!("pollcast_actor_restarts_total", "actor" => actor).absolute(0);
+    }
+    for event in ["poll.opened", "poll.results", "poll.closed"] {
+        for result in ["delivered", "failed", "dropped"] {
+            counter!("pollcast_webhook_deliveries_total", "event" => event, "result" => result)
+                .absolute(0);
+        }
+    }
+    for result in ["delivered", "rejected", "timeout", "error"] {
+        counter!("pollcast_webhook_attempts_total", "result" => result).absolute(0);
+    }
+    gauge!("pollcast_votes_pending_flush").increment(0.0);
+    gauge!("pollcast_websocket_subscribers").increment(0.0);
+    // A histogram's handle registers it; its buckets, sum and count render as 0.
+    drop(histogram!("pollcast_flush_duration_seconds"));
+    drop(histogram!("pollcast_flush_batch_size"));
+    drop(histogram!("pollcast_webhook_delivery_seconds"));
 }
 
 type RequestLabels = (&'static str, &'static str, Cow<'static, str>);

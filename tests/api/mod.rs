@@ -1,5 +1,6 @@
 mod ballots;
 mod connections;
+mod dashboards;
 mod export;
 mod health;
 mod hostile;

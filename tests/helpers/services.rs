@@ -67,11 +67,11 @@ impl Production {
     pub async fn create() -> Self {
         let admin_url = required_env(
             "POLLCAST_TEST_POSTGRES",
-            "checks that PostgreSQL is running on 127.0.0.1:5432",
+            "finds PostgreSQL on 127.0.0.1:5432 or starts a throwaway one",
         );
         let redis_url = required_env(
             "POLLCAST_TEST_REDIS",
-            "checks that Redis is running on 127.0.0.1:6379",
+            "finds Redis on 127.0.0.1:6379 or starts a throwaway one",
         );
         let brokers = required_env(
             "POLLCAST_TEST_KAFKA",
@@ -79,7 +79,7 @@ impl Production {
         );
         let database = unique("pollcast_t");
         let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
-            panic!("cannot reach PostgreSQL at {admin_url}: {e}. Start it with: pg_ctlcluster --skip-systemctl-redirect 15 main start")
+            panic!("cannot reach PostgreSQL at {admin_url}: {e}. Run the tests with scripts/test, which starts a throwaway PostgreSQL when none answers")
         });
         sqlx::query(&format!("CREATE DATABASE {database}"))
             .execute(&mut admin)
