@@ -9,16 +9,9 @@ pub async fn sample(app: &TestApp, prefix: &str) -> Option<f64> {
 
 /// The same, of any server.
 pub async fn sample_of(api: &Api, prefix: &str) -> Option<f64> {
-    let text = api
-        .http
-        .get(api.url("/metrics"))
-        .send()
+    api.metrics()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())

@@ -62,6 +62,12 @@ impl Api {
         }
     }
 
+    /// The `/metrics` page, as text.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(self.url("/metrics")).send().await.unwrap();
+        resp.text().await.unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let resp = self.http.get(self.url(path)).send().await.unwrap();
         let status = resp.status().as_u16();

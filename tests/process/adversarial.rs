@@ -125,19 +125,30 @@ async fn normal_client(api: Api, poll: i64, stop: Arc<AtomicBool>) -> Normal {
 
 /// The counters of `/metrics` whose names contain one of `names`, as `name{labels} value`.
 async fn counters(api: &Api, names: &[&str]) -> String {
-    let text = api
-        .http
-        .get(api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = api.metrics().await;
     text.lines()
         .filter(|l| !l.starts_with('#') && names.iter().any(|n| l.contains(n)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Creates `n` polls of 8 options each, 16 at a time.
+async fn create_polls(server: SocketAddr, n: usize) {
+    let admin = Api::new(server);
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let admin = admin.clone();
+            async move {
+                let options: Vec<String> =
+                    (0..8).map(|o| format!("Option {o} of poll {i}")).collect();
+                let body =
+                    serde_json::json!({ "question": format!("Poll {i}?"), "options": options });
+                admin.create_poll_with(body).await;
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
 }
 
 /// Runs `attack` (bounded by the deadline it is given) against a fresh server while the
@@ -552,116 +563,104 @@ async fn listing_polls_as_fast_as_the_rate_limit_allows_does_not_stall_votes() {
         ("POLLCAST__RATE_LIMIT__PER_IP_PER_SEC", "200"),
         ("POLLCAST__RATE_LIMIT__PER_IP_BURST", "2000"),
     ];
-    under_attack("GET /polls flood within the rate limit (1,000 polls)", &limits, |server, _, deadline| async move {
-        let admin = Api::new(server);
-        let creating = futures_util::stream::iter(0..1000)
-            .map(|i| {
-                let admin = admin.clone();
-                async move {
-                    let options: Vec<String> =
-                        (0..8).map(|o| format!("Option {o} of poll {i}")).collect();
-                    let body = serde_json::json!({ "question": format!("Poll {i}?"), "options": options });
-                    admin.create_poll_with(body).await;
-                }
-            })
-            .buffer_unordered(16);
-        creating.collect::<Vec<()>>().await;
-        let client = reqwest::Client::builder()
-            .local_address(std::net::IpAddr::from(ATTACKER))
-            .pool_max_idle_per_host(1000)
-            .build()
-            .unwrap();
-        let mut readers = tokio::task::JoinSet::new();
-        for _ in 0..64 {
-            let client = client.clone();
-            readers.spawn(async move {
-                let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
-                let mut n = 0;
-                while Instant::now() < deadline && n < 100_000 {
-                    n += 1;
-                    let url = format!("http://{server}/polls?limit=200");
-                    if let Ok(response) = client.get(url).send().await {
-                        let status = response.status().as_u16();
-                        let _ = response.bytes().await;
-                        *statuses.entry(status).or_default() += 1;
+    under_attack(
+        "GET /polls flood within the rate limit (1,000 polls)",
+        &limits,
+        |server, _, deadline| async move {
+            create_polls(server, 1000).await;
+            let client = reqwest::Client::builder()
+                .local_address(std::net::IpAddr::from(ATTACKER))
+                .pool_max_idle_per_host(1000)
+                .build()
+                .unwrap();
+            let mut readers = tokio::task::JoinSet::new();
+            for _ in 0..64 {
+                let client = client.clone();
+                readers.spawn(async move {
+                    let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
+                    let mut n = 0;
+                    while Instant::now() < deadline && n < 100_000 {
+                        n += 1;
+                        let url = format!("http://{server}/polls?limit=200");
+                        if let Ok(response) = client.get(url).send().await {
+                            let status = response.status().as_u16();
+                            let _ = response.bytes().await;
+                            *statuses.entry(status).or_default() += 1;
+                        }
                     }
-                }
-                statuses
-            });
-        }
-        let mut total = std::collections::BTreeMap::<u16, u64>::new();
-        while let Some(Ok(statuses)) = readers.join_next().await {
-            for (status, n) in statuses {
-                *total.entry(status).or_default() += n;
+                    statuses
+                });
             }
-        }
-        format!("64 readers of 200-poll pages: {total:?}")
-    })
+            let mut total = std::collections::BTreeMap::<u16, u64>::new();
+            while let Some(Ok(statuses)) = readers.join_next().await {
+                for (status, n) in statuses {
+                    *total.entry(status).or_default() += n;
+                }
+            }
+            format!("64 readers of 200-poll pages: {total:?}")
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_clients_that_never_read_their_responses_hold_bounded_memory() {
-    under_attack("HTTP/2 streams of 200-poll pages, never read", &[], |server, _, deadline| async move {
-        use http_body_util::Empty;
-        use hyper_util::rt::{TokioExecutor, TokioIo};
-        let admin = Api::new(server);
-        let creating = futures_util::stream::iter(0..400)
-            .map(|i| {
-                let admin = admin.clone();
-                async move {
-                    let options: Vec<String> =
-                        (0..8).map(|o| format!("Option {o} of poll {i}")).collect();
-                    let body = serde_json::json!({ "question": format!("Poll {i}?"), "options": options });
-                    admin.create_poll_with(body).await;
-                }
-            })
-            .buffer_unordered(16);
-        creating.collect::<Vec<()>>().await;
-        let (mut streams, mut refused) = (0, 0);
-        let mut held = Vec::new();
-        for _ in 0..40 {
-            let Ok(stream) = connect_from(server).await else {
-                refused += 1;
-                continue;
-            };
-            let Ok((mut sender, conn)) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                    .await
-            else {
-                refused += 1;
-                continue;
-            };
-            held.push(tokio::spawn(async move {
-                let _ = conn.await;
-            }));
-            for _ in 0..16 {
-                let request = hyper::Request::get(format!("http://{server}/polls?limit=200"))
-                    .body(Empty::<bytes::Bytes>::new())
-                    .unwrap();
-                // The response's head arrives; its body is never read, so flow control
-                // stops the server at its buffers.
-                match tokio::time::timeout(Duration::from_secs(2), sender.send_request(request)).await {
-                    Ok(Ok(response)) => {
-                        streams += 1;
-                        held.push(tokio::spawn(async move {
-                            let _unread = response;
-                            std::future::pending::<()>().await
-                        }));
+    under_attack(
+        "HTTP/2 streams of 200-poll pages, never read",
+        &[],
+        |server, _, deadline| async move {
+            use http_body_util::Empty;
+            use hyper_util::rt::{TokioExecutor, TokioIo};
+            create_polls(server, 400).await;
+            let (mut streams, mut refused) = (0, 0);
+            let mut held = Vec::new();
+            for _ in 0..40 {
+                let Ok(stream) = connect_from(server).await else {
+                    refused += 1;
+                    continue;
+                };
+                let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake(
+                    TokioExecutor::new(),
+                    TokioIo::new(stream),
+                )
+                .await
+                else {
+                    refused += 1;
+                    continue;
+                };
+                held.push(tokio::spawn(async move {
+                    let _ = conn.await;
+                }));
+                for _ in 0..16 {
+                    let request = hyper::Request::get(format!("http://{server}/polls?limit=200"))
+                        .body(Empty::<bytes::Bytes>::new())
+                        .unwrap();
+                    // The response's head arrives; its body is never read, so flow control
+                    // stops the server at its buffers.
+                    match tokio::time::timeout(Duration::from_secs(2), sender.send_request(request))
+                        .await
+                    {
+                        Ok(Ok(response)) => {
+                            streams += 1;
+                            held.push(tokio::spawn(async move {
+                                let _unread = response;
+                                std::future::pending::<()>().await
+                            }));
+                        }
+                        _ => refused += 1,
                     }
-                    _ => refused += 1,
                 }
+                held.push(tokio::spawn(async move {
+                    let _sender = sender;
+                    std::future::pending::<()>().await
+                }));
             }
-            held.push(tokio::spawn(async move {
-                let _sender = sender;
-                std::future::pending::<()>().await
-            }));
-        }
-        tokio::time::sleep_until(deadline.into()).await;
-        for task in held {
-            task.abort();
-        }
-        format!("{streams} streams opened and left unread, {refused} refused")
-    })
+            tokio::time::sleep_until(deadline.into()).await;
+            for task in held {
+                task.abort();
+            }
+            format!("{streams} streams opened and left unread, {refused} refused")
+        },
+    )
     .await;
 }

@@ -8,18 +8,16 @@ use sqlx::Connection;
 
 use crate::helpers::{Api, Backend, SETTLE, TestApp, TestEnv, run_to_exit_in};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raw_votes_written_by_the_seed_app_are_counted() {
-    let app = TestApp::spawn(Backend::Production).await;
-    let poll = app.api.create_poll(&["A", "B"]).await;
+/// Writes a vote to `raw-votes` as the seed app's producer does: string ids, keyed by
+/// pollId, no timestamp.
+async fn send_seed_vote(app: &TestApp, poll: i64, option: i64, user: &str) {
     let production = app.env.production.clone().unwrap();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &production.brokers)
         .set("broker.address.family", "v4")
         .create()
         .unwrap();
-    // The seed's record: string ids, keyed by pollId, no timestamp.
-    let value = format!(r#"{{"pollId":"{poll}","optionId":"2","userId":"seed-user"}}"#);
+    let value = format!(r#"{{"pollId":"{poll}","optionId":"{option}","userId":"{user}"}}"#);
     let key = poll.to_string();
     producer
         .send(
@@ -30,6 +28,13 @@ async fn raw_votes_written_by_the_seed_app_are_counted() {
         )
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_votes_written_by_the_seed_app_are_counted() {
+    let app = TestApp::spawn(Backend::Production).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    send_seed_vote(&app, poll, 2, "seed-user").await;
     let counted = app.api.wait_for_total(poll, 1, SETTLE).await;
     assert_eq!(Api::votes_of(&counted, 2), 1);
     assert_eq!(app.env.ledger(poll).await, ["seed-user"]);
@@ -60,23 +65,7 @@ async fn a_vote_counted_after_a_hidden_polls_final_result_reaches_subscribers() 
             break;
         }
     }
-    let production = app.env.production.clone().unwrap();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &production.brokers)
-        .set("broker.address.family", "v4")
-        .create()
-        .unwrap();
-    let value = format!(r#"{{"pollId":"{poll}","optionId":"2","userId":"after-the-close"}}"#);
-    let key = poll.to_string();
-    producer
-        .send(
-            FutureRecord::to(&production.raw_votes_topic)
-                .key(&key)
-                .payload(&value),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    send_seed_vote(&app, poll, 2, "after-the-close").await;
     let late = crate::api::ws::next_json(&mut socket).await;
     assert_eq!(late["type"], "counts", "{late}");
     assert_eq!(late["counts"][0]["optionId"], 2, "{late}");

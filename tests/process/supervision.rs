@@ -45,16 +45,7 @@ async fn a_panicking_aggregator_is_restarted_and_its_votes_are_replayed(backend:
         "replay counted nothing twice"
     );
     assert_eq!(app.api.poll(steady).await["totalVotes"], 25);
-    let metrics = app
-        .api
-        .http
-        .get(app.api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.api.metrics().await;
     assert!(
         metrics.contains(r#"pollcast_actor_restarts_total{actor="aggregator"} 1"#),
         "the restart is counted: {metrics}"
