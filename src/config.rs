@@ -39,6 +39,29 @@ pub struct Settings {
     pub voters: VoterSettings,
     /// Delivery of poll webhooks.
     pub webhooks: WebhookSettings,
+    /// The seed's Socket.IO clients.
+    pub socketio: SocketIoSettings,
+}
+
+/// `[socketio]`: the seed app's live clients (`io(url)`, `on('poll-stats')`), served at
+/// `/socket.io/` on `http.addr`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketIoSettings {
+    /// Serve Socket.IO at all.
+    pub enabled: bool,
+    /// Send every poll's updates to a client that has not narrowed to chosen polls (the
+    /// seed's behaviour). Off: such a client gets nothing until it subscribes.
+    pub broadcast_all: bool,
+}
+
+impl Default for SocketIoSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            broadcast_all: true,
+        }
+    }
 }
 
 /// Where a vote's userId comes from.

@@ -272,6 +272,7 @@ impl Application {
                 idle_timeout: Duration::from_secs(settings.http.ws_idle_timeout_secs),
             },
             cors_origins: settings.http.cors_origins.clone(),
+            socketio: settings.socketio,
         };
         let args = RootArgs {
             store,

@@ -12,6 +12,7 @@ mod page;
 mod polls;
 pub mod rate_limit;
 mod server;
+pub mod socketio;
 mod votes;
 pub mod ws;
 
@@ -70,6 +71,8 @@ pub struct ApiContext {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Told about polls created here (webhooks).
     pub events: Arc<dyn PollEvents>,
+    /// The seed's Socket.IO clients at `/socket.io/`.
+    pub socketio: crate::config::SocketIoSettings,
 }
 
 /// Every route, with errors turned into JSON.
