@@ -520,6 +520,73 @@ mod tests {
         assert_eq!(hub.polls_watched(), 1);
     }
 
+    fn of_poll(poll_id: PollId, seq: i64) -> CountsUpdate {
+        CountsUpdate {
+            poll_id,
+            ..update(seq)
+        }
+    }
+
+    #[tokio::test]
+    async fn every_polls_updates_reach_a_whole_server_receiver_once_each() {
+        let hub = BroadcastHub::new();
+        let mut all = hub.subscribe_all();
+        hub.publish(&of_poll(7, 1));
+        hub.publish(&of_poll(8, 1));
+        hub.publish(&of_poll(7, 1)); // the same flush again, through the counts bus
+        let hidden = CountsUpdate {
+            hide_results: true,
+            ..of_poll(9, 1)
+        };
+        hub.publish(&hidden);
+        hub.publish(&CountsUpdate {
+            closed_at: Some(5),
+            ..hidden.clone()
+        });
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            match all.recv().await.unwrap() {
+                AllPollsUpdate::One(u) => got.push((u.poll_id, u.seq, u.closed_at.is_some())),
+                other => panic!("no catch-up expected: {other:?}"),
+            }
+        }
+        assert_eq!(got, vec![(7, 1, false), (8, 1, false), (9, 1, true)]);
+        assert!(
+            all.updates.is_empty(),
+            "nothing else: {:?}",
+            all.updates.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_whole_server_receiver_that_falls_behind_gets_the_newest_of_each_poll() {
+        let hub = BroadcastHub::new();
+        let mut all = hub.subscribe_all();
+        for seq in 1..=(ALL_POLLS_BACKLOG as i64 + 10) {
+            hub.publish(&of_poll(7, seq));
+        }
+        hub.publish(&of_poll(8, 3));
+        let AllPollsUpdate::CatchUp(mut newest) = all.recv().await.unwrap() else {
+            panic!("a receiver that fell behind catches up");
+        };
+        newest.sort_by_key(|u| u.poll_id);
+        let newest: Vec<_> = newest.iter().map(|u| (u.poll_id, u.seq)).collect();
+        assert_eq!(newest, vec![(7, ALL_POLLS_BACKLOG as i64 + 10), (8, 3)]);
+    }
+
+    #[test]
+    fn without_whole_server_receivers_nothing_is_kept() {
+        let hub = BroadcastHub::new();
+        hub.publish(&of_poll(7, 1));
+        assert!(hub.all.latest.is_empty());
+        let all = hub.subscribe_all();
+        hub.publish(&of_poll(7, 2));
+        assert_eq!(hub.all.latest.len(), 1);
+        drop(all);
+        hub.publish(&of_poll(7, 3));
+        assert!(hub.all.latest.is_empty(), "forgotten once nobody listens");
+    }
+
     #[test]
     fn polls_without_subscribers_are_forgotten() {
         let hub = BroadcastHub::new();

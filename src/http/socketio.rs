@@ -382,9 +382,9 @@ impl Client {
     }
 
     /// Sends the options of `update` that the client has not seen: those the update changed
-    /// when the client saw the one before it (or, watching every poll, none of the poll's),
-    /// else every option.
-    fn deliver(&self, update: &CountsUpdate) -> Result<(), Unsent> {
+    /// when the client saw the one before it (or, watching every poll and not
+    /// `catching_up`, none of the poll's: the seed's behaviour), else every option.
+    fn deliver(&self, update: &CountsUpdate, catching_up: bool) -> Result<(), Unsent> {
         let mut state = self.state.lock().expect("not poisoned");
         let narrowed = match &state.narrowed {
             None => false,
@@ -395,7 +395,8 @@ impl Client {
         if last.is_some_and(|last| update.seq <= last) {
             return Ok(());
         }
-        let missed = last.is_some_and(|last| update.seq > last + 1);
+        // A client catching up may have missed any update of a poll it never heard of.
+        let missed = last.map_or(catching_up, |last| update.seq > last + 1);
         if missed {
             metrics::counter!("pollcast_socketio_updates_coalesced_total").increment(1);
         }
@@ -516,7 +517,7 @@ async fn forward_poll(
         loop {
             let frame = updates.borrow_and_update().clone();
             let Some(frame) = frame else { break };
-            match client.deliver(&frame.update) {
+            match client.deliver(&frame.update, false) {
                 Ok(()) => break,
                 Err(Unsent::Gone) => return,
                 Err(Unsent::Full) => tokio::select! {
@@ -548,10 +549,10 @@ async fn forward_all(
         };
         loop {
             let sent = match &next {
-                AllPollsUpdate::One(update) => client.deliver(update),
-                AllPollsUpdate::CatchUp(updates) => {
-                    updates.iter().try_for_each(|update| client.deliver(update))
-                }
+                AllPollsUpdate::One(update) => client.deliver(update, false),
+                AllPollsUpdate::CatchUp(updates) => updates
+                    .iter()
+                    .try_for_each(|update| client.deliver(update, true)),
             };
             match sent {
                 Ok(()) => break,
