@@ -7,7 +7,7 @@ mod lifecycle;
 mod metrics;
 mod polls;
 mod rate_limits;
-mod socketio;
+pub mod socketio;
 mod tls;
 mod voters;
 mod votes;

@@ -18,13 +18,18 @@ const WAIT: Duration = Duration::from_secs(15);
 const QUIET: Duration = Duration::from_millis(8 * TEST_FLUSH_MS + 500);
 
 /// `node tests/socketio/client.js <url> <options>`, killed when dropped.
-struct NodeClient {
+pub struct NodeClient {
     child: Child,
     lines: mpsc::UnboundedReceiver<Value>,
 }
 
 impl NodeClient {
     fn start(app: &TestApp, options: Value) -> Self {
+        Self::start_at(app.api.addr, options)
+    }
+
+    /// The client against the pollcast at `addr`.
+    pub fn start_at(addr: std::net::SocketAddr, options: Value) -> Self {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/socketio");
         assert!(
             dir.join("node_modules/socket.io-client").exists(),
@@ -33,7 +38,7 @@ impl NodeClient {
         );
         let mut child = Command::new("node")
             .arg(dir.join("client.js"))
-            .arg(format!("http://{}", app.api.addr))
+            .arg(format!("http://{addr}"))
             .arg(options.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -65,7 +70,7 @@ impl NodeClient {
     }
 
     /// The data of the next `event`, skipping other events; a connection error fails.
-    async fn next_event(&mut self, event: &str) -> Value {
+    pub async fn next_event(&mut self, event: &str) -> Value {
         loop {
             let line = self.next().await;
             match line["event"].as_str() {
