@@ -326,7 +326,32 @@ async fn socketio_sessions_count_under_the_per_ip_cap(backend: Backend) {
     place_is_free(&app).await;
 }
 
+/// A graceful stop answers Socket.IO's pending long-polls at once (rather than waiting for
+/// their ping interval) and tells the clients.
+async fn a_stop_does_not_wait_for_long_polls(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut client = NodeClient::start(&app, json!({ "io": { "transports": ["polling"] } }));
+    client.next_event("connect").await;
+    let started = std::time::Instant::now();
+    app.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    client.next_event("disconnect").await;
+}
+
+/// `socketio.enabled = false`: no Socket.IO at all.
+async fn socketio_can_be_turned_off(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| s.socketio.enabled = false).await;
+    let (status, _) = app.api.get("/socket.io/?EIO=4&transport=polling").await;
+    assert_eq!(status, 404);
+}
+
 crate::contract_tests!(
+    a_stop_does_not_wait_for_long_polls,
+    socketio_can_be_turned_off,
     seed_client_polling_then_websocket,
     seed_client_websocket_only,
     seed_client_polling_only,
