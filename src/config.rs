@@ -326,6 +326,10 @@ pub struct KafkaSection {
     pub raw_votes_topic: String,
     /// Topic of count updates shared between processes.
     pub poll_updates_topic: String,
+    /// Also write the seed app's `poll-updates` records (`{optionId, pollId, newCount}` per
+    /// changed option, string ids, keyed by pollId) to this topic, for the seed's own
+    /// consumers. Unset: not written.
+    pub seed_poll_updates_topic: Option<String>,
     /// Consumer group of every pollcast process.
     pub group_id: String,
     /// Partitions of the topics pollcast creates.
@@ -353,6 +357,7 @@ impl Default for KafkaSection {
             brokers: "127.0.0.1:9092".into(),
             raw_votes_topic: "raw-votes".into(),
             poll_updates_topic: "poll-updates".into(),
+            seed_poll_updates_topic: None,
             group_id: "pollcast".into(),
             partitions: 6,
             replication_factor: 1,
@@ -581,6 +586,16 @@ impl Settings {
                     why: format!("{origin:?} is not an origin like https://polls.example.com"),
                 });
             }
+        }
+        if let Some(seed) = &self.log.kafka.seed_poll_updates_topic
+            && (seed.is_empty()
+                || *seed == self.log.kafka.poll_updates_topic
+                || *seed == self.log.kafka.raw_votes_topic)
+        {
+            return Err(invalid(
+                "log.kafka.seed_poll_updates_topic",
+                "must be a topic of its own (not log.kafka.poll_updates_topic nor raw_votes_topic)",
+            ));
         }
         if self.http.header_read_timeout_ms == 0 {
             return Err(invalid("http.header_read_timeout_ms", "must be positive"));
