@@ -60,6 +60,7 @@ pub struct Endpoint {
     service: Serve,
     io: SocketIo,
     cors_origins: Arc<[String]>,
+    limits: super::rate_limit::RateLimits,
 }
 
 /// socketioxide's service, its answers turned into warp's. Why a closure: the service's
@@ -123,6 +124,7 @@ impl Endpoint {
             service,
             io,
             cors_origins: ctx.cors_origins.clone().into(),
+            limits: ctx.limits.clone(),
         }
     }
 
@@ -131,7 +133,8 @@ impl Endpoint {
         self.io.close().await;
     }
 
-    /// Serves one request. The connection's `hold` goes into the request, so the Engine.IO
+    /// Serves one request, counted against its client's `rate_limit.per_ip_*` as every API
+    /// request is. The connection's `hold` goes into the request, so the Engine.IO
     /// session made from it (which keeps the request's parts) holds the connection's place
     /// under `max_connections` and `max_connections_per_ip` for as long as it lives, over
     /// WebSocket as over long-polling.
@@ -140,10 +143,15 @@ impl Endpoint {
         mut req: Request<Incoming>,
         hold: &ConnectionHold,
     ) -> Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> {
+        let peer = req.extensions().get::<super::PeerAddr>().copied();
+        let limited = self.limits.check_ip(peer, req.headers());
         let allowed = self.cross_origin(&req);
         req.extensions_mut().insert(hold.clone());
         let service = self.service.clone();
         Box::pin(async move {
+            if let Err(e) = limited {
+                return super::error::recover(warp::reject::custom(e)).await;
+            }
             let allow_origin = match allowed {
                 Ok(allow) => allow,
                 Err(()) => {

@@ -342,6 +342,30 @@ async fn a_stop_does_not_wait_for_long_polls(backend: Backend) {
     client.next_event("disconnect").await;
 }
 
+/// Socket.IO's HTTP requests count against `rate_limit.per_ip_*` like the API's.
+async fn socketio_requests_are_rate_limited_per_ip(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.rate_limit.per_ip_per_sec = 1;
+        s.rate_limit.per_ip_burst = 2;
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let resp = app
+            .api
+            .http
+            .get(app.api.url("/socket.io/?EIO=4&transport=polling"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+        if resp.status().as_u16() == 429 {
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+}
+
 /// `socketio.enabled = false`: no Socket.IO at all.
 async fn socketio_can_be_turned_off(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| s.socketio.enabled = false).await;
@@ -352,6 +376,7 @@ async fn socketio_can_be_turned_off(backend: Backend) {
 crate::contract_tests!(
     a_stop_does_not_wait_for_long_polls,
     socketio_can_be_turned_off,
+    socketio_requests_are_rate_limited_per_ip,
     seed_client_polling_then_websocket,
     seed_client_websocket_only,
     seed_client_polling_only,
