@@ -295,7 +295,17 @@ fn on_connect(socket: SocketRef, shared: Arc<Shared>) {
     });
     // Why weak: the socket keeps its handlers until it is dropped, and the client holds the
     // socket; a strong reference would keep both (and the connection's place) for ever.
+    // The client lives until it goes (or the server stops) instead.
     let weak = Arc::downgrade(&client);
+    {
+        let (client, shutdown) = (client.clone(), shared.shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = client.gone.cancelled() => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
     {
         let (weak, shared) = (weak.clone(), shared.clone());
         socket.on(

@@ -236,6 +236,16 @@ async fn the_handshake_query_narrows_and_broadcast_all_can_be_off(backend: Backe
     assert!(more.is_empty(), "only the chosen poll: {more:?}");
     let heard = plain.collect("poll-stats", Duration::ZERO).await;
     assert!(heard.is_empty(), "broadcast_all is off: {heard:?}");
+
+    // A client that subscribes after connecting is fed as well.
+    let options = json!({ "subscribe": [other] });
+    let mut late = NodeClient::start(&app, options);
+    assert_eq!(late.next_event("ack").await["seq"], 1);
+    assert_eq!(app.api.vote(other, 1, "u2").await.0, 202);
+    assert_eq!(
+        late.next_event("poll-stats").await,
+        json!({ "pollId": other.to_string(), "optionId": "1", "newCount": 1, "seq": 2 })
+    );
 }
 
 /// A poll hiding its results sends nothing until it closes; then every option's final count.
