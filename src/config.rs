@@ -39,6 +39,29 @@ pub struct Settings {
     pub voters: VoterSettings,
     /// Delivery of poll webhooks.
     pub webhooks: WebhookSettings,
+    /// The seed's Socket.IO clients.
+    pub socketio: SocketIoSettings,
+}
+
+/// `[socketio]`: the seed app's live clients (`io(url)`, `on('poll-stats')`), served at
+/// `/socket.io/` on `http.addr`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketIoSettings {
+    /// Serve Socket.IO at all.
+    pub enabled: bool,
+    /// Send every poll's updates to a client that has not narrowed to chosen polls (the
+    /// seed's behaviour). Off: such a client gets nothing until it subscribes.
+    pub broadcast_all: bool,
+}
+
+impl Default for SocketIoSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            broadcast_all: true,
+        }
+    }
 }
 
 /// Where a vote's userId comes from.
@@ -307,6 +330,10 @@ pub struct KafkaSection {
     pub raw_votes_topic: String,
     /// Topic of count updates shared between processes.
     pub poll_updates_topic: String,
+    /// Also write the seed app's `poll-updates` records (`{optionId, pollId, newCount}` per
+    /// changed option, string ids, keyed by pollId) to this topic, for the seed's own
+    /// consumers. Unset: not written.
+    pub seed_poll_updates_topic: Option<String>,
     /// Consumer group of every pollcast process.
     pub group_id: String,
     /// Partitions of the topics pollcast creates.
@@ -334,6 +361,7 @@ impl Default for KafkaSection {
             brokers: "127.0.0.1:9092".into(),
             raw_votes_topic: "raw-votes".into(),
             poll_updates_topic: "poll-updates".into(),
+            seed_poll_updates_topic: None,
             group_id: "pollcast".into(),
             partitions: 6,
             replication_factor: 1,
@@ -685,6 +713,16 @@ impl Settings {
                     why: format!("{origin:?} is not an origin like https://polls.example.com"),
                 });
             }
+        }
+        if let Some(seed) = &self.log.kafka.seed_poll_updates_topic
+            && (seed.is_empty()
+                || *seed == self.log.kafka.poll_updates_topic
+                || *seed == self.log.kafka.raw_votes_topic)
+        {
+            return Err(invalid(
+                "log.kafka.seed_poll_updates_topic",
+                "must be a topic of its own (not log.kafka.poll_updates_topic nor raw_votes_topic)",
+            ));
         }
         if self.http.header_read_timeout_ms == 0 {
             return Err(invalid("http.header_read_timeout_ms", "must be positive"));

@@ -276,6 +276,7 @@ impl Application {
             cors_origins: settings.http.cors_origins.clone(),
             public_url: settings.http.public_url.clone(),
             tls: settings.http.tls_cert_path.is_some(),
+            socketio: settings.socketio,
         };
         let args = RootArgs {
             store,

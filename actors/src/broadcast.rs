@@ -13,7 +13,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::domain::{CountsUpdate, OptionCount, PollId, UnixMillis, rfc3339};
@@ -29,6 +29,9 @@ pub struct CountsFrame {
     pub changed_json: Bytes,
     /// The same message listing every option: for a subscriber that missed an update.
     pub full_json: Bytes,
+    /// The update itself, for edges that encode it in a wire format of their own
+    /// (Socket.IO's `poll-stats`).
+    pub update: CountsUpdate,
 }
 
 #[derive(Serialize)]
@@ -72,6 +75,7 @@ impl CountsFrame {
                 Bytes::from(render(&update.changed))
             },
             full_json,
+            update: update.clone(),
         }
     }
 
@@ -126,18 +130,122 @@ impl Drop for Subscription {
     }
 }
 
+/// Updates of every poll queued for one [`AllPolls`] receiver at most; a receiver further
+/// behind skips to the newest update of each poll (see [`AllPolls::recv`]).
+const ALL_POLLS_BACKLOG: usize = 256;
+
+/// The feed of every poll's updates, for clients that watch the whole server (the seed's
+/// Socket.IO clients). Why a bounded `broadcast` plus the newest update of each poll: a
+/// receiver that keeps up gets every update in order; one that falls behind loses its
+/// backlog and catches up from `latest`, so nothing is queued without bound and no poll's
+/// newest counts are lost.
+#[derive(Debug)]
+struct AllFeed {
+    updates: broadcast::Sender<Arc<CountsUpdate>>,
+    /// The newest update published of each poll, while anyone watches every poll.
+    latest: DashMap<PollId, Arc<CountsUpdate>>,
+}
+
+impl Default for AllFeed {
+    fn default() -> Self {
+        Self {
+            updates: broadcast::channel(ALL_POLLS_BACKLOG).0,
+            latest: DashMap::new(),
+        }
+    }
+}
+
+/// What an [`AllPolls`] receiver gets next.
+#[derive(Debug)]
+pub enum AllPollsUpdate {
+    /// The next update, in publishing order.
+    One(Arc<CountsUpdate>),
+    /// The receiver fell behind and skipped updates: the newest update of every poll that
+    /// has one, to be sent with every count where the client missed one.
+    CatchUp(Vec<Arc<CountsUpdate>>),
+}
+
+/// Receives the updates of every poll (see [`BroadcastHub::subscribe_all`]). Hidden results
+/// are left out until the poll closes, as for a poll's own subscribers.
+#[derive(Debug)]
+pub struct AllPolls {
+    updates: broadcast::Receiver<Arc<CountsUpdate>>,
+    feed: Arc<AllFeed>,
+}
+
+impl AllPolls {
+    /// The next update; `None` once the hub is gone.
+    pub async fn recv(&mut self) -> Option<AllPollsUpdate> {
+        match self.updates.recv().await {
+            Ok(update) => Some(AllPollsUpdate::One(update)),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(self.catch_up()),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// Drops the backlog and returns the newest update of every poll: for a receiver that
+    /// could not send for a while.
+    pub fn catch_up(&mut self) -> AllPollsUpdate {
+        self.updates = self.updates.resubscribe();
+        AllPollsUpdate::CatchUp(self.feed.latest.iter().map(|e| e.value().clone()).collect())
+    }
+}
+
 /// The per-poll subscriber registry, shared by the broadcaster and the WebSocket handlers.
 /// Cloning is cheap. It outlives broadcaster restarts, so subscribers are never dropped by
 /// one.
 #[derive(Debug, Clone, Default)]
 pub struct BroadcastHub {
     polls: Arc<DashMap<PollId, Feed>>,
+    all: Arc<AllFeed>,
 }
 
 impl BroadcastHub {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Receives every poll's updates published from now on.
+    pub fn subscribe_all(&self) -> AllPolls {
+        AllPolls {
+            updates: self.all.updates.subscribe(),
+            feed: self.all.clone(),
+        }
+    }
+
+    /// Receivers of every poll's updates.
+    pub fn all_polls_receivers(&self) -> usize {
+        self.all.updates.receiver_count()
+    }
+
+    /// Feeds the receivers of every poll, once per flush (an update no newer than the last
+    /// of its poll is dropped). Costs nothing while there are none; then the newest updates
+    /// are forgotten, so they are kept only while someone may need to catch up.
+    fn publish_all(&self, update: &CountsUpdate) {
+        if self.all.updates.receiver_count() == 0 {
+            if !self.all.latest.is_empty() {
+                self.all.latest.clear();
+            }
+            return;
+        }
+        if update.hide_results && update.closed_at.is_none() {
+            return;
+        }
+        let update = Arc::new(update.clone());
+        match self.all.latest.entry(update.poll_id) {
+            dashmap::Entry::Occupied(mut newest) => {
+                if newest.get().seq >= update.seq {
+                    return;
+                }
+                newest.insert(update.clone());
+            }
+            dashmap::Entry::Vacant(none) => {
+                none.insert(update.clone());
+            }
+        }
+        // Why under no lock: receivers drop what is not newer than what they sent.
+        let _ = self.all.updates.send(update);
     }
 
     /// Subscribes to the updates of `poll` published from now on.
@@ -164,6 +272,7 @@ impl BroadcastHub {
     /// published is dropped: with several processes the same flush arrives twice (locally
     /// and through the counts bus).
     pub fn publish(&self, update: &CountsUpdate) -> usize {
+        self.publish_all(update);
         let Some(sender) = self.polls.get(&update.poll_id) else {
             return 0;
         };
@@ -409,6 +518,73 @@ mod tests {
         assert_eq!(hub.polls_watched(), 0);
         let _again = hub.subscribe(7);
         assert_eq!(hub.polls_watched(), 1);
+    }
+
+    fn of_poll(poll_id: PollId, seq: i64) -> CountsUpdate {
+        CountsUpdate {
+            poll_id,
+            ..update(seq)
+        }
+    }
+
+    #[tokio::test]
+    async fn every_polls_updates_reach_a_whole_server_receiver_once_each() {
+        let hub = BroadcastHub::new();
+        let mut all = hub.subscribe_all();
+        hub.publish(&of_poll(7, 1));
+        hub.publish(&of_poll(8, 1));
+        hub.publish(&of_poll(7, 1)); // the same flush again, through the counts bus
+        let hidden = CountsUpdate {
+            hide_results: true,
+            ..of_poll(9, 1)
+        };
+        hub.publish(&hidden);
+        hub.publish(&CountsUpdate {
+            closed_at: Some(5),
+            ..hidden.clone()
+        });
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            match all.recv().await.unwrap() {
+                AllPollsUpdate::One(u) => got.push((u.poll_id, u.seq, u.closed_at.is_some())),
+                other => panic!("no catch-up expected: {other:?}"),
+            }
+        }
+        assert_eq!(got, vec![(7, 1, false), (8, 1, false), (9, 1, true)]);
+        assert!(
+            all.updates.is_empty(),
+            "nothing else: {:?}",
+            all.updates.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_whole_server_receiver_that_falls_behind_gets_the_newest_of_each_poll() {
+        let hub = BroadcastHub::new();
+        let mut all = hub.subscribe_all();
+        for seq in 1..=(ALL_POLLS_BACKLOG as i64 + 10) {
+            hub.publish(&of_poll(7, seq));
+        }
+        hub.publish(&of_poll(8, 3));
+        let AllPollsUpdate::CatchUp(mut newest) = all.recv().await.unwrap() else {
+            panic!("a receiver that fell behind catches up");
+        };
+        newest.sort_by_key(|u| u.poll_id);
+        let newest: Vec<_> = newest.iter().map(|u| (u.poll_id, u.seq)).collect();
+        assert_eq!(newest, vec![(7, ALL_POLLS_BACKLOG as i64 + 10), (8, 3)]);
+    }
+
+    #[test]
+    fn without_whole_server_receivers_nothing_is_kept() {
+        let hub = BroadcastHub::new();
+        hub.publish(&of_poll(7, 1));
+        assert!(hub.all.latest.is_empty());
+        let all = hub.subscribe_all();
+        hub.publish(&of_poll(7, 2));
+        assert_eq!(hub.all.latest.len(), 1);
+        drop(all);
+        hub.publish(&of_poll(7, 3));
+        assert!(hub.all.latest.is_empty(), "forgotten once nobody listens");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod ports;
 pub mod root;
 pub mod supervision;
 
-pub use broadcast::{BroadcastHub, CountsFrame, Subscription};
+pub use broadcast::{AllPolls, AllPollsUpdate, BroadcastHub, CountsFrame, Subscription};
 pub use domain::{
     CountsUpdate, LogEntry, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings,
     Vote, WebhookTarget,

@@ -98,13 +98,17 @@ pub async fn ensure_topics(settings: &KafkaSection) -> Result<(), LogError> {
         .client_config(Role::Admin, &[])
         .create()
         .map_err(kafka_err("create a Kafka admin client"))?;
-    let topics = [&settings.raw_votes_topic, &settings.poll_updates_topic].map(|name| {
-        NewTopic::new(
-            name,
-            settings.partitions,
-            TopicReplication::Fixed(settings.replication_factor),
-        )
-    });
+    let topics: Vec<_> = [&settings.raw_votes_topic, &settings.poll_updates_topic]
+        .into_iter()
+        .chain(&settings.seed_poll_updates_topic)
+        .map(|name| {
+            NewTopic::new(
+                name,
+                settings.partitions,
+                TopicReplication::Fixed(settings.replication_factor),
+            )
+        })
+        .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .create_topics(&topics, &options)
@@ -654,6 +658,15 @@ struct CountsRecord {
     hide_results: bool,
 }
 
+/// The seed app's `poll-updates` record: one changed option's new count, ids as strings.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SeedStatsRecord {
+    option_id: String,
+    poll_id: String,
+    new_count: i64,
+}
+
 /// Count updates shared between processes through `poll-updates`.
 pub struct KafkaCountsBus {
     producer: FutureProducer,
@@ -674,6 +687,34 @@ impl KafkaCountsBus {
             producer,
             settings: settings.clone(),
         })
+    }
+}
+
+impl KafkaCountsBus {
+    /// Writes the seed's records of a flush made here (only here: each flush once, by the
+    /// process that made it): one per option it changed, every option at the close, and
+    /// nothing while the poll hides its results.
+    fn publish_seed_records(&self, topic: &str, update: &CountsUpdate, key: &str) {
+        if update.hide_results && update.closed_at.is_none() {
+            return;
+        }
+        let counts = if update.closed_at.is_some() {
+            &update.all
+        } else {
+            &update.changed
+        };
+        for count in counts {
+            let record = SeedStatsRecord {
+                option_id: count.option_id.to_string(),
+                poll_id: key.to_owned(),
+                new_count: count.new_count,
+            };
+            let payload = serde_json::to_vec(&record).expect("seed record serializes");
+            let record = FutureRecord::to(topic).key(key).payload(&payload);
+            if let Err((e, _)) = self.producer.send_result(record) {
+                tracing::warn!(poll_id = update.poll_id, error = %e, "could not write a seed poll-updates record");
+            }
+        }
     }
 }
 
@@ -702,6 +743,9 @@ impl CountsBus for KafkaCountsBus {
             .payload(&payload);
         if let Err((e, _)) = self.producer.send_result(record) {
             tracing::warn!(poll_id = update.poll_id, error = %e, "could not publish counts to other processes");
+        }
+        if let Some(topic) = &self.settings.seed_poll_updates_topic {
+            self.publish_seed_records(topic, update, &key);
         }
     }
 

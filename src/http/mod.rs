@@ -14,6 +14,7 @@ mod page;
 mod polls;
 pub mod rate_limit;
 mod server;
+pub mod socketio;
 mod votes;
 mod write_deadline;
 pub mod ws;
@@ -78,6 +79,8 @@ pub struct ApiContext {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Told about polls created here (webhooks).
     pub events: Arc<dyn PollEvents>,
+    /// The seed's Socket.IO clients at `/socket.io/`.
+    pub socketio: crate::config::SocketIoSettings,
 }
 
 /// Every route, with errors turned into JSON.

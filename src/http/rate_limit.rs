@@ -95,6 +95,26 @@ impl RateLimits {
 
     /// The client's IP: from the configured proxy header's value (`forwarded`) when one is
     /// configured, else the TCP peer's.
+    /// Counts a request that does not go through warp (Socket.IO) against its client IP.
+    pub fn check_ip(
+        &self,
+        peer: Option<PeerAddr>,
+        headers: &http::HeaderMap,
+    ) -> Result<(), ApiError> {
+        let Some(limiter) = &self.per_ip else {
+            return Ok(());
+        };
+        let forwarded = self.client_ip_header.as_ref().and_then(|name| {
+            // The last line, as in `forwarded_header`.
+            let last = headers.get_all(name).iter().next_back()?;
+            last.to_str().ok().map(str::to_owned)
+        });
+        match self.client_ip(peer, forwarded) {
+            Some(ip) => check(limiter, &ip),
+            None => Err(ApiError::NoClientAddress),
+        }
+    }
+
     fn client_ip(&self, peer: Option<PeerAddr>, forwarded: Option<String>) -> Option<IpAddr> {
         if self.client_ip_header.is_some() {
             // Why the last address: a proxy appends the peer it saw, so only the last entry

@@ -28,6 +28,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use super::write_deadline::{WRITE_STALL_LIMIT, WriteDeadline};
+use super::socketio::Endpoint as SocketIoEndpoint;
 use super::{ApiContext, routes};
 
 /// How long open WebSocket sessions get to send their close frames at shutdown.
@@ -184,6 +185,7 @@ impl HttpServer for WarpServer {
                     let accepting = accept_loop(
                         admin,
                         service,
+                        None,
                         limits,
                         None,
                         builder.clone(),
@@ -194,10 +196,12 @@ impl HttpServer for WarpServer {
                 }
                 None => None,
             };
+            let socketio = ctx.socketio.enabled.then(|| SocketIoEndpoint::new(&ctx));
             let service = warp::service(routes(ctx));
             accept_loop(
                 listener,
                 service,
+                socketio.clone(),
                 limits,
                 tls,
                 builder,
@@ -207,6 +211,15 @@ impl HttpServer for WarpServer {
             .await;
             if let Some(admin) = admin {
                 let _ = admin.await;
+            }
+            // Before the requests' grace: a Socket.IO long-poll in progress is a request that
+            // would otherwise wait for its ping interval.
+            if let Some(socketio) = socketio
+                && tokio::time::timeout(SESSION_GRACE, socketio.close())
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("Socket.IO clients still open after {SESSION_GRACE:?}");
             }
             let graceful = Arc::into_inner(graceful).expect("both accept loops have ended");
             if tokio::time::timeout(REQUEST_GRACE, graceful.shutdown())
@@ -255,9 +268,11 @@ fn builder(limits: &ConnectionLimits) -> Builder<TokioExecutor> {
 }
 
 /// Accepts connections until `stop`, each within the connection caps.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop<S>(
     listener: tokio::net::TcpListener,
     service: S,
+    socketio: Option<SocketIoEndpoint>,
     limits: ConnectionLimits,
     tls: Option<TlsAcceptor>,
     builder: Builder<TokioExecutor>,
@@ -302,17 +317,23 @@ async fn accept_loop<S>(
         let _ = stream.set_nodelay(true);
         let stream = WriteDeadline::new(stream, WRITE_STALL_LIMIT);
         let (service, builder, tls) = (service.clone(), builder.clone(), tls.clone());
+        let socketio = socketio.clone();
         let watcher = graceful.watcher();
         let deadline = accepted + limits.header_read_timeout;
         let hold = ConnectionHold(Arc::new((permit, slot)));
         tokio::spawn(async move {
             let Some(tls) = tls else {
-                return serve_connection(stream, peer, service, builder, watcher, deadline, hold)
-                    .await;
+                return serve_connection(
+                    stream, peer, service, socketio, builder, watcher, deadline, hold,
+                )
+                .await;
             };
             match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
                 Ok(Ok(stream)) => {
-                    serve_connection(stream, peer, service, builder, watcher, deadline, hold).await
+                    serve_connection(
+                        stream, peer, service, socketio, builder, watcher, deadline, hold,
+                    )
+                    .await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -412,10 +433,12 @@ fn accept_error_kind(error: &std::io::Error) -> &'static str {
 /// and not only hyper's `header_read_timeout`: that one starts once the protocol is known,
 /// and hyper waits without a deadline for the bytes that tell HTTP/1 from HTTP/2, so a
 /// silent socket (or one byte, then silence) held its slot for ever.
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<I, S>(
     io: I,
     peer: SocketAddr,
     service: S,
+    socketio: Option<SocketIoEndpoint>,
     builder: Builder<TokioExecutor>,
     watcher: Watcher,
     deadline: Instant,
@@ -433,7 +456,7 @@ async fn serve_connection<I, S>(
     let handler = hyper::service::service_fn(move |req| {
         // Why a relaxed store: it only has to be seen by this connection's own task, later.
         first.store(true, Ordering::Relaxed);
-        handle(service.clone(), peer, &hold, req)
+        handle(service.clone(), socketio.as_ref(), peer, &hold, req)
     });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), handler)
@@ -477,9 +500,11 @@ pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Runs one request through the routes, inside a span carrying its request id.
+/// Runs one request through the routes (or Socket.IO, for `/socket.io/…`), inside a span
+/// carrying its request id.
 fn handle<S>(
     mut service: S,
+    socketio: Option<&SocketIoEndpoint>,
     peer: SocketAddr,
     hold: &ConnectionHold,
     mut req: Request<Incoming>,
@@ -487,9 +512,27 @@ fn handle<S>(
 where
     S: Service<Request<Incoming>, Response = warp::reply::Response, Error = Infallible>,
 {
+    use futures_util::future::Either;
     let id = request_id(&req);
     req.headers_mut().insert(X_REQUEST_ID, id.clone());
     req.extensions_mut().insert(PeerAddr(peer));
+    if let Some(socketio) = socketio
+        && SocketIoEndpoint::handles(req.uri().path())
+    {
+        // Why before the upgrade below: Socket.IO takes its WebSocket upgrade itself.
+        let span = tracing::info_span!(
+            "request",
+            request_id = id.to_str().unwrap_or_default(),
+            method = %req.method(),
+            path = req.uri().path(),
+        );
+        let call = socketio.call(req, hold).instrument(span);
+        return Either::Left(async move {
+            let mut resp = call.await?;
+            resp.headers_mut().insert(X_REQUEST_ID, id);
+            Ok(resp)
+        });
+    }
     if req.headers().contains_key(hyper::header::UPGRADE) {
         // Why take it here: warp's own WebSocket filter cannot size tungstenite's buffers, so
         // the WebSocket route upgrades the connection itself (see `ws.rs`).
@@ -506,11 +549,11 @@ where
     // Why an async block after the synchronous part: the hold is borrowed, not moved into
     // every request's future (only an upgrade takes a clone of it).
     let call = service.call(req).instrument(span);
-    async move {
+    Either::Right(async move {
         let mut resp = call.await?;
         resp.headers_mut().insert(X_REQUEST_ID, id);
         Ok(resp)
-    }
+    })
 }
 
 /// The client's `x-request-id` when it is short and printable, else a new random one.

@@ -259,13 +259,13 @@ async fn session(socket: Socket, mut s: Session) {
 }
 
 /// A token bucket of the messages a client may send.
-struct Allowance {
+pub(super) struct Allowance {
     tokens: f64,
     at: tokio::time::Instant,
 }
 
 impl Allowance {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             tokens: INCOMING_BURST,
             at: tokio::time::Instant::now(),
@@ -273,7 +273,7 @@ impl Allowance {
     }
 
     /// Spends one message; `false` when the client is over its allowance.
-    fn take(&mut self, now: tokio::time::Instant) -> bool {
+    pub(super) fn take(&mut self, now: tokio::time::Instant) -> bool {
         let refill = now.duration_since(self.at).as_secs_f64() * INCOMING_PER_SEC;
         self.tokens = (self.tokens + refill).min(INCOMING_BURST);
         self.at = now;

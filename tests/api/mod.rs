@@ -9,6 +9,7 @@ pub mod metrics;
 mod openapi;
 mod polls;
 mod rate_limits;
+pub mod socketio;
 mod tls;
 mod voters;
 mod votes;

@@ -15,6 +15,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::api::socketio::NodeClient;
 use crate::helpers::{Api, Backend, ServerProcess, TestEnv};
 
 const PARTITIONS: i32 = 6;
@@ -173,6 +174,13 @@ async fn two_processes_share_the_partitions_and_each_shows_the_others_polls() {
         .find(|p| owned[1].contains(&partition_of(**p)))
         .unwrap();
 
+    // The seed's Socket.IO client on each process hears both polls, whichever counts them.
+    let mut seed_on_a = NodeClient::start_at(a.api.addr, serde_json::json!({}));
+    let websocket_only = serde_json::json!({ "io": { "transports": ["websocket"] } });
+    let mut seed_on_b = NodeClient::start_at(b.api.addr, websocket_only);
+    seed_on_a.next_event("connect").await;
+    seed_on_b.next_event("connect").await;
+
     // A subscriber on each process watches the poll the *other* process counts.
     let (mut on_b, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/ws/polls/{of_a}", b.api.addr))
@@ -194,6 +202,16 @@ async fn two_processes_share_the_partitions_and_each_shows_the_others_polls() {
         (seen_on_a["pollId"].as_i64(), seen_on_a["seq"].as_i64()),
         (Some(of_b), Some(1))
     );
+    for seed in [&mut seed_on_a, &mut seed_on_b] {
+        let mut heard = BTreeSet::new();
+        while heard.len() < 2 {
+            let stats = seed.next_event("poll-stats").await;
+            let id = |key: &str| stats[key].as_str().unwrap().to_owned();
+            heard.insert((id("pollId"), id("optionId")));
+        }
+        let expected = [(of_a, "2"), (of_b, "1")].map(|(p, o)| (p.to_string(), o.to_owned()));
+        assert_eq!(heard, BTreeSet::from(expected));
+    }
 }
 
 #[derive(Default)]

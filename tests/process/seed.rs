@@ -91,3 +91,84 @@ async fn migrate_applies_the_postgres_schema_and_exits() {
     let (again, output) = run_to_exit_in(&env, &["migrate"]);
     assert_eq!(again.code(), Some(0), "idempotent: {output}");
 }
+
+/// With `log.kafka.seed_poll_updates_topic` set, each flush is also written there as the
+/// seed's `poll-updates` records (string ids, keyed by pollId), after pollcast's rules: a
+/// poll hiding its results is written only at its close, every option then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_poll_updates_records_are_written_when_configured() {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+
+    let env = TestEnv::new(Backend::Production).await;
+    let production = env.production.clone().unwrap();
+    let topic = format!("{}-seed", production.poll_updates_topic);
+    let seed_topic = topic.clone();
+    let app = TestApp::start(env, move |s| {
+        s.log.kafka.seed_poll_updates_topic = Some(seed_topic);
+    })
+    .await;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &production.brokers)
+        .set("broker.address.family", "v4")
+        .set("group.id", format!("{}-seed-reader", production.group_id))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    // Why assigned partitions and not a group: joining one takes the broker seconds.
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for partition in 0..3 {
+        partitions
+            .add_partition_offset(&topic, partition, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&partitions).unwrap();
+
+    let open = app.api.create_poll(&["A", "B"]).await;
+    let hidden = app
+        .api
+        .create_poll_with(serde_json::json!({
+            "question": "Secret?", "options": ["A", "B"], "hideResults": true
+        }))
+        .await["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(app.api.vote(open, 2, "u1").await.0, 202);
+    assert_eq!(app.api.vote(hidden, 2, "u1").await.0, 202);
+    app.api.wait_for_total(open, 1, SETTLE).await;
+    app.api.close_poll(hidden).await;
+
+    // Records in order; the hidden poll's two come last (its close), and once each.
+    let mut of_open = Vec::new();
+    let mut of_hidden = Vec::new();
+    while of_open.is_empty() || of_hidden.len() < 2 {
+        let message = tokio::time::timeout(SETTLE, consumer.recv())
+            .await
+            .expect("a seed record in time")
+            .unwrap();
+        let key = std::str::from_utf8(message.key().unwrap())
+            .unwrap()
+            .to_owned();
+        let value: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        assert_eq!(value["pollId"], key, "keyed by pollId");
+        if key == open.to_string() {
+            of_open.push(value);
+        } else {
+            assert_eq!(key, hidden.to_string());
+            of_hidden.push(value);
+        }
+    }
+    assert_eq!(
+        of_open,
+        [serde_json::json!({ "optionId": "2", "pollId": open.to_string(), "newCount": 1 })]
+    );
+    of_hidden.sort_by_key(|v| v["optionId"].as_str().unwrap().to_owned());
+    assert_eq!(
+        of_hidden,
+        [
+            serde_json::json!({ "optionId": "1", "pollId": hidden.to_string(), "newCount": 0 }),
+            serde_json::json!({ "optionId": "2", "pollId": hidden.to_string(), "newCount": 1 }),
+        ]
+    );
+}
