@@ -13,6 +13,7 @@ mod openapi;
 mod page;
 mod polls;
 pub mod rate_limit;
+mod read_budget;
 mod server;
 pub mod socketio;
 mod votes;

@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::Instrument;
 
-use super::write_deadline::{WRITE_STALL_LIMIT, WriteDeadline};
+use super::read_budget::{ReadBudget, Throttle};
 use super::socketio::Endpoint as SocketIoEndpoint;
+use super::write_deadline::{WRITE_STALL_LIMIT, WriteDeadline};
 use super::{ApiContext, routes};
 
 /// How long open WebSocket sessions get to send their close frames at shutdown.
@@ -104,7 +105,12 @@ impl PerIp {
 /// when the last clone is dropped: when the connection ends, or the WebSocket session it was
 /// upgraded to.
 #[derive(Clone)]
-pub struct ConnectionHold(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, IpSlot)>);
+pub struct ConnectionHold {
+    #[allow(dead_code)] // held for its drop
+    places: Arc<(OwnedSemaphorePermit, IpSlot)>,
+    /// Slows the connection's reads once it is a Socket.IO WebSocket (see `read_budget.rs`).
+    pub throttle: Throttle,
+}
 
 /// One connection's share of its address's cap, given back when the connection ends.
 struct IpSlot(Option<(PerIp, IpAddr)>);
@@ -320,7 +326,12 @@ async fn accept_loop<S>(
         let socketio = socketio.clone();
         let watcher = graceful.watcher();
         let deadline = accepted + limits.header_read_timeout;
-        let hold = ConnectionHold(Arc::new((permit, slot)));
+        let throttle = Throttle::default();
+        let stream = ReadBudget::new(stream, throttle.clone());
+        let hold = ConnectionHold {
+            places: Arc::new((permit, slot)),
+            throttle,
+        };
         tokio::spawn(async move {
             let Some(tls) = tls else {
                 return serve_connection(
@@ -520,6 +531,9 @@ where
         && SocketIoEndpoint::handles(req.uri().path())
     {
         // Why before the upgrade below: Socket.IO takes its WebSocket upgrade itself.
+        if req.headers().contains_key(hyper::header::UPGRADE) {
+            hold.throttle.engage();
+        }
         let span = tracing::info_span!(
             "request",
             request_id = id.to_str().unwrap_or_default(),

@@ -153,7 +153,7 @@ async fn create_polls(server: SocketAddr, n: usize) {
 
 /// Runs `attack` (bounded by the deadline it is given) against a fresh server while the
 /// normal client votes, then checks and reports. `extra` adds settings.
-async fn under_attack<F, Fut>(name: &str, extra: &[(&str, &str)], attack: F)
+async fn under_attack<F, Fut>(name: &str, extra: &[(&str, &str)], attack: F) -> u64
 where
     F: FnOnce(SocketAddr, i64, Instant) -> Fut,
     Fut: std::future::Future<Output = String> + Send + 'static,
@@ -242,6 +242,8 @@ where
     // Every 202 counted, the warm-up's included.
     let counted = api.wait_for_total(poll, 20 + accepted, SETTLE).await;
     assert_eq!(counted["totalVotes"], 20 + accepted, "{name}");
+    // What the attack made the server hold at its worst, in KiB.
+    peak.load(Ordering::Relaxed).saturating_sub(before)
 }
 
 /// Opens connections from the attacker until `deadline`, at most `limit` at once, each
@@ -663,4 +665,42 @@ async fn http2_clients_that_never_read_their_responses_hold_bounded_memory() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_socketio_websocket_messages_are_read_slowly_and_not_held() {
+    let grew = under_attack(
+        "Socket.IO WebSocket, 60 MiB messages",
+        &[],
+        |server, _, deadline| async move {
+            let mut senders = tokio::task::JoinSet::new();
+            for _ in 0..2 {
+                let stream = connect_from(server).await.unwrap();
+                let url = format!("ws://{server}/socket.io/?EIO=4&transport=websocket");
+                let (mut socket, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+                senders.spawn(async move {
+                    // Engine.IO's open packet, then one message as large as tungstenite allows.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), socket.next()).await;
+                    let huge = Message::text(format!("4{}", "x".repeat(60 << 20)));
+                    let until = tokio::time::Instant::from_std(deadline);
+                    match tokio::time::timeout_at(until, socket.send(huge)).await {
+                        Ok(Ok(())) => "sent whole",
+                        Ok(Err(_)) => "cut off",
+                        Err(_) => "still sending at the end",
+                    }
+                });
+            }
+            let mut outcome = Vec::new();
+            while let Some(Ok(what)) = senders.join_next().await {
+                outcome.push(what);
+            }
+            format!("2 clients: {outcome:?}")
+        },
+    )
+    .await;
+    // Two 60 MiB messages held would be 120 MiB; read at 4 KiB/s they stay a few hundred KiB.
+    assert!(
+        grew < 20 * 1024,
+        "the server grew by {grew} KiB at its peak"
+    );
 }
