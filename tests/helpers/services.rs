@@ -214,6 +214,7 @@ pub async fn sqlite_ledger(path: PathBuf, poll: i64) -> Vec<String> {
 /// refuses new ones, as a dead server or a partition would; restoring lets them through.
 pub struct TcpProxy {
     pub addr: SocketAddr,
+    target: Arc<std::sync::Mutex<SocketAddr>>,
     cut: Arc<AtomicBool>,
     connections: Arc<std::sync::Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
@@ -230,7 +231,8 @@ impl TcpProxy {
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(std::sync::Mutex::new(Vec::<AbortHandle>::new()));
-        let (is_cut, conns) = (cut.clone(), connections.clone());
+        let shared_target = Arc::new(std::sync::Mutex::new(target));
+        let (is_cut, conns, to) = (cut.clone(), connections.clone(), shared_target.clone());
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -240,6 +242,7 @@ impl TcpProxy {
                     drop(inbound);
                     continue;
                 }
+                let target = *to.lock().unwrap();
                 let task = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -251,10 +254,17 @@ impl TcpProxy {
         .abort_handle();
         Self {
             addr,
+            target: shared_target,
             cut,
             connections,
             accept,
         }
+    }
+
+    /// Sends new connections to `target` from now on (a load balancer that noticed a
+    /// backend die).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
     }
 
     /// Drops every open connection and refuses new ones.

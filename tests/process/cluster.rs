@@ -16,7 +16,8 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::socketio::NodeClient;
-use crate::helpers::{Api, Backend, ServerProcess, TestEnv};
+use crate::helpers::services::TcpProxy;
+use crate::helpers::{Api, Backend, SETTLE, ServerProcess, TestEnv};
 
 const PARTITIONS: i32 = 6;
 
@@ -436,5 +437,51 @@ async fn a_stopped_process_hands_its_polls_over_at_once_and_loses_nothing() {
         total,
         env.ledger(of_leaver).await.len() as i64,
         "counters equal the ledger"
+    );
+}
+
+/// A Socket.IO client behind a load balancer (a proxy here) whose process is killed: the
+/// client reconnects by itself, lands on the other process, subscribes again, and goes on
+/// from a snapshot, never backwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socketio_client_behind_a_killed_process_reconnects_to_another_and_catches_up() {
+    let env = TestEnv::new(Backend::Production).await;
+    let victim = start_as_shipped(&env);
+    let survivor = start_as_shipped(&env);
+    wait_for_split(&[&victim.api, &survivor.api]).await;
+    let poll = survivor.api.create_poll(&["A", "B"]).await;
+    let balancer = TcpProxy::start(victim.api.addr).await;
+    let options = serde_json::json!({
+        "subscribe": { "pollId": poll.to_string() },
+        "io": { "transports": ["websocket"], "reconnectionDelay": 200, "reconnectionDelayMax": 1000 },
+        "lifetimeMs": 60000,
+    });
+    let mut client = NodeClient::start_at(balancer.addr, options);
+    assert_eq!(client.next_event("snapshot").await["seq"], 0);
+    assert_eq!(survivor.api.vote(poll, 1, "before").await.0, 202);
+    let first = client.next_event("poll-stats").await;
+    assert_eq!(
+        (first["newCount"].as_i64(), first["seq"].as_i64()),
+        (Some(1), Some(1))
+    );
+
+    victim.signal(nix::sys::signal::Signal::SIGKILL);
+    balancer.retarget(survivor.api.addr);
+    // Counted meanwhile, while the client is away: the snapshot brings it.
+    assert_eq!(survivor.api.vote(poll, 2, "while-away").await.0, 202);
+    survivor.api.wait_for_total(poll, 2, SETTLE).await;
+    client.next_event("disconnect").await;
+    let back = client.next_event("snapshot").await;
+    assert!(
+        back["seq"].as_i64() >= Some(2),
+        "resumed from a newer snapshot: {back}"
+    );
+    assert_eq!(back["poll"]["totalVotes"], 2, "{back}");
+    assert_eq!(survivor.api.vote(poll, 1, "after").await.0, 202);
+    let next = client.next_event("poll-stats").await;
+    assert_eq!(next["newCount"], 2, "{next}");
+    assert!(
+        next["seq"].as_i64() > back["seq"].as_i64(),
+        "never backwards: {next}"
     );
 }
