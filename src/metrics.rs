@@ -157,6 +157,24 @@ type RequestLabels = (&'static str, &'static str, Cow<'static, str>);
 static REQUEST_DURATIONS: LazyLock<DashMap<RequestLabels, Histogram>> = LazyLock::new(DashMap::new);
 
 /// Records the latency of one HTTP request in `pollcast_http_request_duration_seconds`.
+/// Adds one to a gauge for as long as it lives, however what it counts ends (a session
+/// that errors out, a task that is aborted).
+pub struct Held(&'static str);
+
+impl Held {
+    /// One more in the gauge `name`, until dropped.
+    pub fn new(name: &'static str) -> Self {
+        metrics::gauge!(name).increment(1.0);
+        Self(name)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        metrics::gauge!(self.0).decrement(1.0);
+    }
+}
+
 pub fn record_request(method: &http::Method, path: &str, status: http::StatusCode, secs: f64) {
     let labels = (
         method_label(method),

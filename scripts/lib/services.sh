@@ -28,6 +28,17 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# Waits up to 10 s for the server `pid` ($1) to listen on port $2; if it exits first, shows
+# its log ($3) and fails naming it ($4).
+wait_started() {
+  for _ in $(seq 1 100); do
+    port_open 127.0.0.1 "$2" && return 0
+    kill -0 "$1" 2>/dev/null || { cat "$3" >&2; fail "$4 exited at start"; }
+    sleep 0.1
+  done
+  fail "$4 did not listen on port $2"
+}
+
 # Waits up to 10 s for a port; fails naming what did not come up.
 wait_port() {
   for _ in $(seq 1 100); do
@@ -169,12 +180,7 @@ start_throwaway_redis() {
   setsid redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$REDIS_TMP" --save '' \
     --appendonly no --daemonize no >"$REDIS_TMP/redis.log" 2>&1 &
   REDIS_PID=$!
-  for _ in $(seq 1 100); do
-    port_open 127.0.0.1 "$REDIS_PORT" && break
-    kill -0 "$REDIS_PID" 2>/dev/null || { cat "$REDIS_TMP/redis.log" >&2; fail "the throwaway Redis exited at start"; }
-    sleep 0.1
-  done
-  port_open 127.0.0.1 "$REDIS_PORT" || fail "the throwaway Redis did not listen on port $REDIS_PORT"
+  wait_started "$REDIS_PID" "$REDIS_PORT" "$REDIS_TMP/redis.log" "the throwaway Redis"
   say "throwaway Redis on 127.0.0.1:$REDIS_PORT (pid $REDIS_PID)"
 }
 
@@ -223,12 +229,7 @@ start_tansu() {
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --storage-engine memory://tansu/ >"$TANSU_LOG" 2>&1 &
   TANSU_PID=$!
-  for _ in $(seq 1 100); do
-    port_open 127.0.0.1 "$KAFKA_PORT" && break
-    kill -0 "$TANSU_PID" 2>/dev/null || { cat "$TANSU_LOG" >&2; fail "tansu exited at start"; }
-    sleep 0.1
-  done
-  port_open 127.0.0.1 "$KAFKA_PORT" || fail "tansu did not listen on port $KAFKA_PORT"
+  wait_started "$TANSU_PID" "$KAFKA_PORT" "$TANSU_LOG" "tansu"
   say "tansu (Kafka protocol) listening on 127.0.0.1:$KAFKA_PORT"
 }
 

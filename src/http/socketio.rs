@@ -251,7 +251,7 @@ struct Client {
     state: Mutex<State>,
     /// Cancelled when the client disconnects.
     gone: CancellationToken,
-    _counted: ClientGauge,
+    _counted: crate::metrics::Held,
 }
 
 struct State {
@@ -285,7 +285,7 @@ fn on_connect(socket: SocketRef, shared: Arc<Shared>) {
             allowance: Allowance::new(),
         }),
         gone,
-        _counted: ClientGauge::open(),
+        _counted: crate::metrics::Held::new("pollcast_socketio_clients"),
     });
     tracing::debug!(sid = %socket.id, "Socket.IO client connected");
     let gone = client.gone.clone();
@@ -636,22 +636,6 @@ fn query_polls(query: Option<&str>) -> Option<Vec<PollId>> {
         }
     }
     (!ids.is_empty()).then_some(ids)
-}
-
-/// Counts a client in `pollcast_socketio_clients` for as long as it is connected.
-struct ClientGauge;
-
-impl ClientGauge {
-    fn open() -> Self {
-        metrics::gauge!("pollcast_socketio_clients").increment(1.0);
-        Self
-    }
-}
-
-impl Drop for ClientGauge {
-    fn drop(&mut self) {
-        metrics::gauge!("pollcast_socketio_clients").decrement(1.0);
-    }
 }
 
 #[cfg(test)]

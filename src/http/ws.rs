@@ -186,7 +186,7 @@ async fn session(socket: Socket, mut s: Session) {
     let poll_id = s.poll_id;
     let (mut tx, mut rx) = socket.split();
     tracing::debug!(poll_id, "subscriber connected");
-    let _counted = SubscriberGauge::open();
+    let _counted = crate::metrics::Held::new("pollcast_websocket_subscribers");
     if !send(&mut tx, Message::text(std::mem::take(&mut s.snapshot))).await {
         return;
     }
@@ -299,20 +299,4 @@ async fn send(tx: &mut SplitSink<Socket, Message>, msg: Message) -> bool {
         tokio::time::timeout(SEND_TIMEOUT, tx.send(msg)).await,
         Ok(Ok(()))
     )
-}
-
-/// Counts a subscriber in the gauge for as long as it lives, however its session ends.
-struct SubscriberGauge;
-
-impl SubscriberGauge {
-    fn open() -> Self {
-        metrics::gauge!("pollcast_websocket_subscribers").increment(1.0);
-        Self
-    }
-}
-
-impl Drop for SubscriberGauge {
-    fn drop(&mut self) {
-        metrics::gauge!("pollcast_websocket_subscribers").decrement(1.0);
-    }
 }
