@@ -285,11 +285,12 @@ impl PollAggregator {
             Err(err) => {
                 metrics::counter!("pollcast_flush_failures_total").increment(1);
                 state.failures += 1;
-                let delay = state
-                    .args
-                    .flush_interval
-                    .saturating_mul(1 << state.failures.min(8))
-                    .min(MAX_FLUSH_BACKOFF);
+                // Twice the interval after the first failure, doubling from there.
+                let backoff = crate::Backoff {
+                    initial: state.args.flush_interval.saturating_mul(2),
+                    max: MAX_FLUSH_BACKOFF,
+                };
+                let delay = backoff.after(state.failures);
                 state.retry_at = Some(Instant::now() + delay);
                 tracing::warn!(
                     poll_id = state.args.poll_id,

@@ -6,6 +6,7 @@
 
 pub mod aggregator;
 pub mod aggregator_supervisor;
+pub mod backoff;
 pub mod ballot;
 pub mod broadcast;
 pub mod domain;
@@ -16,6 +17,7 @@ pub mod ports;
 pub mod root;
 pub mod supervision;
 
+pub use backoff::Backoff;
 pub use broadcast::{AllPolls, AllPollsUpdate, BroadcastHub, CountsFrame, Subscription};
 pub use domain::{
     CountsUpdate, LogEntry, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings,

@@ -69,9 +69,11 @@ impl RestartBudget {
             });
         }
         self.recent.push_back(now);
-        let doublings = (self.recent.len() as u32 - 1).min(16);
-        let delay = self.policy.backoff_initial.saturating_mul(1 << doublings);
-        Ok(delay.min(self.policy.backoff_max))
+        let backoff = crate::Backoff {
+            initial: self.policy.backoff_initial,
+            max: self.policy.backoff_max,
+        };
+        Ok(backoff.after(self.recent.len() as u32))
     }
 }
 

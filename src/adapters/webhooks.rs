@@ -263,12 +263,11 @@ impl RetryPolicy {
     /// capped at `max_backoff`. The jitter spreads the retries of many polls whose receiver
     /// failed at the same moment, so it is not hit by all of them at once when it returns.
     pub fn backoff(&self, failed: u32, jitter: f64) -> Duration {
-        let doublings = failed.saturating_sub(1).min(31);
-        let step = self
-            .initial_backoff
-            .saturating_mul(1u32 << doublings)
-            .min(self.max_backoff);
-        step.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+        let backoff = pollcast_actors::Backoff {
+            initial: self.initial_backoff,
+            max: self.max_backoff,
+        };
+        backoff.jittered(failed, jitter)
     }
 }
 
