@@ -201,13 +201,12 @@ impl Endpoint {
             return Ok(None);
         };
         let given = origin.to_str().map_err(|_| ())?;
-        let authority = given.split_once("://").map_or(given, |(_, rest)| rest);
         let host = req
             .uri()
             .authority()
             .map(|a| a.as_str())
             .or_else(|| req.headers().get(header::HOST)?.to_str().ok());
-        if host.is_some_and(|h| h.eq_ignore_ascii_case(authority)) {
+        if super::is_same_origin(given, host) {
             return Ok(None);
         }
         if self.cors_origins.iter().any(|o| o == given) {
@@ -595,12 +594,9 @@ fn error_event(error: &'static str, message: String) -> ErrorEvent {
 
 /// A poll id as a number or a numeric string (the seed's clients send strings).
 fn poll_id(value: &Value) -> Option<PollId> {
-    match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-    .filter(|id| *id > 0)
+    pollcast_actors::domain::flexible_id(value)
+        .ok()
+        .filter(|id| *id > 0)
 }
 
 /// The polls of a `subscribe` / `unsubscribe`: `{pollId}`, `{pollIds: [..]}`, an id, or a
