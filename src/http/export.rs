@@ -13,7 +13,6 @@ use warp::{Filter, Rejection, Reply};
 
 use super::error::ApiError;
 use super::models::PollView;
-use super::openapi::ExportView;
 use super::{ApiContext, is_admin, with_ctx};
 
 /// Ledger rows per page by default, and at most (`limit`); a page is held in memory.
@@ -223,6 +222,39 @@ fn csv_line(fields: &[&str]) -> String {
         })
         .collect();
     format!("{}\r\n", cells.join(","))
+}
+
+/// The JSON of an export: the poll with its counts (`data=counts`), or a page of its
+/// ledger (`data=ledger`).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[schema(as = Export)]
+#[allow(dead_code)] // describes the export's JSON
+pub enum ExportView {
+    /// `data=counts`.
+    Counts(PollView),
+    /// `data=ledger`.
+    Ledger(Vec<LedgerRowView>),
+}
+
+/// One row of a poll's ledger export (`data=ledger`): a counted ballot.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = LedgerRow)]
+#[allow(dead_code)] // describes `pollcast_actors::LedgerRow`'s JSON; the core knows no OpenAPI
+pub struct LedgerRowView {
+    /// Position in the ledger (the paging cursor).
+    row: i64,
+    /// The voter.
+    user_id: String,
+    /// The vote's id.
+    vote_id: String,
+    /// The options chosen.
+    option_ids: Vec<i64>,
+    /// When the vote was accepted (Unix milliseconds).
+    voted_at: i64,
+    /// Whether this is the voter's ballot now (false: replaced by a change).
+    current: bool,
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! Each resource has its own module with its `routes` (filters) and handlers; this module
 //! holds what they share ([`ApiContext`], body parsing, admin auth) and assembles them.
 
+mod connection;
 mod debug;
 pub mod error;
 mod export;
@@ -32,8 +33,9 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+pub use connection::PeerAddr;
 pub use health::Readiness;
-pub use server::{ConnectionLimits, PeerAddr, WarpServer, load_tls};
+pub use server::{ConnectionLimits, WarpServer, load_tls};
 
 use crate::voting::{PollCatalog, VoteIntake};
 use error::ApiError;

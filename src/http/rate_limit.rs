@@ -14,8 +14,8 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderName;
 use warp::{Filter, Rejection};
 
+use super::connection::PeerAddr;
 use super::error::ApiError;
-use super::server::PeerAddr;
 
 /// How often idle keys are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);

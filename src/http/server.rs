@@ -20,13 +20,14 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use pollcast_actors::{HttpServer, ServeFuture};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::Instrument;
 
+use super::connection::{ConnectionHold, PeerAddr};
 use super::read_budget::{ReadBudget, Throttle};
 use super::socketio::Endpoint as SocketIoEndpoint;
 use super::write_deadline::{WRITE_STALL_LIMIT, WriteDeadline};
@@ -39,10 +40,6 @@ const REQUEST_GRACE: Duration = Duration::from_secs(10);
 /// Why a named constant rather than the string: inserting a header by a `&str` name that
 /// is not a standard one allocates a copy of the name, twice per request.
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The address of the client (the TCP peer), in every request's extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
 
 /// Connection limits (from `[http]` in config.toml).
 #[derive(Debug, Clone, Copy)]
@@ -99,17 +96,6 @@ impl PerIp {
         *held += 1;
         Some(IpSlot(Some((self.clone(), ip))))
     }
-}
-
-/// A connection's place under `max_connections` and `max_connections_per_ip`, given back
-/// when the last clone is dropped: when the connection ends, or the WebSocket session it was
-/// upgraded to.
-#[derive(Clone)]
-pub struct ConnectionHold {
-    #[allow(dead_code)] // held for its drop
-    places: Arc<(OwnedSemaphorePermit, IpSlot)>,
-    /// Slows the connection's reads once it is a Socket.IO WebSocket (see `read_budget.rs`).
-    pub throttle: Throttle,
 }
 
 /// One connection's share of its address's cap, given back when the connection ends.
@@ -328,10 +314,7 @@ async fn accept_loop<S>(
         let deadline = accepted + limits.header_read_timeout;
         let throttle = Throttle::default();
         let stream = ReadBudget::new(stream, throttle.clone());
-        let hold = ConnectionHold {
-            places: Arc::new((permit, slot)),
-            throttle,
-        };
+        let hold = ConnectionHold::new(Arc::new((permit, slot)), throttle);
         tokio::spawn(async move {
             let Some(tls) = tls else {
                 return serve_connection(

@@ -37,8 +37,8 @@ use warp::Reply;
 use warp::reply::Response;
 
 use super::ApiContext;
+use super::connection::ConnectionHold;
 use super::models::PollView;
-use super::server::ConnectionHold;
 use super::ws::Allowance;
 
 /// Where Socket.IO is served (the client's default path).

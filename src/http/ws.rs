@@ -20,9 +20,9 @@ use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use super::connection::ConnectionHold;
 use super::error::ApiError;
 use super::models::{PollView, Snapshot};
-use super::server::ConnectionHold;
 use super::{ApiContext, with_ctx};
 
 /// Clients only send pings and close frames; anything big is abuse.
