@@ -14,8 +14,8 @@
 use std::sync::Arc;
 
 use pollcast::adapters::SqliteStore;
-use pollcast_actors::domain::{NewPoll, PollSettings, Vote};
 use pollcast_actors::ports::PollStore;
+use pollcast_actors::{NewPoll, PollSettings, Vote};
 
 fn arg(n: usize, default: usize) -> usize {
     std::env::args()

@@ -9,13 +9,12 @@ pub mod adapters;
 pub mod config;
 pub mod fdlimit;
 pub mod http;
-pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
+pub mod service;
 pub mod startup;
 pub mod telemetry;
 pub mod voter_token;
-pub mod voting;
 
 pub use config::Settings;
 pub use startup::Application;

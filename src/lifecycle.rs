@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::voting::VoteIntake;
+use crate::service::PollService;
 
 /// How often due polls are looked for: the close marker goes out at most this late (votes
 /// are refused from `closesAt` on regardless, by every process's own clock).
@@ -18,7 +18,7 @@ const CHECK_EVERY: Duration = Duration::from_millis(500);
 const RESEND_AFTER: Duration = Duration::from_secs(30);
 
 /// Runs the scheduler until `stop` is cancelled.
-pub fn spawn_closer(intake: VoteIntake, stop: CancellationToken) -> JoinHandle<()> {
+pub fn spawn_closer(polls: PollService, stop: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -28,7 +28,7 @@ pub fn spawn_closer(intake: VoteIntake, stop: CancellationToken) -> JoinHandle<(
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match intake.close_due_polls(RESEND_AFTER).await {
+            match polls.close_due_polls(RESEND_AFTER).await {
                 Ok(_) if failing => {
                     failing = false;
                     tracing::info!("closing scheduler recovered");

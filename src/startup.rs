@@ -26,8 +26,8 @@ use crate::http::Readiness;
 use crate::http::rate_limit::{Rate, RateLimits};
 use crate::http::ws::Keepalive;
 use crate::http::{ApiContext, ConnectionLimits, WarpServer, load_tls};
+use crate::service::PollService;
 use crate::voter_token::VoterTokens;
-use crate::voting::{PollCatalog, VoteIntake};
 
 /// Longest graceful shutdown (stop accepting, final flush, commit).
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -245,20 +245,23 @@ impl Application {
         let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let hub = BroadcastHub::new();
         let faults = FaultHooks::default();
-        let catalog = PollCatalog::new(store.clone());
-        let intake = VoteIntake::new(catalog.clone(), guard.clone(), appender.clone());
         let webhooks_stop = CancellationToken::new();
         let webhooks =
             WebhookDispatcher::start(store.clone(), &settings.webhooks, webhooks_stop.clone());
         let events: Arc<dyn PollEvents> = webhooks.clone();
+        let (polls, catalog_refresher) = PollService::new(
+            store.clone(),
+            guard.clone(),
+            appender.clone(),
+            events.clone(),
+        );
+        // Ends by itself when the service is dropped, after the API and the closer.
+        tokio::spawn(catalog_refresher);
         let closer_stop = CancellationToken::new();
-        let closer = crate::lifecycle::spawn_closer(intake.clone(), closer_stop.clone());
+        let closer = crate::lifecycle::spawn_closer(polls.clone(), closer_stop.clone());
         let ctx = ApiContext {
-            store: store.clone(),
-            events: events.clone(),
-            intake,
+            polls,
             readiness: Readiness::new(store.clone(), guard, appender, source.clone()),
-            catalog,
             hub: hub.clone(),
             admin_token: Some(admin_token(&settings)),
             max_body_bytes: settings.http.max_body_bytes,

@@ -1,7 +1,6 @@
 //! `PollAggregator`: one actor per active poll that buffers its votes and flushes them to
 //! the store as one idempotent transaction every flush interval.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +9,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::broadcast::BroadcasterMsg;
-use crate::domain::{CountsUpdate, LogEntry, OptionId, Poll, PollId, UnixMillis, Vote, now_millis};
+use crate::domain::{CountsUpdate, LogEntry, PollId, UnixMillis, Vote, now_millis};
 use crate::faults::FaultHooks;
 use crate::ingest::IngestMsg;
+use crate::poll::{Poll, PollRules};
 use crate::ports::{FlushOutcome, PollEvents, PollStore, StoreError};
 
 /// Sequence number the ingest actor gives every batch it routes to an aggregator. An
@@ -78,42 +78,39 @@ pub enum AggregatorMsg {
     FlushNow(RpcReplyPort<Result<RouteSeq, String>>),
 }
 
-/// What the aggregator checks votes against.
-struct PollShape {
-    options: HashSet<OptionId>,
-    max_choices: usize,
-    hide_results: bool,
+/// What the aggregator knows of its poll: the rules its votes are checked against, and
+/// whether subscribers see its updates before the final one.
+struct KnownPoll {
+    rules: PollRules,
+    hide_updates: bool,
 }
 
-impl PollShape {
-    /// `close_grace`: a poll closed longer ago than that has had its final counts published
-    /// (or will have them re-sent by the scheduler, with every count), so its results are no
-    /// longer hidden: a vote that is counted after them must reach subscribers too.
+impl KnownPoll {
+    /// `close_grace`: how long after closing the final counts go out (see
+    /// [`PollRules::hides_updates`]).
     fn of(poll: &Poll, close_grace: Duration) -> Self {
-        let published = poll
-            .closed_at
-            .is_some_and(|at| now_millis() >= at + close_grace.as_millis() as UnixMillis);
+        let rules = poll.rules();
         Self {
-            options: poll.options.iter().map(|o| o.id).collect(),
-            max_choices: poll.settings.max_choices as usize,
-            hide_results: poll.settings.hide_results && !published,
+            hide_updates: rules.hides_updates(
+                poll.closed_at,
+                now_millis(),
+                close_grace.as_millis() as UnixMillis,
+            ),
+            rules,
         }
     }
 
-    /// The HTTP layer checks the same; records written by other producers may not be.
+    /// The HTTP side checks the same rule; records written by other producers may not be.
     fn admits(&self, vote: &Vote) -> bool {
-        !vote.choices.is_empty()
-            && vote.choices.len() <= self.max_choices
-            && !vote.repeats_a_choice()
-            && vote.choices.iter().all(|c| self.options.contains(c))
+        self.rules.check_ballot(&vote.choices).is_ok()
     }
 }
 
 /// State of a [`PollAggregator`].
 pub struct AggregatorState {
     args: AggregatorArgs,
-    /// The poll's shape; `None` while the poll is unknown or could not be loaded.
-    shape: Option<PollShape>,
+    /// The poll; `None` while it is unknown or could not be loaded.
+    known: Option<KnownPoll>,
     /// Votes not yet flushed, in log order (the ledger decides which count).
     buffer: Vec<Vote>,
     /// A close marker was read: when the poll closed, and the routing sequence number of
@@ -132,13 +129,13 @@ pub struct AggregatorState {
 pub struct PollAggregator;
 
 impl PollAggregator {
-    async fn load_shape(args: &AggregatorArgs) -> Result<Option<PollShape>, StoreError> {
+    async fn load_poll(args: &AggregatorArgs) -> Result<Option<KnownPoll>, StoreError> {
         Ok(args
             .store
             .get_poll(args.poll_id)
             .await?
             .as_ref()
-            .map(|poll| PollShape::of(poll, args.close_grace)))
+            .map(|poll| KnownPoll::of(poll, args.close_grace)))
     }
 
     /// Hands a committed flush to subscribers and to the event sink.
@@ -173,12 +170,12 @@ impl PollAggregator {
         }
         let poll_id = state.args.poll_id;
         state.args.faults.check_flush(poll_id);
-        if state.shape.is_none() {
+        if state.known.is_none() {
             // Why reload: the poll may have been created after this actor started, or the
             // store was unreachable when it did.
-            state.shape = Self::load_shape(&state.args).await?;
+            state.known = Self::load_poll(&state.args).await?;
         }
-        let Some(shape) = &state.shape else {
+        let Some(known) = &state.known else {
             tracing::warn!(
                 poll_id,
                 dropped = state.buffer.len(),
@@ -188,9 +185,9 @@ impl PollAggregator {
             state.closing = None;
             return Ok(through);
         };
-        let hide_results = shape.hide_results;
+        let hide_results = known.hide_updates;
         let before = state.buffer.len();
-        let votes: Arc<[Vote]> = state.buffer.drain(..).filter(|v| shape.admits(v)).collect();
+        let votes: Arc<[Vote]> = state.buffer.drain(..).filter(|v| known.admits(v)).collect();
         if votes.len() < before {
             tracing::warn!(
                 poll_id,
@@ -242,8 +239,8 @@ impl PollAggregator {
             Self::publish(state, outcome, Some(closed_at), hide_results);
         }
         // The final counts are out (now or before): later votes' counts are shown as well.
-        if let Some(shape) = &mut state.shape {
-            shape.hide_results = false;
+        if let Some(known) = &mut state.known {
+            known.hide_updates = false;
         }
         state.closing = None;
         Ok(through)
@@ -314,14 +311,14 @@ impl Actor for PollAggregator {
         myself: ActorRef<Self::Msg>,
         mut args: AggregatorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        // Why take the poll out: the arguments live on in the state, and only its shape is
+        // Why take the poll out: the arguments live on in the state, and only its rules are
         // needed; 10,000 aggregators need not each keep their poll's texts.
-        let shape = match std::mem::replace(&mut args.poll, PollAtStart::Unavailable) {
-            PollAtStart::Given(poll) => Some(PollShape::of(&poll, args.close_grace)),
+        let known = match std::mem::replace(&mut args.poll, PollAtStart::Unavailable) {
+            PollAtStart::Given(poll) => Some(KnownPoll::of(&poll, args.close_grace)),
             PollAtStart::Unavailable => None,
             // Why not fail when the store is down: a restart loop would burn the restart
             // budget; the options are loaded again at the first flush instead.
-            PollAtStart::Unread => Self::load_shape(&args).await.unwrap_or_else(|err| {
+            PollAtStart::Unread => Self::load_poll(&args).await.unwrap_or_else(|err| {
                 tracing::warn!(poll_id = args.poll_id, error = %err, "could not load poll; will retry at flush");
                 None
             }),
@@ -330,7 +327,7 @@ impl Actor for PollAggregator {
         tracing::debug!(poll_id = args.poll_id, "aggregator started");
         Ok(AggregatorState {
             args,
-            shape,
+            known,
             buffer: Vec::new(),
             closing: None,
             received_through: 0,

@@ -12,9 +12,10 @@ use ractor::{
 
 use crate::aggregator::{AggregatorArgs, AggregatorMsg, PollAggregator, PollAtStart};
 use crate::broadcast::BroadcasterMsg;
-use crate::domain::{Poll, PollId};
+use crate::domain::PollId;
 use crate::faults::FaultHooks;
 use crate::ingest::IngestMsg;
+use crate::poll::Poll;
 use crate::ports::{PollEvents, PollStore};
 use crate::supervision::{RestartBudget, RestartPolicy};
 

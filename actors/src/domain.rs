@@ -72,13 +72,6 @@ impl Vote {
         serde_json::to_vec(self).expect("vote serializes")
     }
 
-    /// Whether an option appears twice among the choices. Why no set: a poll has at most
-    /// 32 options, and this runs for every vote.
-    pub fn repeats_a_choice(&self) -> bool {
-        let c = &self.choices;
-        (1..c.len()).any(|i| c[..i].contains(&c[i]))
-    }
-
     /// The vote id the ledger keys this vote by (records of the seed app have none).
     pub fn ledger_id(&self) -> &str {
         self.vote_id.as_deref().unwrap_or("")
@@ -315,116 +308,6 @@ pub fn flexible_opt_id<'de, D: Deserializer<'de>>(de: D) -> Result<Option<i64>, 
     flexible_id(de).map(Some)
 }
 
-/// One option of a poll with its current count.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PollOption {
-    /// The option's id within its poll.
-    pub id: OptionId,
-    /// The text shown to voters.
-    pub text: String,
-    /// Votes counted so far (only what has been flushed to the store).
-    pub votes: i64,
-}
-
-/// Where a poll's lifecycle events are delivered (see the webhooks adapter).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WebhookTarget {
-    /// The operator's endpoint.
-    pub url: String,
-    /// Key of the HMAC that signs every delivery; shown once, when the poll is created.
-    #[serde(skip_serializing, default)]
-    pub secret: String,
-    /// Also send the counts this often while the poll is open (`None`: only opened/closed).
-    pub results_every_secs: Option<u32>,
-}
-
-/// How a poll behaves; fixed when it is created.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PollSettings {
-    /// How many options one voter may choose (1: single choice).
-    pub max_choices: u32,
-    /// When the poll closes by itself.
-    pub closes_at: Option<UnixMillis>,
-    /// Counts are shown only once the poll is closed.
-    pub hide_results: bool,
-    /// Voters may replace their ballot until the poll closes.
-    pub allow_change: bool,
-    /// Lifecycle events go there.
-    pub webhook: Option<WebhookTarget>,
-}
-
-impl Default for PollSettings {
-    fn default() -> Self {
-        Self {
-            max_choices: 1,
-            closes_at: None,
-            hide_results: false,
-            allow_change: false,
-            webhook: None,
-        }
-    }
-}
-
-/// A poll as stored: its question, options and counts, and its version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Poll {
-    /// The poll's id.
-    pub id: PollId,
-    /// The question asked.
-    pub question: String,
-    /// The options in creation order.
-    pub options: Vec<PollOption>,
-    /// Whether the poll refuses new votes.
-    pub closed: bool,
-    /// Creation time.
-    pub created_at: UnixMillis,
-    /// When the poll was closed, if it was.
-    pub closed_at: Option<UnixMillis>,
-    /// The poll's version: incremented by every flush that changed its counts. WebSocket
-    /// messages carry it as `seq` so that clients can drop stale updates.
-    pub seq: i64,
-    /// Voters counted (with several choices each, fewer than the sum of the counts).
-    pub voters: i64,
-    /// How it behaves.
-    pub settings: PollSettings,
-}
-
-impl Poll {
-    /// Sum of the counts of all options.
-    pub fn total_votes(&self) -> i64 {
-        self.options.iter().map(|o| o.votes).sum()
-    }
-
-    /// Whether `option` is one of this poll's options.
-    pub fn has_option(&self, option: OptionId) -> bool {
-        self.options.iter().any(|o| o.id == option)
-    }
-
-    /// Whether the poll refuses votes at `now`: closed, or past its closing time.
-    pub fn is_closed_at(&self, now: UnixMillis) -> bool {
-        self.closed || self.settings.closes_at.is_some_and(|at| now >= at)
-    }
-
-    /// Whether its counts may be shown at `now`.
-    pub fn results_visible_at(&self, now: UnixMillis) -> bool {
-        !self.settings.hide_results || self.is_closed_at(now)
-    }
-}
-
-/// A poll to be created.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewPoll {
-    /// The question asked.
-    pub question: String,
-    /// Option texts in display order; ids 1..=n are assigned in this order.
-    pub options: Vec<String>,
-    /// How it behaves.
-    pub settings: PollSettings,
-}
-
 /// The new count of one option after a flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -495,17 +378,6 @@ mod tests {
         ] {
             assert!(Vote::from_json(bad).is_err());
         }
-    }
-
-    #[test]
-    fn a_repeated_choice_is_found() {
-        let with = |choices: &[OptionId]| Vote {
-            choices: choices.to_vec(),
-            ..Vote::single(1, 1, "u")
-        };
-        assert!(with(&[1, 3, 1]).repeats_a_choice());
-        assert!(!with(&[1, 3, 2]).repeats_a_choice());
-        assert!(!with(&[4]).repeats_a_choice());
     }
 
     #[test]

@@ -12,20 +12,23 @@ pub mod broadcast;
 pub mod domain;
 pub mod faults;
 pub mod http_actor;
+pub mod ids;
 pub mod ingest;
+pub mod poll;
 pub mod ports;
 pub mod root;
 pub mod supervision;
 
 pub use backoff::Backoff;
 pub use broadcast::{AllPolls, AllPollsUpdate, BroadcastHub, CountsFrame, Subscription};
-pub use domain::{
-    CountsUpdate, LogEntry, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings,
-    Vote, WebhookTarget,
-};
+pub use domain::{CountsUpdate, LogEntry, OptionCount, OptionId, PollId, Vote};
 pub use faults::FaultHooks;
 pub use http_actor::{HttpServer, ServeFuture};
 pub use ingest::IngestSettings;
+pub use poll::{
+    BallotRejection, InvalidPoll, NewPoll, Poll, PollDraft, PollOption, PollRules, PollSettings,
+    WebhookDraft, WebhookTarget,
+};
 pub use ports::{
     Claim, ConsumerStatus, CountsBus, CountsFeed, DedupGuard, FlushOutcome, GuardError, LedgerRow,
     LogError, LogRecord, NoEvents, Offset, Partition, PollEvents, PollPage, PollStore, SourceEvent,

@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::{
-    CountsUpdate, LogEntry, NewPoll, OptionCount, OptionId, Poll, PollId, UnixMillis, Vote,
-};
+use crate::domain::{CountsUpdate, LogEntry, OptionCount, OptionId, PollId, UnixMillis, Vote};
+use crate::poll::{NewPoll, Poll};
 
 /// Any error from a backend, kept as its source so logs show the whole chain.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

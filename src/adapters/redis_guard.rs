@@ -215,7 +215,10 @@ mod tests {
     fn guard() -> RedisGuard {
         let url = std::env::var("POLLCAST_TEST_REDIS")
             .expect("POLLCAST_TEST_REDIS must name the test Redis (scripts/test sets it)");
-        let prefix = format!("pollcast-test:guard:{}:", crate::ids::random_id(""));
+        let prefix = format!(
+            "pollcast-test:guard:{}:",
+            pollcast_actors::ids::random_id("")
+        );
         RedisGuard::connect(RedisGuardSettings {
             url,
             key_prefix: prefix,

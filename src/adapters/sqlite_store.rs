@@ -942,7 +942,7 @@ async fn finish_flush(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pollcast_actors::domain::PollSettings;
+    use pollcast_actors::PollSettings;
 
     #[test]
     fn chunks_come_in_a_handful_of_lengths_and_cover_every_item() {

@@ -1017,8 +1017,8 @@ mod tests {
     use async_trait::async_trait;
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use pollcast_actors::domain::{NewPoll, PollOption, PollSettings};
     use pollcast_actors::{FlushOutcome, LedgerRow, Voter};
+    use pollcast_actors::{NewPoll, PollOption, PollSettings};
     use serde_json::{Value, json};
 
     use super::*;

@@ -9,7 +9,7 @@ use warp::http::StatusCode;
 use warp::reject::Reject;
 use warp::{Rejection, Reply};
 
-use crate::voting::VoteRejection;
+use crate::service::{CreateError, VoteError, VoteRejection};
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -113,18 +113,33 @@ impl ApiError {
 
 impl From<VoteRejection> for ApiError {
     fn from(rejection: VoteRejection) -> Self {
+        if let Some((poll, option)) = rejection.unknown_option() {
+            return Self::OptionNotFound { poll, option };
+        }
         match rejection {
             VoteRejection::UnknownPoll(poll) => Self::PollNotFound(poll),
-            VoteRejection::UnknownOption { poll, option } => Self::OptionNotFound { poll, option },
             VoteRejection::Closed(poll) => Self::PollClosed(poll),
-            rejection @ VoteRejection::TooManyChoices { .. } => {
-                Self::Invalid(rejection.to_string())
-            }
             VoteRejection::Duplicate(poll) => Self::AlreadyVoted(poll),
             VoteRejection::VoteIdReused(poll) => Self::VoteIdReused(poll),
-            other @ (VoteRejection::Store(_) | VoteRejection::Guard(_) | VoteRejection::Log(_)) => {
-                Self::unavailable(other)
-            }
+            rejection @ VoteRejection::Ballot { .. } => Self::Invalid(rejection.to_string()),
+        }
+    }
+}
+
+impl From<VoteError> for ApiError {
+    fn from(err: VoteError) -> Self {
+        match err {
+            VoteError::Rejected(rejection) => rejection.into(),
+            VoteError::Unavailable(err) => Self::unavailable(err),
+        }
+    }
+}
+
+impl From<CreateError> for ApiError {
+    fn from(err: CreateError) -> Self {
+        match err {
+            CreateError::Invalid(invalid) => Self::Invalid(invalid.to_string()),
+            CreateError::Unavailable(err) => Self::unavailable(err),
         }
     }
 }

@@ -89,8 +89,8 @@ pub(super) async fn export(
         ))
     })?;
     let poll = ctx
-        .store
-        .get_poll(id)
+        .polls
+        .get(id)
         .await
         .map_err(ApiError::unavailable)?
         .ok_or(ApiError::PollNotFound(id))?;
@@ -140,7 +140,7 @@ async fn ledger(
     }
     // One more than asked: tells whether another page follows.
     let mut rows = ctx
-        .store
+        .polls
         .ledger(poll, query.after, limit + 1)
         .await
         .map_err(ApiError::unavailable)?;

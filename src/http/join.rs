@@ -61,11 +61,9 @@ pub(super) async fn qr_svg(
     ctx: Arc<ApiContext>,
 ) -> Result<Response, Rejection> {
     // Only for polls that exist: the code would send a room to a 404.
-    ctx.catalog
-        .get(id)
-        .await
-        .map_err(ApiError::unavailable)?
-        .ok_or(ApiError::PollNotFound(id))?;
+    if !ctx.polls.exists(id).await.map_err(ApiError::unavailable)? {
+        return Err(ApiError::PollNotFound(id).into());
+    }
     let url = join_url(
         ctx.public_url.as_deref(),
         host.as_ref().map(|h| h.as_str()),

@@ -24,7 +24,7 @@ pub mod ws;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pollcast_actors::{BroadcastHub, FaultHooks, PollEvents, PollStore};
+use pollcast_actors::{BroadcastHub, FaultHooks};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -37,18 +37,14 @@ pub use connection::PeerAddr;
 pub use health::Readiness;
 pub use server::{ConnectionLimits, WarpServer, load_tls};
 
-use crate::voting::{PollCatalog, VoteIntake};
+use crate::service::PollService;
 use error::ApiError;
 
 /// What every handler may use. Cloning is cheap (handles only).
 #[derive(Clone)]
 pub struct ApiContext {
-    /// Polls and counts.
-    pub store: Arc<dyn PollStore>,
-    /// Cached poll metadata for the vote path.
-    pub catalog: PollCatalog,
-    /// The vote path.
-    pub intake: VoteIntake,
+    /// What pollcast does with polls: handlers map requests onto it.
+    pub polls: PollService,
     /// Dependencies pinged by `/readyz`.
     pub readiness: Readiness,
     /// WebSocket subscriber registry.
@@ -80,8 +76,6 @@ pub struct ApiContext {
     pub limits: rate_limit::RateLimits,
     /// Renders `GET /metrics`.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-    /// Told about polls created here (webhooks).
-    pub events: Arc<dyn PollEvents>,
     /// The seed's Socket.IO clients at `/socket.io/`.
     pub socketio: crate::config::SocketIoSettings,
 }

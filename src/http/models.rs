@@ -3,18 +3,12 @@
 use std::time::UNIX_EPOCH;
 
 use pollcast_actors::domain::{UnixMillis, flexible_id, flexible_opt_id, rfc3339};
-use pollcast_actors::{NewPoll, OptionId, Poll, PollId, PollSettings, Vote, WebhookTarget};
+use pollcast_actors::{OptionId, Poll, PollDraft, PollId, Vote, WebhookDraft, WebhookTarget};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 
-/// Longest question, in characters.
-pub const QUESTION_MAX: usize = 500;
-/// Longest option text, in characters.
-pub const OPTION_MAX: usize = 200;
-/// Fewest and most options of a poll.
-pub const OPTIONS_RANGE: std::ops::RangeInclusive<usize> = 2..=32;
 /// Longest user id, in characters.
 pub const USER_ID_MAX: usize = 128;
 
@@ -62,105 +56,35 @@ pub struct WebhookRequest {
     pub results_every_secs: Option<u32>,
 }
 
-/// Longest webhook URL.
-pub const WEBHOOK_URL_MAX: usize = 2000;
-
 impl CreatePollRequest {
-    /// Checks lengths, counts and times (against `now`); trims whitespace. A webhook gets a
-    /// fresh signing secret.
-    pub fn validate(self, now: UnixMillis) -> Result<NewPoll, ApiError> {
-        let invalid = |m: String| Err(ApiError::Invalid(m));
-        let question = self.question.trim().to_owned();
-        if question.is_empty() || question.chars().count() > QUESTION_MAX {
-            return invalid(format!("question must have 1 to {QUESTION_MAX} characters"));
-        }
-        if !OPTIONS_RANGE.contains(&self.options.len()) {
-            return invalid(format!(
-                "a poll has {} to {} options, not {}",
-                OPTIONS_RANGE.start(),
-                OPTIONS_RANGE.end(),
-                self.options.len()
-            ));
-        }
-        let options: Vec<String> = self.options.iter().map(|o| o.trim().to_owned()).collect();
-        for (i, text) in options.iter().enumerate() {
-            if text.is_empty() || text.chars().count() > OPTION_MAX {
-                return invalid(format!(
-                    "option {} must have 1 to {OPTION_MAX} characters",
-                    i + 1
-                ));
-            }
-            if options[..i].contains(text) {
-                return invalid(format!("option {text:?} appears twice"));
-            }
-        }
-        let max_choices = self.max_choices.unwrap_or(1);
-        if max_choices < 1 || max_choices as usize > options.len() {
-            return invalid(format!(
-                "maxChoices must be between 1 and the number of options ({})",
-                options.len()
-            ));
-        }
+    /// The poll the request describes, its times parsed; the poll's rules are checked by
+    /// the service ([`pollcast_actors::PollDraft::check`]).
+    pub fn into_draft(self) -> Result<PollDraft, ApiError> {
         let closes_at = match self.closes_at.as_deref() {
             None => None,
-            Some(text) => {
-                let at = humantime::parse_rfc3339_weak(text.trim())
+            Some(text) => Some(
+                humantime::parse_rfc3339_weak(text.trim())
                     .ok()
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map(|d| d.as_millis() as UnixMillis);
-                match at {
-                    Some(at) if at > now => Some(at),
-                    Some(_) => return invalid("closesAt must be in the future".into()),
-                    None => {
-                        return invalid(format!(
+                    .map(|d| d.as_millis() as UnixMillis)
+                    .ok_or_else(|| {
+                        ApiError::Invalid(format!(
                             "closesAt must be an RFC 3339 time such as 2026-11-25T18:00:00Z, not {text:?}"
-                        ));
-                    }
-                }
-            }
+                        ))
+                    })?,
+            ),
         };
-        let webhook = match self.webhook {
-            None => None,
-            Some(w) => Some(w.validate()?),
-        };
-        Ok(NewPoll {
-            question,
-            options,
-            settings: PollSettings {
-                max_choices,
-                closes_at,
-                hide_results: self.hide_results,
-                allow_change: self.allow_change,
-                webhook,
-            },
-        })
-    }
-}
-
-impl WebhookRequest {
-    fn validate(self) -> Result<WebhookTarget, ApiError> {
-        let url = self.url.trim().to_owned();
-        let uri: Option<http::Uri> = url.parse().ok();
-        let scheme_ok = uri
-            .as_ref()
-            .and_then(|u| u.scheme_str())
-            .is_some_and(|s| s == "http" || s == "https");
-        let host_ok = uri.as_ref().and_then(|u| u.host()).is_some();
-        if !scheme_ok || !host_ok || url.len() > WEBHOOK_URL_MAX {
-            return Err(ApiError::Invalid(format!(
-                "webhook.url must be an http(s) URL of at most {WEBHOOK_URL_MAX} characters"
-            )));
-        }
-        if self.results_every_secs == Some(0) {
-            return Err(ApiError::Invalid(
-                "webhook.resultsEverySecs must be at least 1".into(),
-            ));
-        }
-        let secret: [u8; 32] = rand::random();
-        Ok(WebhookTarget {
-            url,
-            secret: secret.iter().map(|b| format!("{b:02x}")).collect(),
-            results_every_secs: self.results_every_secs,
+        Ok(PollDraft {
+            question: self.question,
+            options: self.options,
+            max_choices: self.max_choices,
+            closes_at,
+            hide_results: self.hide_results,
+            allow_change: self.allow_change,
+            webhook: self.webhook.map(|w| WebhookDraft {
+                url: w.url,
+                results_every_secs: w.results_every_secs,
+            }),
         })
     }
 }
@@ -237,17 +161,14 @@ impl VoteRequest {
                 "voteId must have 1 to {VOTE_ID_MAX} printable characters"
             )));
         }
-        let vote = Vote {
+        // Whether the choices fit the poll is the poll's rule, checked by the service.
+        Ok(Vote {
             poll_id: self.poll_id,
             choices,
             user_id: user,
             voted_at: None,
             vote_id,
-        };
-        if vote.repeats_a_choice() {
-            return invalid("`optionIds` lists an option twice");
-        }
-        Ok(vote)
+        })
     }
 }
 

@@ -58,22 +58,11 @@ pub(super) async fn create(
     ctx: Arc<ApiContext>,
     body: CreatePollRequest,
 ) -> Result<Response, Rejection> {
-    let new = body.validate(now_millis())?;
     let poll = ctx
-        .store
-        .create_poll(new)
+        .polls
+        .create(body.into_draft()?)
         .await
-        .map_err(ApiError::unavailable)?;
-    ctx.catalog.remember(&poll);
-    ctx.events.opened(&poll);
-    tracing::info!(
-        poll_id = poll.id,
-        options = poll.options.len(),
-        max_choices = poll.settings.max_choices,
-        closes_at = poll.settings.closes_at,
-        webhook = poll.settings.webhook.is_some(),
-        "poll created"
-    );
+        .map_err(ApiError::from)?;
     let webhook = poll.settings.webhook.clone();
     let created = CreatedPoll {
         poll: PollView::at(poll, now_millis()),
@@ -124,11 +113,7 @@ pub(super) async fn list(
         before: query.before,
         limit,
     };
-    let polls = ctx
-        .store
-        .list_polls(page)
-        .await
-        .map_err(ApiError::unavailable)?;
+    let polls = ctx.polls.list(page).await.map_err(ApiError::unavailable)?;
     // A full page may have more behind it: the cursor is its last (oldest) id.
     let next = (polls.len() as i64 == limit)
         .then(|| polls.last().map(|p| p.id))
@@ -156,8 +141,8 @@ pub(super) async fn list(
     ))]
 pub(super) async fn get(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
     let poll = ctx
-        .store
-        .get_poll(id)
+        .polls
+        .get(id)
         .await
         .map_err(ApiError::unavailable)?
         .ok_or(ApiError::PollNotFound(id))?;
@@ -177,10 +162,10 @@ pub(super) async fn get(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Re
     ))]
 pub(super) async fn close(id: PollId, ctx: Arc<ApiContext>) -> Result<Response, Rejection> {
     let poll = ctx
-        .intake
+        .polls
         .close(id)
         .await
-        .map_err(ApiError::from)?
+        .map_err(ApiError::unavailable)?
         .ok_or(ApiError::PollNotFound(id))?;
     tracing::info!(poll_id = id, "poll closed");
     Ok(json_reply(

@@ -561,7 +561,8 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
     {
         return given.clone();
     }
-    HeaderValue::from_bytes(&crate::ids::random_hex()).expect("hex is a valid header value")
+    HeaderValue::from_bytes(&pollcast_actors::ids::random_hex())
+        .expect("hex is a valid header value")
 }
 
 #[cfg(test)]

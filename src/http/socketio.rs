@@ -27,7 +27,7 @@ use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pollcast_actors::domain::{CountsUpdate, now_millis};
-use pollcast_actors::{AllPolls, AllPollsUpdate, BroadcastHub, PollId, PollStore, Subscription};
+use pollcast_actors::{AllPolls, AllPollsUpdate, BroadcastHub, PollId, Subscription};
 use serde::Serialize;
 use serde_json::Value;
 use socketioxide::extract::{AckSender, Data, SocketRef};
@@ -70,7 +70,7 @@ type ResponseFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 /// What every client's handlers share.
 struct Shared {
-    store: Arc<dyn PollStore>,
+    polls: crate::service::PollService,
     hub: BroadcastHub,
     broadcast_all: bool,
     shutdown: CancellationToken,
@@ -91,7 +91,7 @@ impl Endpoint {
             .ws_read_buffer_size(READ_BUFFER)
             .build_svc();
         let shared = Arc::new(Shared {
-            store: ctx.store.clone(),
+            polls: ctx.polls.clone(),
             hub: ctx.hub.clone(),
             broadcast_all: ctx.socketio.broadcast_all,
             shutdown: ctx.shutdown.clone(),
@@ -467,7 +467,7 @@ async fn subscribe(
     // Subscribe before reading the snapshot: an update flushed in between is then delivered
     // (and dropped if the snapshot already includes it) instead of lost.
     let updates = (!already).then(|| shared.hub.subscribe(poll_id));
-    let poll = match shared.store.get_poll(poll_id).await {
+    let poll = match shared.polls.get(poll_id).await {
         Ok(Some(poll)) => poll,
         Ok(None) => {
             let why = format!("poll {poll_id} does not exist");

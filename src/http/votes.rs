@@ -104,5 +104,5 @@ async fn take(
     };
     let vote = parse_json::<VoteRequest>(&body?)?.validate(signed_user, idempotency_key)?;
     ctx.limits.check_user(&vote.user_id)?;
-    ctx.intake.submit(vote).await.map_err(ApiError::from)
+    ctx.polls.submit(vote).await.map_err(ApiError::from)
 }

@@ -110,8 +110,8 @@ pub(super) async fn upgrade(
     // (and dropped if the snapshot already includes it) instead of lost.
     let subscription = ctx.hub.subscribe(poll_id);
     let poll = ctx
-        .store
-        .get_poll(poll_id)
+        .polls
+        .get(poll_id)
         .await
         .map_err(ApiError::unavailable)?
         .ok_or(ApiError::PollNotFound(poll_id))?;
