@@ -1,93 +1,68 @@
 //! Fan-out of new counts to the WebSocket subscribers of each poll.
 //!
 //! Each poll with subscribers has one `watch` channel holding its latest [`CountsFrame`].
-//! Publishing is O(1) whatever the number of subscribers, the frame is serialised once and
-//! its bytes are shared by reference count (no subscriber copies them), and a slow
+//! Publishing is O(1) whatever the number of subscribers, the frame is encoded once (by the
+//! edge that sends it) and its bytes are shared by reference count (no subscriber copies
+//! them), and a slow
 //! subscriber cannot slow the others: it simply wakes up to the newest frame (coalescing),
 //! and the frame carries every option's count so nothing is lost by skipping one.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use crate::domain::{CountsUpdate, OptionCount, PollId, UnixMillis, rfc3339};
+use crate::domain::{CountsUpdate, PollId};
 use crate::ports::CountsBus;
 
-/// One flush's update of one poll, serialised once for every subscriber.
+/// One flush's update of one poll, as every subscriber of the poll receives it.
 #[derive(Debug)]
 pub struct CountsFrame {
-    /// The poll's version after the flush.
-    pub seq: i64,
-    /// `{"type":"counts",…}` (UTF-8 JSON) listing only the options the flush changed: what a
-    /// subscriber that saw `seq - 1` needs.
-    pub changed_json: Bytes,
-    /// The same message listing every option: for a subscriber that missed an update.
-    pub full_json: Bytes,
-    /// The update itself, for edges that encode it in a wire format of their own
-    /// (Socket.IO's `poll-stats`).
+    /// The update.
     pub update: CountsUpdate,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct CountsMessage<'a> {
-    r#type: &'static str,
-    poll_id: PollId,
-    seq: i64,
-    counts: &'a [OptionCount],
-    flushed_at: UnixMillis,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    closed_at: Option<String>,
+    /// The edge's encoding of the update for a subscriber that saw the previous one, and for
+    /// one that missed some: made by the first subscriber that sends each, then shared by
+    /// every other (one encoding per update, whatever the audience). What is in them is the
+    /// edge's business: the core knows no wire format.
+    delta: OnceLock<Bytes>,
+    full: OnceLock<Bytes>,
 }
 
 impl CountsFrame {
-    /// Serialises an update in both of its forms. A poll's final update is a `closed`
-    /// message, with every count in both forms.
+    /// A frame of `update`, not yet encoded.
     pub fn new(update: &CountsUpdate) -> Self {
-        let closed_at = update.closed_at.map(rfc3339);
-        let render = |counts: &[OptionCount]| {
-            serde_json::to_string(&CountsMessage {
-                r#type: if closed_at.is_some() {
-                    "closed"
-                } else {
-                    "counts"
-                },
-                poll_id: update.poll_id,
-                seq: update.seq,
-                counts,
-                flushed_at: update.flushed_at,
-                closed_at: closed_at.clone(),
-            })
-            .expect("counts message serializes")
-        };
-        let full_json = Bytes::from(render(&update.all));
         Self {
-            seq: update.seq,
-            changed_json: if closed_at.is_some() {
-                full_json.clone()
-            } else {
-                Bytes::from(render(&update.changed))
-            },
-            full_json,
             update: update.clone(),
+            delta: OnceLock::new(),
+            full: OnceLock::new(),
         }
     }
 
-    /// The JSON to send to a subscriber whose last message had version `last_seq`, or
-    /// `None` if this frame is not newer. Cloning the answer shares the bytes.
-    pub fn json_after(&self, last_seq: i64) -> Option<&Bytes> {
-        if self.seq <= last_seq {
+    /// The poll's version after the flush.
+    pub fn seq(&self) -> i64 {
+        self.update.seq
+    }
+
+    /// What to send a subscriber whose last message had version `last_seq`, or `None` if
+    /// this frame is not newer: `encode(update, delta)` (see [`CountsUpdate::counts`]),
+    /// encoded once per form and shared. Every caller of one hub must pass the same
+    /// `encode`: the first one's bytes are what the others get.
+    pub fn encoded_after(
+        &self,
+        last_seq: i64,
+        encode: fn(&CountsUpdate, bool) -> Bytes,
+    ) -> Option<&Bytes> {
+        let seq = self.seq();
+        if seq <= last_seq {
             None
-        } else if self.seq == last_seq + 1 {
-            Some(&self.changed_json)
+        } else if seq == last_seq + 1 {
+            Some(self.delta.get_or_init(|| encode(&self.update, true)))
         } else {
-            Some(&self.full_json)
+            Some(self.full.get_or_init(|| encode(&self.update, false)))
         }
     }
 }
@@ -229,7 +204,7 @@ impl BroadcastHub {
             }
             return;
         }
-        if update.hide_results && update.closed_at.is_none() {
+        if update.is_hidden() {
             return;
         }
         let update = Arc::new(update.clone());
@@ -278,13 +253,12 @@ impl BroadcastHub {
         };
         let subscribers = sender.receiver_count();
         // A poll hiding its results shows subscribers only its final counts.
-        let hidden = update.hide_results && update.closed_at.is_none();
-        if subscribers > 0 && hidden {
+        if subscribers > 0 && update.is_hidden() {
             return subscribers;
         }
         if subscribers > 0 {
             sender.send_if_modified(|latest| {
-                if latest.as_ref().is_some_and(|f| f.seq >= update.seq) {
+                if latest.as_ref().is_some_and(|f| f.seq() >= update.seq) {
                     return false;
                 }
                 *latest = Some(Arc::new(CountsFrame::new(update)));
@@ -404,6 +378,7 @@ impl Actor for Broadcaster {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::OptionCount;
 
     fn update(seq: i64) -> CountsUpdate {
         CountsUpdate {
@@ -429,17 +404,25 @@ mod tests {
         }
     }
 
+    /// An edge's encoding, reduced to what the tests look at: which form, how many counts.
+    fn encode(update: &CountsUpdate, delta: bool) -> Bytes {
+        Bytes::from(format!(
+            "delta={delta} counts={}",
+            update.counts(delta).len()
+        ))
+    }
+
     #[test]
-    fn a_polls_final_update_is_a_closed_message_with_every_count() {
+    fn a_polls_final_update_lists_every_count_even_to_an_up_to_date_subscriber() {
         let closed = CountsUpdate {
             closed_at: Some(1_764_000_000_000),
             ..update(9)
         };
         let frame = CountsFrame::new(&closed);
-        let json: serde_json::Value = serde_json::from_slice(frame.json_after(8).unwrap()).unwrap();
-        assert_eq!(json["type"], "closed");
-        assert_eq!(json["counts"].as_array().unwrap().len(), 2);
-        assert_eq!(json["closedAt"], "2025-11-24T16:00:00.000Z");
+        assert_eq!(
+            frame.encoded_after(8, encode).unwrap(),
+            "delta=true counts=2"
+        );
     }
 
     #[test]
@@ -456,33 +439,45 @@ mod tests {
         hub.publish(&hidden(2, Some(5)));
         assert!(watching.has_changed().unwrap());
         let frame = watching.borrow_and_update().clone().unwrap();
-        assert!(
-            std::str::from_utf8(&frame.full_json)
-                .unwrap()
-                .contains("\"closed\"")
-        );
+        assert!(frame.update.is_final());
     }
 
     #[test]
     fn subscriber_up_to_date_gets_only_changed_counts() {
         let frame = CountsFrame::new(&update(4));
-        let json: serde_json::Value = serde_json::from_slice(frame.json_after(3).unwrap()).unwrap();
-        assert_eq!(json["type"], "counts");
-        assert_eq!(json["seq"], 4);
-        assert_eq!(json["counts"].as_array().unwrap().len(), 1);
-        assert_eq!(json["counts"][0]["newCount"], 5);
+        assert_eq!(
+            frame.encoded_after(3, encode).unwrap(),
+            "delta=true counts=1"
+        );
     }
 
     #[test]
     fn subscriber_that_missed_an_update_gets_every_count() {
         let frame = CountsFrame::new(&update(6));
-        let json: serde_json::Value = serde_json::from_slice(frame.json_after(3).unwrap()).unwrap();
-        assert_eq!(json["counts"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            frame.encoded_after(3, encode).unwrap(),
+            "delta=false counts=2"
+        );
+    }
+
+    #[test]
+    fn each_form_is_encoded_once_and_shared() {
+        let frame = CountsFrame::new(&update(6));
+        let first = frame.encoded_after(3, encode).unwrap().clone();
+        let again = frame
+            .encoded_after(4, |_, _| Bytes::from_static(b"not again"))
+            .unwrap();
+        assert_eq!(again, &first);
+        assert_eq!(again.as_ptr(), first.as_ptr(), "the same bytes, not a copy");
     }
 
     #[test]
     fn stale_frames_are_not_sent() {
-        assert!(CountsFrame::new(&update(3)).json_after(3).is_none());
+        assert!(
+            CountsFrame::new(&update(3))
+                .encoded_after(3, encode)
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -492,7 +487,7 @@ mod tests {
         let other = hub.subscribe(8);
         assert_eq!(hub.publish(&update(1)), 1);
         watching.changed().await.unwrap();
-        assert_eq!(watching.borrow().as_ref().unwrap().seq, 1);
+        assert_eq!(watching.borrow().as_ref().unwrap().seq(), 1);
         assert!(!other.has_changed().unwrap());
     }
 
@@ -505,7 +500,7 @@ mod tests {
         hub.publish(&update(2));
         hub.publish(&update(1));
         assert!(!watching.has_changed().unwrap());
-        assert_eq!(watching.borrow().as_ref().unwrap().seq, 2);
+        assert_eq!(watching.borrow().as_ref().unwrap().seq(), 2);
     }
 
     #[test]

@@ -337,6 +337,30 @@ pub struct CountsUpdate {
     pub hide_results: bool,
 }
 
+impl CountsUpdate {
+    /// Whether this is the poll's final update (a `closed` message on every edge), sent once
+    /// its last votes are in.
+    pub fn is_final(&self) -> bool {
+        self.closed_at.is_some()
+    }
+
+    /// Whether subscribers must not see it: the poll hides its counts until this final one.
+    pub fn is_hidden(&self) -> bool {
+        self.hide_results && !self.is_final()
+    }
+
+    /// The counts to send: with `delta`, only the options this flush changed (for a receiver
+    /// that saw the previous update), else every option. A final update always lists every
+    /// option, so the last word on a poll stands on its own.
+    pub fn counts(&self, delta: bool) -> &[OptionCount] {
+        if delta && !self.is_final() {
+            &self.changed
+        } else {
+            &self.all
+        }
+    }
+}
+
 impl fmt::Display for CountsUpdate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -170,7 +170,7 @@ pub enum InvalidPoll {
     Question,
     /// Fewer or more options than [`OPTIONS_RANGE`].
     #[error("a poll has {min} to {max} options, not {0}", min = OPTIONS_RANGE.start(), max = OPTIONS_RANGE.end())]
-    OptionCount(usize),
+    NumberOfOptions(usize),
     /// Option `n` (from 1) is empty or longer than [`OPTION_MAX`].
     #[error("option {0} must have 1 to {OPTION_MAX} characters")]
     OptionText(usize),
@@ -201,7 +201,7 @@ impl PollDraft {
             return Err(InvalidPoll::Question);
         }
         if !OPTIONS_RANGE.contains(&self.options.len()) {
-            return Err(InvalidPoll::OptionCount(self.options.len()));
+            return Err(InvalidPoll::NumberOfOptions(self.options.len()));
         }
         let options: Vec<String> = self.options.iter().map(|o| o.trim().to_owned()).collect();
         for (i, text) in options.iter().enumerate() {
@@ -444,10 +444,10 @@ mod tests {
 
     #[test]
     fn a_poll_has_two_to_thirty_two_distinct_non_empty_options() {
-        assert_eq!(check(draft(&["A"])), Err(InvalidPoll::OptionCount(1)));
+        assert_eq!(check(draft(&["A"])), Err(InvalidPoll::NumberOfOptions(1)));
         let many: Vec<String> = (0..33).map(|i| i.to_string()).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert_eq!(check(draft(&many)), Err(InvalidPoll::OptionCount(33)));
+        assert_eq!(check(draft(&many)), Err(InvalidPoll::NumberOfOptions(33)));
         assert!(check(draft(&many[..32])).is_ok());
         assert_eq!(check(draft(&["A", " "])), Err(InvalidPoll::OptionText(2)));
         let long = "x".repeat(OPTION_MAX + 1);

@@ -8,7 +8,8 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use pollcast_actors::{PollId, Subscription};
+use pollcast_actors::domain::{UnixMillis, rfc3339};
+use pollcast_actors::{CountsUpdate, OptionCount, PollId, Subscription};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -218,7 +219,11 @@ async fn session(socket: Socket, mut s: Session) {
                     .updates
                     .borrow_and_update()
                     .as_ref()
-                    .and_then(|frame| frame.json_after(s.last_seq).map(|json| (frame.seq, json.clone())));
+                    .and_then(|frame| {
+                        frame
+                            .encoded_after(s.last_seq, counts_json)
+                            .map(|json| (frame.seq(), json.clone()))
+                    });
                 if let Some((seq, json)) = next {
                     if seq > s.last_seq + 1 {
                         metrics::counter!("pollcast_websocket_updates_coalesced_total")
@@ -285,6 +290,39 @@ impl Allowance {
     }
 }
 
+/// A `counts` (or, for the poll's final update, `closed`) message: the WebSocket's wire
+/// format of a [`CountsUpdate`], encoded here and nowhere else.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CountsMessage<'a> {
+    r#type: &'static str,
+    poll_id: PollId,
+    seq: i64,
+    counts: &'a [OptionCount],
+    flushed_at: UnixMillis,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    closed_at: Option<String>,
+}
+
+/// The message for a subscriber that saw the previous update (`delta`) or missed some;
+/// made once per update and form, and shared by every subscriber (see
+/// [`pollcast_actors::CountsFrame::encoded_after`]).
+fn counts_json(update: &CountsUpdate, delta: bool) -> Bytes {
+    let message = CountsMessage {
+        r#type: if update.is_final() {
+            "closed"
+        } else {
+            "counts"
+        },
+        poll_id: update.poll_id,
+        seq: update.seq,
+        counts: update.counts(delta),
+        flushed_at: update.flushed_at,
+        closed_at: update.closed_at.map(rfc3339),
+    };
+    Bytes::from(serde_json::to_vec(&message).expect("counts message serializes"))
+}
+
 /// A close frame "going away" (1001).
 fn close_away(reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
@@ -299,4 +337,58 @@ async fn send(tx: &mut SplitSink<Socket, Message>, msg: Message) -> bool {
         tokio::time::timeout(SEND_TIMEOUT, tx.send(msg)).await,
         Ok(Ok(()))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(seq: i64, closed_at: Option<UnixMillis>) -> CountsUpdate {
+        let count = |option_id, new_count| OptionCount {
+            option_id,
+            new_count,
+        };
+        CountsUpdate {
+            poll_id: 7,
+            seq,
+            changed: vec![count(2, 5)],
+            all: vec![count(1, 3), count(2, 5)],
+            flushed_at: 1,
+            closed_at,
+            hide_results: false,
+        }
+    }
+
+    fn json(update: &CountsUpdate, delta: bool) -> serde_json::Value {
+        serde_json::from_slice(&counts_json(update, delta)).unwrap()
+    }
+
+    #[test]
+    fn an_update_is_a_counts_message_with_the_changed_or_every_count() {
+        let delta = json(&update(4, None), true);
+        assert_eq!(delta["type"], "counts");
+        assert_eq!(delta["pollId"], 7);
+        assert_eq!(delta["seq"], 4);
+        assert_eq!(delta["flushedAt"], 1);
+        assert_eq!(
+            delta["counts"],
+            serde_json::json!([{"optionId": 2, "newCount": 5}])
+        );
+        assert!(delta.get("closedAt").is_none());
+        assert_eq!(
+            json(&update(4, None), false)["counts"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_polls_final_update_is_a_closed_message_with_every_count() {
+        let closed = json(&update(9, Some(1_764_000_000_000)), true);
+        assert_eq!(closed["type"], "closed");
+        assert_eq!(closed["counts"].as_array().unwrap().len(), 2);
+        assert_eq!(closed["closedAt"], "2025-11-24T16:00:00.000Z");
+    }
 }
