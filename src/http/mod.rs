@@ -37,6 +37,7 @@ pub use connection::PeerAddr;
 pub use health::Readiness;
 pub use server::{ConnectionLimits, WarpServer, load_tls};
 
+use crate::config::Origin;
 use crate::service::PollService;
 use error::ApiError;
 
@@ -65,11 +66,11 @@ pub struct ApiContext {
     pub keepalive: ws::Keepalive,
     /// The address the audience reaches the server at, for join links (`None`: the host
     /// each request was sent to).
-    pub public_url: Option<String>,
+    pub public_url: Option<Origin>,
     /// Whether the server speaks HTTPS (join links then start with `https://`).
     pub tls: bool,
     /// Origins allowed cross-origin access (empty: none).
-    pub cors_origins: Vec<String>,
+    pub cors_origins: Vec<Origin>,
     /// Verifies voter tokens in signed identity mode (`None`: userId from the body).
     pub voter_tokens: Option<crate::voter_token::VoterTokens>,
     /// Per-IP and per-user rate limits.
@@ -186,13 +187,13 @@ fn is_same_origin(origin: &str, host: Option<&str>) -> bool {
 }
 
 /// Cross-origin access for the configured origins only (preflights included).
-fn cors(origins: &[String]) -> Option<warp::filters::cors::Builder> {
+fn cors(origins: &[Origin]) -> Option<warp::filters::cors::Builder> {
     if origins.is_empty() {
         return None;
     }
     Some(
         warp::cors()
-            .allow_origins(origins.iter().map(String::as_str))
+            .allow_origins(origins.iter().map(Origin::as_str))
             .allow_methods(["GET", "POST"])
             .allow_headers(["content-type", "authorization", "x-request-id"])
             .expose_headers(["x-request-id", "retry-after"])
