@@ -20,7 +20,7 @@ use crate::adapters::{
     FileVoteLog, KafkaCountsBus, KafkaSourceFactory, KafkaVoteLog, MemoryGuard, PgPoolSettings,
     PostgresStore, RedisGuard, RedisGuardSettings, SqliteStore, WebhookDispatcher, ensure_topics,
 };
-use crate::config::{GuardSettings, LogSettings, Settings, StoreUrl, VoterSettings};
+use crate::config::{GuardSettings, LogSettings, Secret, Settings, StoreUrl, VoterSettings};
 use crate::http::Readiness;
 use crate::http::rate_limit::RateLimits;
 use crate::http::ws::Keepalive;
@@ -100,9 +100,9 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn PollStore
 
 /// The configured admin token, or a random one, logged once, so that a server started without
 /// one is never open to anyone who finds it.
-fn admin_token(settings: &Settings) -> Arc<str> {
+fn admin_token(settings: &Settings) -> Secret {
     if let Some(token) = &settings.admin.token {
-        return Arc::from(token.expose());
+        return token.clone();
     }
     use rand::Rng;
     let token: String = rand::rng()
@@ -115,7 +115,7 @@ fn admin_token(settings: &Settings) -> Arc<str> {
         "admin.token is not set: generated one for this run (creating and closing polls need \
          `Authorization: Bearer <token>`); set admin.token to choose your own"
     );
-    Arc::from(token)
+    Secret::from(token)
 }
 
 /// The token verifier of signed voter identity, if configured.
@@ -251,7 +251,7 @@ impl Application {
             polls,
             readiness: Readiness::new(store.clone(), guard, appender, source.clone()),
             hub: hub.clone(),
-            admin_token: Some(admin_token(&settings)),
+            admin_token: admin_token(&settings),
             max_body_bytes: http.max_body_bytes,
             body_read_timeout: http.body_read_timeout,
             faults: faults.clone(),
