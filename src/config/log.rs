@@ -118,37 +118,36 @@ pub struct FileLogSettings {
     pub segment_bytes: u64,
 }
 
-/// `[log.kafka]`, checked (see [`RawKafka`] for what each key means): brokers, topic names
-/// and the group not empty, partitions and replication positive, no property that would
-/// break counting exactly once.
+/// `[log.kafka]`, checked, when Kafka is the log (see [`RawKafka`] for what each key
+/// means).
 #[derive(Debug, Clone)]
 pub struct KafkaSection {
-    /// Bootstrap brokers, `host:port,host:port`.
+    /// Bootstrap brokers (at least one).
     pub brokers: String,
-    /// Topic of votes.
+    /// Topic of votes (named).
     pub raw_votes_topic: String,
-    /// Topic of count updates shared between processes.
+    /// Topic of count updates (named).
     pub poll_updates_topic: String,
-    /// Topic of the seed app's `poll-updates` records, if they are written; a topic of its
-    /// own.
+    /// The seed's `poll-updates` topic, if written: named, and neither of the two above.
     pub seed_poll_updates_topic: Option<String>,
-    /// Consumer group of every pollcast process.
+    /// Consumer group (named).
     pub group_id: String,
-    /// Partitions of the topics pollcast creates.
+    /// Partitions of created topics (positive).
     pub partitions: i32,
-    /// Replication factor of the topics pollcast creates.
+    /// Replication of created topics (positive).
     pub replication_factor: i32,
-    /// Create missing topics at start.
+    /// Whether missing topics are created at start.
     pub create_topics: bool,
-    /// Longest wait for a vote's delivery report before answering 503.
+    /// Longest wait for a vote's delivery report.
     pub produce_timeout: Duration,
-    /// Longest a partition revocation waits for the final flush and commit.
+    /// Longest a revocation waits for the final flush and commit.
     pub revoke_timeout: Duration,
-    /// Extra librdkafka properties for every client (underscores stand for dots).
+    /// librdkafka properties of every client: none that breaks counting exactly once (nor
+    /// in the two tables below).
     pub properties: HashMap<String, String>,
-    /// Extra librdkafka properties for consumers only.
+    /// librdkafka properties of consumers.
     pub consumer_properties: HashMap<String, String>,
-    /// Extra librdkafka properties for producers only.
+    /// librdkafka properties of producers.
     pub producer_properties: HashMap<String, String>,
 }
 
