@@ -12,7 +12,7 @@
 
 use std::io;
 
-use crate::config::{DedupKind, LogKind, Settings};
+use crate::config::{GuardSettings, LogSettings, Settings, StoreUrl};
 
 /// Soft and hard `RLIMIT_NOFILE` (`u64::MAX`: unlimited).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,28 +117,27 @@ impl FdReserve {
     pub fn estimate(settings: &Settings) -> Self {
         let mut parts = vec![("process", PROCESS_FDS)];
         // Postgres: the pool and the two-connection flag pool (`postgres_store.rs`).
-        let store = if settings.store.is_postgres() {
-            u64::from(settings.store.max_connections) + 2
-        } else {
-            SQLITE_FDS
+        let store = match settings.store.url {
+            StoreUrl::Postgres(_) => u64::from(settings.store.max_connections) + 2,
+            StoreUrl::Sqlite(_) => SQLITE_FDS,
         };
         parts.push(("store", store));
-        let log = match settings.log.kind {
-            LogKind::Embedded => FILE_LOG_FDS,
+        let log = match &settings.log {
+            LogSettings::Embedded(_) => FILE_LOG_FDS,
             // Each client: a socket per broker (the bootstrap list counted twice, as the
             // cluster may have more brokers than it names) and its wake-up pipes.
-            LogKind::Kafka => {
-                let brokers = settings.log.kafka.brokers.split(',').count() as u64;
+            LogSettings::Kafka(kafka) => {
+                let brokers = kafka.brokers.split(',').count() as u64;
                 KAFKA_CLIENTS * (2 * brokers + 4)
             }
         };
         parts.push(("log", log));
-        if settings.dedup.kind == DedupKind::Redis {
+        if let GuardSettings::Redis { .. } = settings.dedup.guard {
             // The connection manager's socket, and its replacement while reconnecting.
             parts.push(("redis", 2));
         }
         // One socket per webhook attempt in flight.
-        parts.push(("webhooks", settings.webhooks.max_in_flight as u64));
+        parts.push(("webhooks", settings.webhooks.max_in_flight.get() as u64));
         if settings.http.admin_addr.is_some() {
             parts.push(("admin listener", ADMIN_FDS));
         }
@@ -205,11 +204,12 @@ pub fn prepare(settings: &Settings) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{DedupKind, LogKind, RawSettings};
 
     #[test]
     fn the_reserve_counts_each_backend() {
-        let mut settings = Settings::default();
-        let embedded = FdReserve::estimate(&settings);
+        let mut settings = RawSettings::default();
+        let embedded = FdReserve::estimate(&Settings::parse(settings.clone()).unwrap());
         assert_eq!(
             embedded.total(),
             PROCESS_FDS + SQLITE_FDS + FILE_LOG_FDS + 64
@@ -220,7 +220,7 @@ mod tests {
         settings.log.kafka.brokers = "a:9092,b:9092,c:9092".into();
         settings.dedup.kind = DedupKind::Redis;
         settings.http.admin_addr = Some("127.0.0.1:9000".into());
-        let production = FdReserve::estimate(&settings);
+        let production = FdReserve::estimate(&Settings::parse(settings).unwrap());
         assert_eq!(
             production.parts,
             vec![

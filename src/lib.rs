@@ -16,5 +16,5 @@ pub mod startup;
 pub mod telemetry;
 pub mod voter_token;
 
-pub use config::Settings;
+pub use config::{RawSettings, Settings};
 pub use startup::Application;

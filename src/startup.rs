@@ -2,15 +2,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use pollcast_actors::domain::now_millis;
 use pollcast_actors::{
-    BroadcastHub, CountsBus, DedupGuard, FaultHooks, PollEvents, PollStore, RootArgs, RootMsg,
-    RootSupervisor, VoteAppender, VoteSourceFactory,
+    BroadcastHub, CountsBus, DedupGuard, FaultHooks, IngestSettings, PollEvents, PollStore,
+    RootArgs, RootMsg, RootSupervisor, VoteAppender, VoteSourceFactory,
 };
 use ractor::{Actor, ActorRef, call_t};
 use tokio::task::JoinHandle;
@@ -21,9 +20,9 @@ use crate::adapters::{
     FileVoteLog, KafkaCountsBus, KafkaSourceFactory, KafkaVoteLog, MemoryGuard, PgPoolSettings,
     PostgresStore, RedisGuard, RedisGuardSettings, SqliteStore, WebhookDispatcher, ensure_topics,
 };
-use crate::config::{DedupKind, LogKind, Settings, VoterIdentity, redact_url};
+use crate::config::{GuardSettings, LogSettings, Secret, Settings, StoreUrl, VoterSettings};
 use crate::http::Readiness;
-use crate::http::rate_limit::{Rate, RateLimits};
+use crate::http::rate_limit::RateLimits;
 use crate::http::ws::Keepalive;
 use crate::http::{ApiContext, ConnectionLimits, WarpServer, load_tls};
 use crate::service::PollService;
@@ -73,34 +72,37 @@ pub struct Backends {
 
 /// Opens the store named by `store.url` and applies its migrations.
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn PollStore>> {
-    let url = &settings.store.url;
-    if settings.store.is_postgres() {
-        let store = PostgresStore::connect(
-            url,
-            PgPoolSettings {
-                max_connections: settings.store.max_connections,
-                acquire_timeout: Duration::from_millis(settings.store.acquire_timeout_ms),
-                statement_timeout: Duration::from_millis(settings.store.statement_timeout_ms),
-            },
-        )?;
-        store
-            .migrate()
-            .await
-            .with_context(|| format!("migrating {}", redact_url(url)))?;
-        Ok(Arc::new(store))
-    } else {
-        let store = SqliteStore::open(url)
-            .await
-            .with_context(|| format!("opening store {url}"))?;
-        Ok(Arc::new(store))
+    let store = &settings.store;
+    match &store.url {
+        StoreUrl::Postgres(url) => {
+            let postgres = PostgresStore::connect(
+                url.expose(),
+                PgPoolSettings {
+                    max_connections: store.max_connections,
+                    acquire_timeout: store.acquire_timeout,
+                    statement_timeout: store.statement_timeout,
+                },
+            )?;
+            postgres
+                .migrate()
+                .await
+                .with_context(|| format!("migrating {url}"))?;
+            Ok(Arc::new(postgres))
+        }
+        StoreUrl::Sqlite(url) => {
+            let sqlite = SqliteStore::open(url)
+                .await
+                .with_context(|| format!("opening store {url}"))?;
+            Ok(Arc::new(sqlite))
+        }
     }
 }
 
 /// The configured admin token, or a random one, logged once, so that a server started without
 /// one is never open to anyone who finds it.
-fn admin_token(settings: &Settings) -> Arc<str> {
+fn admin_token(settings: &Settings) -> Secret {
     if let Some(token) = &settings.admin.token {
-        return Arc::from(token.as_str());
+        return token.clone();
     }
     use rand::Rng;
     let token: String = rand::rng()
@@ -113,39 +115,20 @@ fn admin_token(settings: &Settings) -> Arc<str> {
         "admin.token is not set: generated one for this run (creating and closing polls need \
          `Authorization: Bearer <token>`); set admin.token to choose your own"
     );
-    Arc::from(token)
+    Secret::from(token)
 }
 
 /// The token verifier of signed voter identity, if configured.
 pub fn voter_tokens(settings: &Settings) -> Option<VoterTokens> {
-    match settings.voters.identity {
-        VoterIdentity::Body => None,
-        VoterIdentity::Signed => {
-            let secret = settings
-                .voters
-                .secret
-                .as_deref()
-                .expect("validated at load");
-            Some(VoterTokens::new(secret.as_bytes()))
-        }
+    match &settings.voters {
+        VoterSettings::Body => None,
+        VoterSettings::Signed(secret) => Some(VoterTokens::new(secret.expose().as_bytes())),
     }
 }
 
 fn rate_limits(settings: &Settings) -> RateLimits {
     let r = &settings.rate_limit;
-    let rate = |per_second: u32, burst: u32| {
-        Some(Rate {
-            per_second: NonZeroU32::new(per_second)?,
-            burst: NonZeroU32::new(burst.max(1)).expect("at least 1"),
-        })
-    };
-    RateLimits::new(
-        rate(r.per_ip_per_sec, r.per_ip_burst),
-        rate(r.per_user_per_sec, r.per_user_burst),
-        r.client_ip_header
-            .as_deref()
-            .map(|h| http::HeaderName::from_bytes(h.as_bytes()).expect("validated at load")),
-    )
+    RateLimits::new(r.per_ip, r.per_user, r.client_ip_header.clone())
 }
 
 /// Opens every adapter chosen in `settings`.
@@ -153,32 +136,31 @@ pub async fn open_backends(settings: &Settings) -> anyhow::Result<Backends> {
     let store = open_store(settings).await?;
     let mut embedded_log = None;
     let (appender, source, bus): (Arc<dyn VoteAppender>, Arc<dyn VoteSourceFactory>, _) =
-        match settings.log.kind {
-            LogKind::Embedded => {
-                let log = FileVoteLog::open(&settings.log.path, settings.log.segment_bytes)
-                    .with_context(|| format!("opening vote log {}", settings.log.path.display()))?;
+        match &settings.log {
+            LogSettings::Embedded(file) => {
+                let log = FileVoteLog::open(&file.path, file.segment_bytes)
+                    .with_context(|| format!("opening vote log {}", file.path.display()))?;
                 let source = log.source_factory();
                 embedded_log = Some(log.clone());
                 (Arc::new(log), source, None)
             }
-            LogKind::Kafka => {
-                let kafka = settings.log.kafka.clone();
+            LogSettings::Kafka(kafka) => {
                 if kafka.create_topics {
-                    ensure_topics(&kafka).await.with_context(|| {
+                    ensure_topics(kafka).await.with_context(|| {
                         format!("creating topics on Kafka at {}", kafka.brokers)
                     })?;
                 }
-                let bus: Arc<dyn CountsBus> = Arc::new(KafkaCountsBus::new(&kafka)?);
+                let bus: Arc<dyn CountsBus> = Arc::new(KafkaCountsBus::new(kafka)?);
                 (
-                    Arc::new(KafkaVoteLog::new(&kafka)?),
-                    Arc::new(KafkaSourceFactory::new(kafka)),
+                    Arc::new(KafkaVoteLog::new(kafka)?),
+                    Arc::new(KafkaSourceFactory::new(kafka.clone())),
                     Some(bus),
                 )
             }
         };
-    let ttl = Duration::from_secs(settings.dedup.ttl_secs);
-    let guard: Arc<dyn DedupGuard> = match settings.dedup.kind {
-        DedupKind::Memory => {
+    let ttl = settings.dedup.ttl;
+    let guard: Arc<dyn DedupGuard> = match &settings.dedup.guard {
+        GuardSettings::Memory => {
             let guard = MemoryGuard::new(ttl);
             let since = now_millis() - ttl.as_millis() as i64;
             let mut voters = store
@@ -200,11 +182,15 @@ pub async fn open_backends(settings: &Settings) -> anyhow::Result<Backends> {
             );
             Arc::new(guard)
         }
-        DedupKind::Redis => Arc::new(RedisGuard::connect(RedisGuardSettings {
-            url: settings.dedup.redis_url.clone(),
-            key_prefix: settings.dedup.key_prefix.clone(),
+        GuardSettings::Redis {
+            url,
+            key_prefix,
+            timeout,
+        } => Arc::new(RedisGuard::connect(RedisGuardSettings {
+            url: url.expose().to_owned(),
+            key_prefix: key_prefix.clone(),
             ttl,
-            timeout: Duration::from_millis(settings.dedup.timeout_ms),
+            timeout: *timeout,
         })?),
     };
     Ok(Backends {
@@ -228,15 +214,17 @@ impl Application {
             bus,
             guard,
         } = open_backends(&settings).await?;
-        let tls = match (&settings.http.tls_cert_path, &settings.http.tls_key_path) {
-            (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
-            _ => None,
-        };
-        let listener = std::net::TcpListener::bind(settings.http_addr())
-            .with_context(|| format!("binding http.addr {}", settings.http.addr))?;
+        let http = &settings.http;
+        let tls = http
+            .tls
+            .as_ref()
+            .map(|files| load_tls(&files.cert, &files.key))
+            .transpose()?;
+        let listener = std::net::TcpListener::bind(http.addr)
+            .with_context(|| format!("binding http.addr {}", http.addr))?;
         let addr = listener.local_addr()?;
-        let admin = settings
-            .admin_addr()
+        let admin = http
+            .admin_addr
             .map(|admin| {
                 std::net::TcpListener::bind(admin)
                     .with_context(|| format!("binding http.admin_addr {}", admin))
@@ -263,9 +251,9 @@ impl Application {
             polls,
             readiness: Readiness::new(store.clone(), guard, appender, source.clone()),
             hub: hub.clone(),
-            admin_token: Some(admin_token(&settings)),
-            max_body_bytes: settings.http.max_body_bytes,
-            body_read_timeout: Duration::from_millis(settings.http.body_read_timeout_ms),
+            admin_token: admin_token(&settings),
+            max_body_bytes: http.max_body_bytes,
+            body_read_timeout: http.body_read_timeout,
             faults: faults.clone(),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
@@ -273,12 +261,12 @@ impl Application {
             limits: rate_limits(&settings),
             voter_tokens: voter_tokens(&settings),
             keepalive: Keepalive {
-                ping_every: Duration::from_secs(settings.http.ws_ping_interval_secs),
-                idle_timeout: Duration::from_secs(settings.http.ws_idle_timeout_secs),
+                ping_every: http.ws_ping_interval,
+                idle_timeout: http.ws_idle_timeout,
             },
-            cors_origins: settings.http.cors_origins.clone(),
-            public_url: settings.http.public_url.clone(),
-            tls: settings.http.tls_cert_path.is_some(),
+            cors_origins: http.cors_origins.clone(),
+            public_url: http.public_url.clone(),
+            tls: http.tls.is_some(),
             socketio: settings.socketio,
         };
         let args = RootArgs {
@@ -291,31 +279,28 @@ impl Application {
                 admin,
                 ctx,
                 ConnectionLimits {
-                    max_connections: settings.http.max_connections,
-                    max_connections_per_ip: settings.max_connections_per_ip(),
-                    max_header_bytes: settings.http.max_header_bytes,
-                    header_read_timeout: Duration::from_millis(
-                        settings.http.header_read_timeout_ms,
-                    ),
+                    max_connections: http.max_connections,
+                    max_connections_per_ip: http.max_connections_per_ip,
+                    max_header_bytes: http.max_header_bytes,
+                    header_read_timeout: http.header_read_timeout,
                 },
                 tls,
             )),
-            flush_interval: settings.flush_interval(),
+            flush_interval: settings.aggregator.flush_interval,
             flush_max_votes: settings.aggregator.flush_max_votes,
-            close_grace: settings.close_grace(),
+            close_grace: settings.aggregator.close_grace,
             events,
-            ingest: settings.ingest_settings(),
-            restart: settings.restart_policy(),
+            ingest: IngestSettings {
+                idle_timeout: settings.aggregator.idle_timeout,
+                ..IngestSettings::default()
+            },
+            restart: settings.supervision,
             faults,
         };
         let (root, tree) = Actor::spawn(None, RootSupervisor, args)
             .await
             .context("starting the supervision tree")?;
-        let scheme = if settings.http.tls_cert_path.is_some() {
-            "https"
-        } else {
-            "http"
-        };
+        let scheme = if http.tls.is_some() { "https" } else { "http" };
         tracing::info!(%addr, scheme, "listening");
         if let Some(admin) = admin_addr {
             tracing::info!(%admin, "health and metrics also on the admin listener");

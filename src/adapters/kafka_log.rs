@@ -70,10 +70,6 @@ impl KafkaSection {
         }
         config
     }
-
-    fn produce_timeout(&self) -> Duration {
-        Duration::from_millis(self.produce_timeout_ms)
-    }
 }
 
 /// Group membership defaults of every consumer (operators may override them).
@@ -143,7 +139,7 @@ pub struct KafkaVoteLog {
 impl KafkaVoteLog {
     /// An idempotent producer of votes.
     pub fn new(settings: &KafkaSection) -> Result<Self, LogError> {
-        let timeout_ms = settings.produce_timeout_ms.to_string();
+        let timeout_ms = settings.produce_timeout.as_millis().to_string();
         let config = settings.client_config(
             Role::Producer,
             &[
@@ -160,7 +156,7 @@ impl KafkaVoteLog {
             producer: Arc::new(RwLock::new(producer)),
             config,
             topic: settings.raw_votes_topic.clone(),
-            timeout: settings.produce_timeout(),
+            timeout: settings.produce_timeout,
         })
     }
 
@@ -375,7 +371,7 @@ impl VoteSourceFactory for KafkaSourceFactory {
             status: self.status.clone(),
             reply: reply.clone(),
             revoke_done: Mutex::new(revoke_rx),
-            revoke_timeout: Duration::from_millis(self.settings.revoke_timeout_ms),
+            revoke_timeout: self.settings.revoke_timeout,
         };
         // Eager rebalancing ("range"): a revocation takes every partition, so records fetched
         // before it can be dropped (the next owner starts from the committed offsets).

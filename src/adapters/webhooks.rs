@@ -249,10 +249,10 @@ pub struct RetryPolicy {
 impl From<&WebhookSettings> for RetryPolicy {
     fn from(s: &WebhookSettings) -> Self {
         Self {
-            timeout: Duration::from_millis(s.timeout_ms),
-            max_attempts: s.max_attempts.max(1),
-            initial_backoff: Duration::from_millis(s.initial_backoff_ms),
-            max_backoff: Duration::from_millis(s.max_backoff_ms),
+            timeout: s.timeout,
+            max_attempts: s.max_attempts.get(),
+            initial_backoff: s.initial_backoff,
+            max_backoff: s.max_backoff,
         }
     }
 }
@@ -409,7 +409,7 @@ impl WebhookDispatcher {
             .build()
             // Fails only if the TLS backend cannot initialise: bundled roots, no system state.
             .expect("the webhook HTTP client builds");
-        let (queue, notices) = mpsc::channel(settings.queue_capacity.max(1));
+        let (queue, notices) = mpsc::channel(settings.queue_capacity.get());
         let (resolved_tx, resolved) = mpsc::unbounded_channel();
         let no_hook = Arc::new(DashSet::new());
         let done = CancellationToken::new();
@@ -418,7 +418,7 @@ impl WebhookDispatcher {
             shared: Arc::new(Shared {
                 client,
                 policy,
-                in_flight: Semaphore::new(settings.max_in_flight.max(1)),
+                in_flight: Semaphore::new(settings.max_in_flight.get()),
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
             }),
@@ -1405,12 +1405,12 @@ mod tests {
 
     fn settings() -> WebhookSettings {
         WebhookSettings {
-            timeout_ms: 2000,
-            max_attempts: 6,
-            initial_backoff_ms: 20,
-            max_backoff_ms: 100,
-            queue_capacity: 100,
-            max_in_flight: 4,
+            timeout: Duration::from_millis(2000),
+            max_attempts: 6.try_into().unwrap(),
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            queue_capacity: 100.try_into().unwrap(),
+            max_in_flight: 4.try_into().unwrap(),
         }
     }
 
@@ -1495,7 +1495,7 @@ mod tests {
         let hooks = WebhookDispatcher::start(
             Arc::new(FakeStore::default()),
             &WebhookSettings {
-                max_attempts: 3,
+                max_attempts: 3.try_into().unwrap(),
                 ..settings()
             },
             CancellationToken::new(),
@@ -1643,7 +1643,7 @@ mod tests {
         let hooks = WebhookDispatcher::start(
             Arc::new(FakeStore::default()),
             &WebhookSettings {
-                queue_capacity: 2,
+                queue_capacity: 2.try_into().unwrap(),
                 ..settings()
             },
             CancellationToken::new(),

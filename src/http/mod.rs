@@ -37,6 +37,7 @@ pub use connection::PeerAddr;
 pub use health::Readiness;
 pub use server::{ConnectionLimits, WarpServer, load_tls};
 
+use crate::config::{Origin, Secret};
 use crate::service::PollService;
 use error::ApiError;
 
@@ -49,8 +50,8 @@ pub struct ApiContext {
     pub readiness: Readiness,
     /// WebSocket subscriber registry.
     pub hub: BroadcastHub,
-    /// Poll creation and closing need it as a bearer token (`None`: open, for tests only).
-    pub admin_token: Option<Arc<str>>,
+    /// Poll creation and closing need it as a bearer token.
+    pub admin_token: Secret,
     /// Largest request body.
     pub max_body_bytes: u64,
     /// Longest a body may take to arrive once the request head is in (408 beyond).
@@ -65,11 +66,11 @@ pub struct ApiContext {
     pub keepalive: ws::Keepalive,
     /// The address the audience reaches the server at, for join links (`None`: the host
     /// each request was sent to).
-    pub public_url: Option<String>,
+    pub public_url: Option<Origin>,
     /// Whether the server speaks HTTPS (join links then start with `https://`).
     pub tls: bool,
     /// Origins allowed cross-origin access (empty: none).
-    pub cors_origins: Vec<String>,
+    pub cors_origins: Vec<Origin>,
     /// Verifies voter tokens in signed identity mode (`None`: userId from the body).
     pub voter_tokens: Option<crate::voter_token::VoterTokens>,
     /// Per-IP and per-user rate limits.
@@ -186,13 +187,13 @@ fn is_same_origin(origin: &str, host: Option<&str>) -> bool {
 }
 
 /// Cross-origin access for the configured origins only (preflights included).
-fn cors(origins: &[String]) -> Option<warp::filters::cors::Builder> {
+fn cors(origins: &[Origin]) -> Option<warp::filters::cors::Builder> {
     if origins.is_empty() {
         return None;
     }
     Some(
         warp::cors()
-            .allow_origins(origins.iter().map(String::as_str))
+            .allow_origins(origins.iter().map(Origin::as_str))
             .allow_methods(["GET", "POST"])
             .allow_headers(["content-type", "authorization", "x-request-id"])
             .expose_headers(["x-request-id", "retry-after"])
@@ -266,7 +267,7 @@ async fn read_limited<B: bytes::Buf>(
     Ok(buf.freeze())
 }
 
-/// Passes when no admin token is configured, or when the request carries it.
+/// Passes when the request carries the admin token.
 fn admin(ctx: &ApiContext) -> impl Filter<Extract = (), Error = Rejection> + Clone + use<> {
     is_admin(ctx)
         .and_then(|admin: bool| async move {
@@ -279,19 +280,16 @@ fn admin(ctx: &ApiContext) -> impl Filter<Extract = (), Error = Rejection> + Clo
         .untuple_one()
 }
 
-/// Whether the request carries the admin token (always, when none is configured).
+/// Whether the request carries the admin token.
 fn is_admin(ctx: &ApiContext) -> impl Filter<Extract = (bool,), Error = Rejection> + Clone + use<> {
     let token = ctx.admin_token.clone();
     warp::header::optional::<String>("authorization").map(move |header: Option<String>| {
-        let Some(expected) = &token else {
-            return true;
-        };
         let given = header
             .as_deref()
             .and_then(|h| h.strip_prefix("Bearer "))
             .unwrap_or_default();
         // Constant-time: the comparison must not leak how much of a guess was right.
-        bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+        bool::from(given.as_bytes().ct_eq(token.expose().as_bytes()))
     })
 }
 

@@ -59,7 +59,7 @@ const READ_BUFFER: usize = 4 * 1024;
 pub struct Endpoint {
     service: Serve,
     io: SocketIo,
-    cors_origins: Arc<[String]>,
+    cors_origins: Arc<[crate::config::Origin]>,
     limits: super::rate_limit::RateLimits,
 }
 

@@ -155,9 +155,8 @@ async fn a_poll_closed_by_another_process_soon_refuses_votes_here(backend: Backe
         assert_eq!(app.api.vote(poll, 1, "before").await.0, 202);
     }
     // Another process's close reaches this one only through the store.
-    let store = pollcast::startup::open_store(&app.env.settings())
-        .await
-        .unwrap();
+    let settings = pollcast::Settings::parse(app.env.settings()).unwrap();
+    let store = pollcast::startup::open_store(&settings).await.unwrap();
     store.close_poll(closing, now_millis()).await.unwrap();
     assert_eq!(
         store

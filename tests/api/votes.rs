@@ -176,7 +176,7 @@ async fn a_flood_of_unique_votes_is_counted_exactly(backend: Backend) {
 
 async fn votes_accepted_before_a_graceful_shutdown_are_counted_after_restart(backend: Backend) {
     // Long enough that only the shutdown flush can write the votes.
-    let slow_flush = |s: &mut pollcast::Settings| s.aggregator.flush_interval_ms = 60_000;
+    let slow_flush = |s: &mut pollcast::RawSettings| s.aggregator.flush_interval_ms = 60_000;
     let app = TestApp::spawn_with(backend, slow_flush).await;
     let poll = app.api.create_poll(&["A", "B"]).await;
     for i in 0..20 {

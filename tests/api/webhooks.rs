@@ -9,7 +9,7 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use pollcast::Settings;
+use pollcast::RawSettings;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -130,7 +130,7 @@ impl Receiver {
 }
 
 /// Retries within milliseconds, so a receiver that fails a few times is not waited for long.
-fn fast_retries(settings: &mut Settings) {
+fn fast_retries(settings: &mut RawSettings) {
     settings.webhooks.initial_backoff_ms = 20;
     settings.webhooks.max_backoff_ms = 200;
     settings.webhooks.timeout_ms = 5000;

@@ -12,8 +12,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pollcast::Settings;
 use pollcast::startup::Application;
+use pollcast::{RawSettings, Settings};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -173,8 +173,8 @@ impl Api {
 }
 
 /// Settings for a test server with its data under `dir`.
-pub fn test_settings(dir: &Path) -> Settings {
-    let mut settings = Settings::default();
+pub fn test_settings(dir: &Path) -> RawSettings {
+    let mut settings = RawSettings::default();
     settings.http.addr = "127.0.0.1:0".into();
     settings.store.url = format!("sqlite://{}", dir.join("pollcast.db").display());
     settings.log.path = dir.join("log");
@@ -220,7 +220,7 @@ impl TestEnv {
         }
     }
 
-    pub fn settings(&self) -> Settings {
+    pub fn settings(&self) -> RawSettings {
         let mut settings = test_settings(self.dir.path());
         if let Some(p) = &self.production {
             p.apply(&mut settings);
@@ -261,15 +261,16 @@ impl TestApp {
         Self::spawn_with(backend, |_| {}).await
     }
 
-    pub async fn spawn_with(backend: Backend, configure: impl FnOnce(&mut Settings)) -> Self {
+    pub async fn spawn_with(backend: Backend, configure: impl FnOnce(&mut RawSettings)) -> Self {
         Self::start(TestEnv::new(backend).await, configure).await
     }
 
     /// Starts a pollcast on `env` (again, after [`TestApp::shutdown`]).
-    pub async fn start(env: TestEnv, configure: impl FnOnce(&mut Settings)) -> Self {
+    pub async fn start(env: TestEnv, configure: impl FnOnce(&mut RawSettings)) -> Self {
         init_logs();
         let mut settings = env.settings();
         configure(&mut settings);
+        let settings = Settings::parse(settings).expect("test settings are valid");
         let app = Application::build(settings).await.expect("app starts");
         let api = Api::new(app.local_addr());
         let admin = app.admin_addr();
@@ -289,12 +290,13 @@ impl TestApp {
     /// the server speaks TLS); returns its address.
     pub async fn start_without_waiting(
         backend: Backend,
-        configure: impl FnOnce(&mut Settings),
+        configure: impl FnOnce(&mut RawSettings),
     ) -> RunningApp {
         init_logs();
         let env = TestEnv::new(backend).await;
         let mut settings = env.settings();
         configure(&mut settings);
+        let settings = Settings::parse(settings).expect("test settings are valid");
         let app = Application::build(settings).await.expect("app starts");
         let addr = app.local_addr();
         let stop = CancellationToken::new();

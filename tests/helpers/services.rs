@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use pollcast::Settings;
+use pollcast::RawSettings;
 use pollcast::config::{DedupKind, LogKind};
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::net::{TcpListener, TcpStream};
@@ -102,7 +102,7 @@ impl Production {
     }
 
     /// Points `settings` at this test's resources.
-    pub fn apply(&self, s: &mut Settings) {
+    pub fn apply(&self, s: &mut RawSettings) {
         s.store.url = self.database_url.clone();
         s.dedup.kind = DedupKind::Redis;
         s.dedup.redis_url = self.redis_url.clone();

@@ -106,8 +106,14 @@ fn missing_config_file_is_an_error() {
 fn shipped_config_toml_is_valid() {
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
     let settings = pollcast::Settings::load(&shipped, true).expect("config.toml loads");
-    assert_eq!(settings.aggregator.flush_interval_ms, 2000);
-    assert!(settings.store.url.starts_with("sqlite://"));
+    assert_eq!(
+        settings.aggregator.flush_interval,
+        std::time::Duration::from_millis(2000)
+    );
+    assert!(matches!(
+        &settings.store.url,
+        pollcast::config::StoreUrl::Sqlite(url) if url.starts_with("sqlite://")
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
