@@ -54,7 +54,7 @@ async fn main() {
                 .map(|k| Vote::single(poll, ((k + n) % 4 + 1) as i64, format!("u{round}-{k}")))
                 .collect();
             let store = store.clone();
-            flushes.spawn(async move { store.apply_votes(poll, votes).await });
+            flushes.spawn(async move { store.apply_votes(poll, false, votes).await });
         }
         while let Some(flushed) = flushes.join_next().await {
             counted += flushed

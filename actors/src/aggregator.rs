@@ -197,7 +197,12 @@ impl PollAggregator {
         }
         if !votes.is_empty() {
             let started = Instant::now();
-            let outcome = match state.args.store.apply_votes(poll_id, votes.clone()).await {
+            let outcome = match state
+                .args
+                .store
+                .apply_votes(poll_id, known.rules.allows_change(), votes.clone())
+                .await
+            {
                 Ok(outcome) => outcome,
                 Err(err) => {
                     state.buffer = votes.to_vec();

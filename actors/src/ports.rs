@@ -176,11 +176,14 @@ pub trait PollStore: Send + Sync + 'static {
     /// skipped, a voter's first ballot is counted, and a later one replaces it only where
     /// the poll allows changes. Replaying a batch therefore changes nothing.
     ///
-    /// Every vote must be for `poll` and choose only its options. Why shared: a store that
-    /// hands the batch to a writer task of its own would otherwise copy every vote.
+    /// Every vote must be for `poll` and choose only its options; `allow_change` is the
+    /// poll's [`crate::PollRules::allows_change`] (the caller knows the poll's rules, so the
+    /// store keeps no copy of them). Why shared: a store that hands the batch to a writer
+    /// task of its own would otherwise copy every vote.
     async fn apply_votes(
         &self,
         poll: PollId,
+        allow_change: bool,
         votes: Arc<[Vote]>,
     ) -> Result<FlushOutcome, StoreError>;
 

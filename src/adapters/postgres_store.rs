@@ -271,18 +271,19 @@ impl PollStore for PostgresStore {
     async fn apply_votes(
         &self,
         poll: PollId,
+        allow_change: bool,
         votes: Arc<[Vote]>,
     ) -> Result<FlushOutcome, StoreError> {
         let now = now_millis();
         let mut tx = self.pool.begin().await.map_err(err("begin flush"))?;
         // Why FOR UPDATE: during a partition hand-over two processes may flush the same poll
-        // for a moment; the ledger reads below must not race.
-        let allow_change: bool =
-            sqlx::query_scalar("SELECT allow_change FROM polls WHERE id = $1 FOR UPDATE")
-                .bind(poll)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(err("lock poll"))?;
+        // for a moment; the ledger reads below must not race. A poll that does not exist
+        // fails the flush here.
+        sqlx::query("SELECT id FROM polls WHERE id = $1 FOR UPDATE")
+            .bind(poll)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("lock poll"))?;
         let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
             "SELECT user_id, vote_id, choices, current FROM votes \
              WHERE poll_id = $1 AND user_id = ANY($2)",

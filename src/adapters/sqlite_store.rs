@@ -106,10 +106,6 @@ static READ_COUNTS: LazyLock<RowsStatement> = LazyLock::new(|| {
     )
 });
 
-static READ_ALLOW_CHANGE: LazyLock<RowsStatement> = LazyLock::new(|| {
-    RowsStatement::new("SELECT id, allow_change FROM polls WHERE id IN (", "?", ")")
-});
-
 /// A [`PollStore`] in one SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -395,10 +391,16 @@ impl PollStore for SqliteStore {
     async fn apply_votes(
         &self,
         poll: PollId,
+        allow_change: bool,
         votes: Arc<[Vote]>,
     ) -> Result<FlushOutcome, StoreError> {
         let (reply, result) = oneshot::channel();
-        let job = FlushJob { poll, votes, reply };
+        let job = FlushJob {
+            poll,
+            allow_change,
+            votes,
+            reply,
+        };
         let stopped = || StoreError::new("flush", "the SQLite writer has stopped");
         self.flushes.send(job).await.map_err(|_| stopped())?;
         result.await.map_err(|_| stopped())?
@@ -468,6 +470,7 @@ const GROUP_MAX: usize = 512;
 /// A flush waiting for the group commit.
 struct FlushJob {
     poll: PollId,
+    allow_change: bool,
     votes: Arc<[Vote]>,
     reply: oneshot::Sender<Result<FlushOutcome, StoreError>>,
 }
@@ -477,10 +480,8 @@ struct FlushJob {
 /// interval.
 async fn group_commit(writer: SqlitePool, mut jobs: mpsc::Receiver<FlushJob>) {
     let mut batch = Vec::with_capacity(GROUP_MAX);
-    // Whether each poll allows vote changes: fixed at creation, so read once per poll.
-    let mut allow_change: HashMap<PollId, bool> = HashMap::new();
     while jobs.recv_many(&mut batch, GROUP_MAX).await > 0 {
-        let results = match commit_group(&writer, &batch, &mut allow_change).await {
+        let results = match commit_group(&writer, &batch).await {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
             // Why one by one then: a failure is rare (the aggregators validated the votes),
             // and one poll's failure must not fail the others.
@@ -488,7 +489,7 @@ async fn group_commit(writer: SqlitePool, mut jobs: mpsc::Receiver<FlushJob>) {
                 tracing::debug!(error = %e, "flush group failed; applying its flushes one by one");
                 let mut results = Vec::with_capacity(batch.len());
                 for job in &batch {
-                    results.push(commit_one(&writer, job, &mut allow_change).await);
+                    results.push(commit_one(&writer, job).await);
                 }
                 results
             }
@@ -504,18 +505,13 @@ async fn group_commit(writer: SqlitePool, mut jobs: mpsc::Receiver<FlushJob>) {
 async fn commit_group(
     writer: &SqlitePool,
     batch: &[FlushJob],
-    allow_change: &mut HashMap<PollId, bool>,
 ) -> Result<Vec<FlushOutcome>, StoreError> {
     let mut tx = writer.begin().await.map_err(err("begin flush"))?;
     let mut reused = Vec::new();
-    learn_allow_change(&mut tx, batch, allow_change).await?;
     let mut outcomes: Vec<Option<FlushOutcome>> = vec![None; batch.len()];
-    let mut fixed = Vec::new();
-    for (i, job) in batch.iter().enumerate() {
-        if !allows_change(&mut tx, job.poll, allow_change).await? {
-            fixed.push(i);
-        }
-    }
+    let fixed: Vec<usize> = (0..batch.len())
+        .filter(|i| !batch[*i].allow_change)
+        .collect();
     // Why only with distinct polls: the statements below cannot tell two flushes of one
     // poll apart (a restarted aggregator's flush may still be queued behind its old one).
     let distinct: HashSet<PollId> = fixed.iter().map(|i| batch[*i].poll).collect();
@@ -529,57 +525,12 @@ async fn commit_group(
     for (job, outcome) in batch.iter().zip(outcomes) {
         done.push(match outcome {
             Some(outcome) => outcome,
-            None => apply_in(&mut tx, job, allow_change, &mut reused).await?,
+            None => apply_in(&mut tx, job, &mut reused).await?,
         });
     }
     tx.commit().await.map_err(err("commit flush"))?;
     sql_common::report_reused(reused.iter().map(|(poll, vote)| (*poll, vote)));
     Ok(done)
-}
-
-/// Reads, in a few statements, whether each poll of the group not seen before allows vote
-/// changes. Why together: when 10,000 polls start getting votes at once, reading them one by
-/// one held the single writer for three seconds (10,000 round trips to its thread) while
-/// every flush queued behind it. A poll not found is left for [`allows_change`] to report.
-async fn learn_allow_change(
-    tx: &mut SqliteConnection,
-    batch: &[FlushJob],
-    known: &mut HashMap<PollId, bool>,
-) -> Result<(), StoreError> {
-    let mut unknown: Vec<PollId> = batch
-        .iter()
-        .map(|job| job.poll)
-        .filter(|poll| !known.contains_key(poll))
-        .collect();
-    unknown.sort_unstable();
-    unknown.dedup();
-    for ids in sized_chunks(&unknown) {
-        let mut q = sqlx::query_as(READ_ALLOW_CHANGE.sql(ids.len()));
-        for id in ids {
-            q = q.bind(*id);
-        }
-        let found: Vec<(PollId, bool)> = q.fetch_all(&mut *tx).await.map_err(err("read polls"))?;
-        known.extend(found);
-    }
-    Ok(())
-}
-
-/// Whether a poll allows vote changes; read once per poll (it is fixed at creation).
-async fn allows_change(
-    tx: &mut SqliteConnection,
-    poll: PollId,
-    known: &mut HashMap<PollId, bool>,
-) -> Result<bool, StoreError> {
-    if let Some(changes) = known.get(&poll) {
-        return Ok(*changes);
-    }
-    let changes: bool = sqlx::query_scalar("SELECT allow_change FROM polls WHERE id = ?")
-        .bind(poll)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(err("read poll"))?;
-    known.insert(poll, changes);
-    Ok(changes)
 }
 
 /// Parses `a:b` pairs separated by `separator`, as the flush statements pack them with
@@ -807,14 +758,10 @@ async fn apply_first_ballots_of_many(
         .collect()
 }
 
-async fn commit_one(
-    writer: &SqlitePool,
-    job: &FlushJob,
-    allow_change: &mut HashMap<PollId, bool>,
-) -> Result<FlushOutcome, StoreError> {
+async fn commit_one(writer: &SqlitePool, job: &FlushJob) -> Result<FlushOutcome, StoreError> {
     let mut tx = writer.begin().await.map_err(err("begin flush"))?;
     let mut reused = Vec::new();
-    let outcome = apply_in(&mut tx, job, allow_change, &mut reused).await?;
+    let outcome = apply_in(&mut tx, job, &mut reused).await?;
     tx.commit().await.map_err(err("commit flush"))?;
     sql_common::report_reused(reused.iter().map(|(poll, vote)| (*poll, vote)));
     Ok(outcome)
@@ -828,10 +775,9 @@ type Reused = Vec<(PollId, Vote)>;
 async fn apply_in(
     tx: &mut SqliteConnection,
     job: &FlushJob,
-    allow_change: &mut HashMap<PollId, bool>,
     reused: &mut Reused,
 ) -> Result<FlushOutcome, StoreError> {
-    if allows_change(tx, job.poll, allow_change).await? {
+    if job.allow_change {
         apply_changes(tx, job.poll, &job.votes, reused).await
     } else {
         let job = std::slice::from_ref(job);
@@ -995,8 +941,8 @@ mod tests {
         let bad: Arc<[Vote]> = Arc::new([Vote::single(poll.id + 1000, 1, "nobody")]);
         // Sent at once, so the writer applies them in one group.
         let (ok, failed) = tokio::join!(
-            store.apply_votes(poll.id, good.clone()),
-            store.apply_votes(poll.id + 1000, bad)
+            store.apply_votes(poll.id, false, good.clone()),
+            store.apply_votes(poll.id + 1000, false, bad)
         );
         assert!(
             failed.is_err(),
@@ -1013,7 +959,7 @@ mod tests {
                 .total_votes(),
             50
         );
-        let again = store.apply_votes(poll.id, good).await.unwrap();
+        let again = store.apply_votes(poll.id, false, good).await.unwrap();
         assert_eq!(again.inserted, 0, "a replay changes nothing");
     }
 
@@ -1061,7 +1007,7 @@ mod tests {
                 polls
                     .iter()
                     .zip(&batches)
-                    .map(|(poll, votes)| store.apply_votes(*poll, votes.as_slice().into())),
+                    .map(|(poll, votes)| store.apply_votes(*poll, false, votes.as_slice().into())),
             )
         };
         for (i, outcome) in flush_all().await.into_iter().enumerate() {
@@ -1107,7 +1053,7 @@ mod tests {
                 polls
                     .iter()
                     .zip(batches)
-                    .map(|(poll, votes)| store.apply_votes(*poll, votes.into())),
+                    .map(|(poll, votes)| store.apply_votes(*poll, false, votes.into())),
             )
         };
         // Only new votes: nothing is read back from the ledger.

@@ -1274,6 +1274,7 @@ mod tests {
         async fn apply_votes(
             &self,
             _poll: PollId,
+            _allow_change: bool,
             _votes: Arc<[pollcast_actors::Vote]>,
         ) -> Result<FlushOutcome, StoreError> {
             Err(unused("apply_votes"))

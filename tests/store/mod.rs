@@ -155,7 +155,7 @@ async fn get_polls_reads_every_poll_among_the_ids(store: &dyn PollStore) {
 async fn a_batch_replayed_changes_nothing(store: &dyn PollStore) {
     let poll = create(store, 2, PollSettings::default()).await;
     let votes = batch((0..20).map(|i| vote(poll, &format!("u{i}"), "v", &[1 + i % 2])));
-    let first = store.apply_votes(poll, votes.clone()).await.unwrap();
+    let first = store.apply_votes(poll, false, votes.clone()).await.unwrap();
     assert_eq!(first.inserted, 20);
     let all: Vec<_> = first
         .all
@@ -163,7 +163,7 @@ async fn a_batch_replayed_changes_nothing(store: &dyn PollStore) {
         .map(|c| (c.option_id, c.new_count))
         .collect();
     assert_eq!(all, [(1, 10), (2, 10)]);
-    let replay = store.apply_votes(poll, votes).await.unwrap();
+    let replay = store.apply_votes(poll, false, votes).await.unwrap();
     assert_eq!(replay.inserted, 0);
     assert_eq!(
         replay.seq, first.seq,
@@ -187,13 +187,13 @@ async fn a_voters_second_ballot_is_skipped_unless_the_poll_allows_changes(store:
         },
     )
     .await;
-    for poll in [fixed, changing] {
+    for (poll, allow_change) in [(fixed, false), (changing, true)] {
         store
-            .apply_votes(poll, batch([vote(poll, "u", "a", &[1])]))
+            .apply_votes(poll, allow_change, batch([vote(poll, "u", "a", &[1])]))
             .await
             .unwrap();
         store
-            .apply_votes(poll, batch([vote(poll, "u", "b", &[2])]))
+            .apply_votes(poll, allow_change, batch([vote(poll, "u", "b", &[2])]))
             .await
             .unwrap();
     }
@@ -213,7 +213,10 @@ async fn a_voters_second_ballot_is_skipped_unless_the_poll_allows_changes(store:
         vote(changing, "w", "a", &[1]),
         vote(changing, "w", "b", &[2]),
     ]);
-    let outcome = store.apply_votes(changing, batch_change).await.unwrap();
+    let outcome = store
+        .apply_votes(changing, true, batch_change)
+        .await
+        .unwrap();
     assert_eq!(outcome.inserted, 2);
     assert_eq!(
         counts(store, changing).await,
@@ -232,11 +235,11 @@ async fn a_vote_id_reused_for_another_ballot_is_not_counted(store: &dyn PollStor
     )
     .await;
     store
-        .apply_votes(poll, batch([vote(poll, "u", "a", &[1])]))
+        .apply_votes(poll, true, batch([vote(poll, "u", "a", &[1])]))
         .await
         .unwrap();
     let reused = store
-        .apply_votes(poll, batch([vote(poll, "u", "a", &[2])]))
+        .apply_votes(poll, true, batch([vote(poll, "u", "a", &[2])]))
         .await
         .unwrap();
     assert_eq!(reused.inserted, 0);
@@ -256,6 +259,7 @@ async fn a_multiple_choice_ballot_counts_each_option_and_one_voter(store: &dyn P
     let outcome = store
         .apply_votes(
             poll,
+            false,
             batch([vote(poll, "u", "a", &[1, 3]), vote(poll, "w", "a", &[3])]),
         )
         .await
@@ -277,8 +281,8 @@ async fn a_flush_for_a_poll_that_does_not_exist_fails(store: &dyn PollStore) {
     let poll = create(store, 2, PollSettings::default()).await;
     let nowhere = poll + 1000;
     let (good, bad) = tokio::join!(
-        store.apply_votes(poll, batch([vote(poll, "u", "a", &[1])])),
-        store.apply_votes(nowhere, batch([vote(nowhere, "u", "a", &[1])])),
+        store.apply_votes(poll, false, batch([vote(poll, "u", "a", &[1])])),
+        store.apply_votes(nowhere, false, batch([vote(nowhere, "u", "a", &[1])])),
     );
     assert!(bad.is_err(), "a poll that does not exist cannot be flushed");
     assert_eq!(
@@ -320,7 +324,7 @@ async fn a_poll_closes_once_and_keeps_its_closing_time(store: &dyn PollStore) {
 async fn sealing_publishes_every_count_once(store: &dyn PollStore) {
     let poll = create(store, 2, PollSettings::default()).await;
     let flushed = store
-        .apply_votes(poll, batch([vote(poll, "u", "a", &[2])]))
+        .apply_votes(poll, false, batch([vote(poll, "u", "a", &[2])]))
         .await
         .unwrap();
     store.close_poll(poll, now_millis()).await.unwrap();
@@ -418,11 +422,11 @@ async fn the_ledger_pages_in_counting_order(store: &dyn PollStore) {
         .map(|i| vote(poll, &format!("u{i}"), "v", &[1]))
         .collect();
     store
-        .apply_votes(poll, batch(votes[..3].to_vec()))
+        .apply_votes(poll, false, batch(votes[..3].to_vec()))
         .await
         .unwrap();
     store
-        .apply_votes(poll, batch(votes[3..].to_vec()))
+        .apply_votes(poll, false, batch(votes[3..].to_vec()))
         .await
         .unwrap();
     let first = store.ledger(poll, 0, 2).await.unwrap();
@@ -458,11 +462,12 @@ async fn voters_since_lists_the_current_ballots_from_then_on(store: &dyn PollSto
         voted_at: Some(1_000),
         ..vote(poll, "old", "a", &[1])
     };
-    store.apply_votes(poll, batch([old])).await.unwrap();
+    store.apply_votes(poll, true, batch([old])).await.unwrap();
     let since = now_millis();
     store
         .apply_votes(
             poll,
+            true,
             batch([vote(poll, "u", "a", &[1]), vote(poll, "u", "b", &[2])]),
         )
         .await
@@ -566,7 +571,9 @@ async fn random_histories_count_as_the_ballot_rule_says(store: &dyn PollStore) {
             let flushes = polls
                 .iter()
                 .zip(&batches)
-                .map(|((id, _, _, _), votes)| store.apply_votes(*id, batch(votes.clone())));
+                .map(|((id, allow_change, _, _), votes)| {
+                    store.apply_votes(*id, *allow_change, batch(votes.clone()))
+                });
             let outcomes = futures_util::future::join_all(flushes).await;
             for ((id, allow_change, model, _), (votes, outcome)) in
                 polls.iter_mut().zip(batches.iter().zip(outcomes))
