@@ -14,9 +14,7 @@ use pollcast_actors::{
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Row};
 
-use super::sql_common::{
-    self, LEDGER_COLUMNS, LIST_LIMIT, POLL_COLUMNS, PollRow, ledger_row, poll_row,
-};
+use super::sql_common::{self, LIST_LIMIT, POLL_COLUMNS, PollRow, err, poll_row};
 
 /// Pool sizing and timeouts (from `[store]` in config.toml).
 #[derive(Debug, Clone, Copy)]
@@ -32,18 +30,17 @@ pub struct PgPoolSettings {
 /// A [`PollStore`] in Postgres.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
+    /// Writes and reads: Postgres has no single-writer limit, so `readers` is the same pool
+    /// (two names, so that the statements shared with SQLite name the pool they need).
+    writer: PgPool,
+    readers: PgPool,
     /// The vote path's own connections (closed flags). Why its own: listing, exports and
-    /// snapshots queue on `pool`, and a vote must never wait behind them.
+    /// snapshots queue on `writer`, and a vote must never wait behind them.
     flags: PgPool,
 }
 
 /// Connections of the vote path's own pool.
 const FLAG_CONNECTIONS: u32 = 2;
-
-fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |e| StoreError::new(what, e)
-}
 
 /// The migrations of the Postgres schema, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -65,27 +62,20 @@ impl PostgresStore {
             .max_connections(FLAG_CONNECTIONS)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool, flags })
+        Ok(Self {
+            readers: pool.clone(),
+            writer: pool,
+            flags,
+        })
     }
 
     /// Applies pending migrations (idempotent; serialised by sqlx's advisory lock, so several
     /// processes may start at once).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR
-            .run(&self.pool)
+            .run(&self.writer)
             .await
             .map_err(|e| StoreError::new("migrate the database", e))
-    }
-
-    /// Every option's count, inside a flush's transaction.
-    async fn counts(tx: &mut PgConnection, poll: PollId) -> Result<Vec<OptionCount>, StoreError> {
-        let rows: Vec<(i64, i64)> =
-            sqlx::query_as("SELECT id, votes FROM poll_options WHERE poll_id = $1 ORDER BY id")
-                .bind(poll)
-                .fetch_all(tx)
-                .await
-                .map_err(err("read counts"))?;
-        Ok(sql_common::option_counts(rows))
     }
 
     /// The polls among `ids` (at most [`LIST_LIMIT`]), or a page of the newest.
@@ -96,7 +86,7 @@ impl PostgresStore {
     ) -> Result<Vec<Poll>, sqlx::Error> {
         // Why REPEATABLE READ: the version and the counts are two statements, and a flush
         // committing between them would pair an old `seq` with newer counts.
-        let mut conn = self.pool.begin().await?;
+        let mut conn = self.writer.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *conn)
             .await?;
@@ -144,29 +134,14 @@ impl PostgresStore {
     }
 }
 
+sql_common::same_in_both_dialects!(PostgresStore, PgConnection);
+
 #[async_trait]
 impl PollStore for PostgresStore {
     async fn create_poll(&self, poll: NewPoll) -> Result<Poll, StoreError> {
         let created_at = now_millis();
-        let (url, secret, every) = sql_common::webhook_columns(&poll.settings);
-        let mut tx = self.pool.begin().await.map_err(err("create poll"))?;
-        let id: PollId = sqlx::query_scalar(
-            "INSERT INTO polls (question, created_at, closes_at, max_choices, hide_results, \
-             allow_change, webhook_url, webhook_secret, webhook_results_secs) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
-        )
-        .bind(&poll.question)
-        .bind(created_at)
-        .bind(poll.settings.closes_at)
-        .bind(i64::from(poll.settings.max_choices))
-        .bind(poll.settings.hide_results)
-        .bind(poll.settings.allow_change)
-        .bind(url)
-        .bind(secret)
-        .bind(every)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(err("create poll"))?;
+        let mut tx = self.writer.begin().await.map_err(err("create poll"))?;
+        let id = Self::insert_poll_row(&mut tx, &poll, created_at).await?;
         sqlx::query(
             "INSERT INTO poll_options (poll_id, id, text) \
              SELECT $1, ord, text FROM UNNEST($2::TEXT[]) WITH ORDINALITY AS o(text, ord)",
@@ -201,13 +176,7 @@ impl PollStore for PostgresStore {
     }
 
     async fn is_closed(&self, id: PollId) -> Result<Option<bool>, StoreError> {
-        let closed: Option<bool> =
-            sqlx::query_scalar("SELECT closed_at IS NOT NULL FROM polls WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.flags)
-                .await
-                .map_err(err("read poll state"))?;
-        Ok(closed)
+        self.closed_flag(id).await
     }
 
     async fn closed_among(&self, ids: &[PollId]) -> Result<Vec<PollId>, StoreError> {
@@ -223,16 +192,7 @@ impl PollStore for PostgresStore {
         id: PollId,
         at: UnixMillis,
     ) -> Result<Option<(Poll, bool)>, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE polls SET closed_at = $1, marker_at = $1 \
-             WHERE id = $2 AND closed_at IS NULL",
-        )
-        .bind(at)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(err("close poll"))?;
-        let newly = updated.rows_affected() == 1;
+        let newly = self.close_unless_closed(id, at).await?;
         Ok(self.get_poll(id).await?.map(|poll| (poll, newly)))
     }
 
@@ -241,31 +201,7 @@ impl PollStore for PostgresStore {
         now: UnixMillis,
         resend_before: UnixMillis,
     ) -> Result<Vec<(PollId, UnixMillis)>, StoreError> {
-        // Why conditional UPDATEs: with several processes each row goes to the one whose
-        // update takes it, so each poll gets one marker (the row lock decides).
-        let mut tx = self.pool.begin().await.map_err(err("close due polls"))?;
-        // Lost markers first, so that the polls closed just below are not counted twice.
-        let mut due: Vec<(PollId, UnixMillis)> = sqlx::query_as(
-            "UPDATE polls SET marker_at = $1 \
-             WHERE NOT sealed AND closed_at IS NOT NULL AND COALESCE(marker_at, 0) < $2 \
-             RETURNING id, closed_at",
-        )
-        .bind(now)
-        .bind(resend_before)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err("find unsealed polls"))?;
-        let closed: Vec<(PollId, UnixMillis)> = sqlx::query_as(
-            "UPDATE polls SET closed_at = closes_at, marker_at = $1 \
-             WHERE closed_at IS NULL AND closes_at <= $1 RETURNING id, closed_at",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err("close due polls"))?;
-        tx.commit().await.map_err(err("close due polls"))?;
-        due.extend(closed);
-        Ok(due)
+        self.take_polls_to_seal(now, resend_before).await
     }
 
     async fn apply_votes(
@@ -275,7 +211,7 @@ impl PollStore for PostgresStore {
         votes: Arc<[Vote]>,
     ) -> Result<FlushOutcome, StoreError> {
         let now = now_millis();
-        let mut tx = self.pool.begin().await.map_err(err("begin flush"))?;
+        let mut tx = self.writer.begin().await.map_err(err("begin flush"))?;
         // Why FOR UPDATE: during a partition hand-over two processes may flush the same poll
         // for a moment; the ledger reads below must not race. A poll that does not exist
         // fails the flush here.
@@ -384,21 +320,7 @@ impl PollStore for PostgresStore {
     }
 
     async fn seal_poll(&self, poll: PollId) -> Result<Option<FlushOutcome>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(err("seal poll"))?;
-        let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE polls SET version = version + 1, sealed = TRUE \
-             WHERE id = $1 AND NOT sealed RETURNING version",
-        )
-        .bind(poll)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(err("seal poll"))?;
-        let Some(seq) = seq else {
-            return Ok(None);
-        };
-        let all = Self::counts(&mut tx, poll).await?;
-        tx.commit().await.map_err(err("seal poll"))?;
-        Ok(Some(sql_common::sealed(seq, all)))
+        self.seal(poll).await
     }
 
     async fn ledger(
@@ -407,36 +329,14 @@ impl PollStore for PostgresStore {
         after: i64,
         limit: i64,
     ) -> Result<Vec<LedgerRow>, StoreError> {
-        let sql = format!(
-            "SELECT {LEDGER_COLUMNS} FROM votes WHERE poll_id = $1 AND row_id > $2 \
-             ORDER BY row_id LIMIT $3"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(poll)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(err("read the ledger"))?;
-        Ok(rows.iter().map(|r| ledger_row!(r)).collect())
+        self.ledger_page(poll, after, limit).await
     }
 
     async fn voters_since(&self, since: UnixMillis) -> Result<Vec<Voter>, StoreError> {
-        let rows: Vec<(PollId, String, String, String)> = sqlx::query_as(
-            "SELECT poll_id, user_id, vote_id, choices FROM votes WHERE current AND voted_at >= $1",
-        )
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(err("list recent voters"))?;
-        Ok(sql_common::voters(rows))
+        self.current_voters_since(since).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(err("ping"))?;
-        Ok(())
+        self.ping_readers().await
     }
 }

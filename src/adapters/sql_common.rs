@@ -1,14 +1,16 @@
-//! What the SQL stores share: the columns of a poll, turning rows into domain values, and
-//! turning a [`BallotPlan`] into a flush outcome. The SQL itself differs per dialect (SQLite:
-//! multi-row VALUES; Postgres: UNNEST over arrays) and stays in each adapter.
+//! What the SQL stores share: the statements that are the same in both dialects
+//! ([`same_in_both_dialects!`]), the columns of a poll, turning rows into domain values, and
+//! turning a [`BallotPlan`] into a flush outcome. The SQL that differs per dialect (SQLite:
+//! multi-row VALUES and one writer; Postgres: UNNEST over arrays and row locks) stays in
+//! each adapter.
 
 use std::collections::{BTreeMap, HashMap};
 
 use pollcast_actors::ballot::{self, LedgerView};
 use pollcast_actors::domain::UnixMillis;
 use pollcast_actors::{
-    FlushOutcome, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings, Voter,
-    WebhookTarget,
+    FlushOutcome, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings,
+    StoreError, Voter, WebhookTarget,
 };
 
 /// Polls listed by `GET /polls` at most (newest first).
@@ -232,3 +234,192 @@ pub fn sealed(seq: i64, all: Vec<OptionCount>) -> FlushOutcome {
         all,
     }
 }
+
+/// Maps a sqlx error to the store's, naming what was being done.
+pub fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| StoreError::new(what, e)
+}
+
+/// The statements of a SQL store that are the same in both dialects (parameters written
+/// `$N`, which sqlx binds by position in SQLite too), written once and expanded into an
+/// inherent `impl` of each store, whose `PollStore` methods call them. A store has `writer`,
+/// `readers` and `flags` pools (the vote path's own reader of closed flags).
+///
+/// Why a macro and not generic functions over `sqlx::Database`: each would need a bound
+/// per column type and executor, longer than the statements it shares.
+macro_rules! same_in_both_dialects {
+    ($store:ty, $conn:ty) => {
+        impl $store {
+            /// Inserts a new poll's row (not its options), inside the creating transaction;
+            /// returns its id.
+            async fn insert_poll_row(
+                tx: &mut $conn,
+                poll: &NewPoll,
+                created_at: UnixMillis,
+            ) -> Result<PollId, StoreError> {
+                let (url, secret, every) = sql_common::webhook_columns(&poll.settings);
+                sqlx::query_scalar(
+                    "INSERT INTO polls (question, created_at, closes_at, max_choices, \
+                     hide_results, allow_change, webhook_url, webhook_secret, \
+                     webhook_results_secs) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                )
+                .bind(&poll.question)
+                .bind(created_at)
+                .bind(poll.settings.closes_at)
+                .bind(i64::from(poll.settings.max_choices))
+                .bind(poll.settings.hide_results)
+                .bind(poll.settings.allow_change)
+                .bind(url)
+                .bind(secret)
+                .bind(every)
+                .fetch_one(tx)
+                .await
+                .map_err(sql_common::err("create poll"))
+            }
+
+            /// Every option's count, inside a flush's transaction.
+            async fn counts(
+                tx: &mut $conn,
+                poll: PollId,
+            ) -> Result<Vec<OptionCount>, StoreError> {
+                let rows: Vec<(i64, i64)> = sqlx::query_as(
+                    "SELECT id, votes FROM poll_options WHERE poll_id = $1 ORDER BY id",
+                )
+                .bind(poll)
+                .fetch_all(tx)
+                .await
+                .map_err(sql_common::err("read counts"))?;
+                Ok(sql_common::option_counts(rows))
+            }
+
+            /// [`PollStore::is_closed`], on the vote path's own pool.
+            async fn closed_flag(&self, id: PollId) -> Result<Option<bool>, StoreError> {
+                sqlx::query_scalar("SELECT closed_at IS NOT NULL FROM polls WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.flags)
+                    .await
+                    .map_err(sql_common::err("read poll state"))
+            }
+
+            /// Closes the poll as of `at` unless it is closed; whether this call closed it.
+            async fn close_unless_closed(
+                &self,
+                id: PollId,
+                at: UnixMillis,
+            ) -> Result<bool, StoreError> {
+                let updated = sqlx::query(
+                    "UPDATE polls SET closed_at = $1, marker_at = $1 \
+                     WHERE id = $2 AND closed_at IS NULL",
+                )
+                .bind(at)
+                .bind(id)
+                .execute(&self.writer)
+                .await
+                .map_err(sql_common::err("close poll"))?;
+                Ok(updated.rows_affected() == 1)
+            }
+
+            /// [`PollStore::polls_to_seal`]. Why conditional UPDATEs: with several processes
+            /// each row goes to the one whose update takes it, so each poll gets one marker
+            /// (the row lock decides; in SQLite, the single writer).
+            async fn take_polls_to_seal(
+                &self,
+                now: UnixMillis,
+                resend_before: UnixMillis,
+            ) -> Result<Vec<(PollId, UnixMillis)>, StoreError> {
+                let mut tx = self.writer.begin().await.map_err(sql_common::err("close due polls"))?;
+                // Lost markers first, so that the polls closed just below are not counted
+                // twice.
+                let mut due: Vec<(PollId, UnixMillis)> = sqlx::query_as(
+                    "UPDATE polls SET marker_at = $1 \
+                     WHERE NOT sealed AND closed_at IS NOT NULL AND COALESCE(marker_at, 0) < $2 \
+                     RETURNING id, closed_at",
+                )
+                .bind(now)
+                .bind(resend_before)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sql_common::err("find unsealed polls"))?;
+                let closed: Vec<(PollId, UnixMillis)> = sqlx::query_as(
+                    "UPDATE polls SET closed_at = closes_at, marker_at = $1 \
+                     WHERE closed_at IS NULL AND closes_at <= $1 RETURNING id, closed_at",
+                )
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sql_common::err("close due polls"))?;
+                tx.commit().await.map_err(sql_common::err("close due polls"))?;
+                due.extend(closed);
+                Ok(due)
+            }
+
+            /// [`PollStore::seal_poll`].
+            async fn seal(&self, poll: PollId) -> Result<Option<FlushOutcome>, StoreError> {
+                let mut tx = self.writer.begin().await.map_err(sql_common::err("seal poll"))?;
+                let seq: Option<i64> = sqlx::query_scalar(
+                    "UPDATE polls SET version = version + 1, sealed = TRUE \
+                     WHERE id = $1 AND NOT sealed RETURNING version",
+                )
+                .bind(poll)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(sql_common::err("seal poll"))?;
+                let Some(seq) = seq else {
+                    return Ok(None);
+                };
+                let all = Self::counts(&mut tx, poll).await?;
+                tx.commit().await.map_err(sql_common::err("seal poll"))?;
+                Ok(Some(sql_common::sealed(seq, all)))
+            }
+
+            /// [`PollStore::ledger`].
+            async fn ledger_page(
+                &self,
+                poll: PollId,
+                after: i64,
+                limit: i64,
+            ) -> Result<Vec<LedgerRow>, StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM votes WHERE poll_id = $1 AND row_id > $2 \
+                     ORDER BY row_id LIMIT $3",
+                    sql_common::LEDGER_COLUMNS
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(poll)
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&self.readers)
+                    .await
+                    .map_err(sql_common::err("read the ledger"))?;
+                Ok(rows.iter().map(|r| sql_common::ledger_row!(r)).collect())
+            }
+
+            /// [`PollStore::voters_since`].
+            async fn current_voters_since(
+                &self,
+                since: UnixMillis,
+            ) -> Result<Vec<Voter>, StoreError> {
+                let rows: Vec<(PollId, String, String, String)> = sqlx::query_as(
+                    "SELECT poll_id, user_id, vote_id, choices FROM votes \
+                     WHERE current AND voted_at >= $1",
+                )
+                .bind(since)
+                .fetch_all(&self.readers)
+                .await
+                .map_err(sql_common::err("list recent voters"))?;
+                Ok(sql_common::voters(rows))
+            }
+
+            /// [`PollStore::ping`].
+            async fn ping_readers(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1")
+                    .execute(&self.readers)
+                    .await
+                    .map_err(sql_common::err("ping"))?;
+                Ok(())
+            }
+        }
+    };
+}
+pub(crate) use same_in_both_dialects;

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::sql_common::{self, LEDGER_COLUMNS, LIST_LIMIT, POLL_COLUMNS, ledger_row, poll_row};
+use super::sql_common::{self, LIST_LIMIT, POLL_COLUMNS, err, poll_row};
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -120,10 +120,6 @@ pub struct SqliteStore {
     flushes: mpsc::Sender<FlushJob>,
 }
 
-fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |e| StoreError::new(what, e)
-}
-
 impl SqliteStore {
     /// Opens (creating it and its directory if missing) and migrates the database at `url`.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
@@ -194,20 +190,6 @@ impl SqliteStore {
         Ok(out)
     }
 
-    /// Every option's count, inside a flush's transaction.
-    async fn counts(
-        tx: &mut SqliteConnection,
-        poll: PollId,
-    ) -> Result<Vec<OptionCount>, StoreError> {
-        let rows: Vec<(i64, i64)> =
-            sqlx::query_as("SELECT id, votes FROM poll_options WHERE poll_id = ? ORDER BY id")
-                .bind(poll)
-                .fetch_all(tx)
-                .await
-                .map_err(err("read counts"))?;
-        Ok(sql_common::option_counts(rows))
-    }
-
     async fn polls_where(&self, which: Which<'_>) -> Result<Vec<Poll>, sqlx::Error> {
         // Why a transaction: a poll's version and its counts are read by two statements, and
         // a flush committing between them would pair an old `seq` with newer counts. In WAL
@@ -255,29 +237,14 @@ enum Which<'a> {
     Among(&'a [PollId]),
 }
 
+sql_common::same_in_both_dialects!(SqliteStore, SqliteConnection);
+
 #[async_trait]
 impl PollStore for SqliteStore {
     async fn create_poll(&self, poll: NewPoll) -> Result<Poll, StoreError> {
         let created_at = now_millis();
-        let (url, secret, every) = sql_common::webhook_columns(&poll.settings);
         let mut tx = self.writer.begin().await.map_err(err("create poll"))?;
-        let id: PollId = sqlx::query_scalar(
-            "INSERT INTO polls (question, created_at, closes_at, max_choices, hide_results, \
-             allow_change, webhook_url, webhook_secret, webhook_results_secs) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(&poll.question)
-        .bind(created_at)
-        .bind(poll.settings.closes_at)
-        .bind(i64::from(poll.settings.max_choices))
-        .bind(poll.settings.hide_results)
-        .bind(poll.settings.allow_change)
-        .bind(url)
-        .bind(secret)
-        .bind(every)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(err("create poll"))?;
+        let id = Self::insert_poll_row(&mut tx, &poll, created_at).await?;
         let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO poll_options (poll_id, id, text) ");
         q.push_values(poll.options.iter().enumerate(), |mut row, (i, text)| {
             row.push_bind(id).push_bind(i as i64 + 1).push_bind(text);
@@ -314,13 +281,7 @@ impl PollStore for SqliteStore {
     }
 
     async fn is_closed(&self, id: PollId) -> Result<Option<bool>, StoreError> {
-        let closed: Option<bool> =
-            sqlx::query_scalar("SELECT closed_at IS NOT NULL FROM polls WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.flags)
-                .await
-                .map_err(err("read poll state"))?;
-        Ok(closed)
+        self.closed_flag(id).await
     }
 
     async fn closed_among(&self, ids: &[PollId]) -> Result<Vec<PollId>, StoreError> {
@@ -341,17 +302,7 @@ impl PollStore for SqliteStore {
         id: PollId,
         at: UnixMillis,
     ) -> Result<Option<(Poll, bool)>, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE polls SET closed_at = ?, marker_at = ? \
-             WHERE id = ? AND closed_at IS NULL",
-        )
-        .bind(at)
-        .bind(at)
-        .bind(id)
-        .execute(&self.writer)
-        .await
-        .map_err(err("close poll"))?;
-        let newly = updated.rows_affected() == 1;
+        let newly = self.close_unless_closed(id, at).await?;
         Ok(self.get_poll(id).await?.map(|poll| (poll, newly)))
     }
 
@@ -360,32 +311,7 @@ impl PollStore for SqliteStore {
         now: UnixMillis,
         resend_before: UnixMillis,
     ) -> Result<Vec<(PollId, UnixMillis)>, StoreError> {
-        // Why conditional UPDATEs: with several processes each row goes to the one whose
-        // update takes it, so each poll gets one marker (the row lock decides).
-        let mut tx = self.writer.begin().await.map_err(err("close due polls"))?;
-        // Lost markers first, so that the polls closed just below are not counted twice.
-        let mut due: Vec<(PollId, UnixMillis)> = sqlx::query_as(
-            "UPDATE polls SET marker_at = ? \
-             WHERE NOT sealed AND closed_at IS NOT NULL AND COALESCE(marker_at, 0) < ? \
-             RETURNING id, closed_at",
-        )
-        .bind(now)
-        .bind(resend_before)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err("find unsealed polls"))?;
-        let closed: Vec<(PollId, UnixMillis)> = sqlx::query_as(
-            "UPDATE polls SET closed_at = closes_at, marker_at = ? \
-             WHERE closed_at IS NULL AND closes_at <= ? RETURNING id, closed_at",
-        )
-        .bind(now)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err("close due polls"))?;
-        tx.commit().await.map_err(err("close due polls"))?;
-        due.extend(closed);
-        Ok(due)
+        self.take_polls_to_seal(now, resend_before).await
     }
 
     async fn apply_votes(
@@ -407,21 +333,7 @@ impl PollStore for SqliteStore {
     }
 
     async fn seal_poll(&self, poll: PollId) -> Result<Option<FlushOutcome>, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(err("seal poll"))?;
-        let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE polls SET version = version + 1, sealed = TRUE \
-             WHERE id = ? AND NOT sealed RETURNING version",
-        )
-        .bind(poll)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(err("seal poll"))?;
-        let Some(seq) = seq else {
-            return Ok(None);
-        };
-        let all = Self::counts(&mut tx, poll).await?;
-        tx.commit().await.map_err(err("seal poll"))?;
-        Ok(Some(sql_common::sealed(seq, all)))
+        self.seal(poll).await
     }
 
     async fn ledger(
@@ -430,37 +342,15 @@ impl PollStore for SqliteStore {
         after: i64,
         limit: i64,
     ) -> Result<Vec<LedgerRow>, StoreError> {
-        let sql = format!(
-            "SELECT {LEDGER_COLUMNS} FROM votes WHERE poll_id = ? AND row_id > ? \
-             ORDER BY row_id LIMIT ?"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(poll)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.readers)
-            .await
-            .map_err(err("read the ledger"))?;
-        Ok(rows.iter().map(|r| ledger_row!(r)).collect())
+        self.ledger_page(poll, after, limit).await
     }
 
     async fn voters_since(&self, since: UnixMillis) -> Result<Vec<Voter>, StoreError> {
-        let rows: Vec<(PollId, String, String, String)> = sqlx::query_as(
-            "SELECT poll_id, user_id, vote_id, choices FROM votes WHERE current AND voted_at >= ?",
-        )
-        .bind(since)
-        .fetch_all(&self.readers)
-        .await
-        .map_err(err("list recent voters"))?;
-        Ok(sql_common::voters(rows))
+        self.current_voters_since(since).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.readers)
-            .await
-            .map_err(err("ping"))?;
-        Ok(())
+        self.ping_readers().await
     }
 }
 
