@@ -24,7 +24,7 @@ use crate::config::{GuardSettings, LogSettings, Secret, Settings, StoreUrl, Vote
 use crate::http::Readiness;
 use crate::http::rate_limit::RateLimits;
 use crate::http::ws::Keepalive;
-use crate::http::{ApiContext, ConnectionLimits, WarpServer, load_tls};
+use crate::http::{ApiContext, ConnectionLimits, HttpServer, load_tls};
 use crate::service::PollService;
 use crate::voter_token::VoterTokens;
 
@@ -274,7 +274,7 @@ impl Application {
             source,
             hub,
             bus,
-            http: Arc::new(WarpServer::new(
+            http: Arc::new(HttpServer::new(
                 listener,
                 admin,
                 ctx,

@@ -71,7 +71,7 @@ pub enum IngestMsg {
     /// The aggregator supervisor is up: reading can start.
     Attach(ActorRef<AggregatorSupervisorMsg>),
     /// Read the next batch from the log (the actor sends this to itself).
-    Poll,
+    ReadLog,
     /// Commit what is committable (sent every commit interval).
     CommitTick,
     /// An aggregator flushed every batch it was sent up to `through`.
@@ -253,7 +253,7 @@ impl IngestActor {
     ) -> Result<(), ActorProcessingErr> {
         if state.unflushed >= state.settings.max_unflushed {
             // Backpressure: the store is behind; let flushes catch up before reading more.
-            myself.send_after(state.settings.poll_wait, || IngestMsg::Poll);
+            myself.send_after(state.settings.poll_wait, || IngestMsg::ReadLog);
             return Ok(());
         }
         let event = state
@@ -299,11 +299,11 @@ impl IngestActor {
             }
             Err(err) => {
                 tracing::warn!(error = %err, "reading the vote log failed; retrying");
-                myself.send_after(Duration::from_millis(500), || IngestMsg::Poll);
+                myself.send_after(Duration::from_millis(500), || IngestMsg::ReadLog);
                 return Ok(());
             }
         }
-        let _ = myself.cast(IngestMsg::Poll);
+        let _ = myself.cast(IngestMsg::ReadLog);
         Ok(())
     }
 
@@ -636,10 +636,10 @@ impl Actor for IngestActor {
             IngestMsg::Attach(aggregators) => {
                 let first = state.aggregators.replace(aggregators).is_none();
                 if first {
-                    let _ = myself.cast(IngestMsg::Poll);
+                    let _ = myself.cast(IngestMsg::ReadLog);
                 }
             }
-            IngestMsg::Poll => {
+            IngestMsg::ReadLog => {
                 if !state.draining {
                     self.poll_once(&myself, state).await?;
                 }

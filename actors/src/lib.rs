@@ -11,19 +11,18 @@ pub mod ballot;
 pub mod broadcast;
 pub mod domain;
 pub mod faults;
-pub mod http_actor;
 pub mod ids;
 pub mod ingest;
 pub mod poll;
 pub mod ports;
 pub mod root;
+pub mod server_actor;
 pub mod supervision;
 
 pub use backoff::Backoff;
 pub use broadcast::{AllPolls, AllPollsUpdate, BroadcastHub, CountsFrame, Subscription};
 pub use domain::{CountsUpdate, LogEntry, OptionCount, OptionId, PollId, Vote};
 pub use faults::FaultHooks;
-pub use http_actor::{HttpServer, ServeFuture};
 pub use ingest::IngestSettings;
 pub use poll::{
     BallotRejection, InvalidPoll, NewPoll, Poll, PollDraft, PollOption, PollRules, PollSettings,
@@ -35,4 +34,5 @@ pub use ports::{
     StoreError, VoteAppender, VoteSource, VoteSourceFactory, Voter,
 };
 pub use root::{RootArgs, RootMsg, RootSupervisor};
+pub use server_actor::{ServeFuture, Server};
 pub use supervision::{Escalation, RestartPolicy};

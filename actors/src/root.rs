@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! RootSupervisor
-//! ├── HttpActor             restarted alone (one-for-one)
+//! ├── ServerActor           restarted alone (one-for-one)
 //! └── the pipeline          restarted together (one-for-all): its actors hold each other's refs
 //!     ├── Broadcaster
 //!     ├── IngestActor
@@ -28,9 +28,9 @@ use crate::aggregator_supervisor::{
 };
 use crate::broadcast::{BroadcastHub, Broadcaster, BroadcasterArgs, BroadcasterMsg};
 use crate::faults::FaultHooks;
-use crate::http_actor::{HttpActor, HttpMsg, HttpServer};
 use crate::ingest::{IngestActor, IngestArgs, IngestMsg, IngestSettings};
 use crate::ports::{CountsBus, PollEvents, PollStore, VoteSourceFactory};
+use crate::server_actor::{Server, ServerActor, ServerMsg};
 use crate::supervision::{Escalation, RestartBudget, RestartPolicy};
 
 /// Longest wait for the final flush at shutdown.
@@ -48,7 +48,7 @@ pub struct RootArgs {
     /// Count updates shared with other processes (multi-node mode only).
     pub bus: Option<Arc<dyn CountsBus>>,
     /// The HTTP server.
-    pub http: Arc<dyn HttpServer>,
+    pub http: Arc<dyn Server>,
     /// How often aggregators flush.
     pub flush_interval: Duration,
     /// How many buffered votes make an aggregator flush before its tick.
@@ -115,7 +115,7 @@ fn give_up_past_budget(
 /// State of the [`RootSupervisor`].
 pub struct RootState {
     args: RootArgs,
-    http: Option<ActorRef<HttpMsg>>,
+    http: Option<ActorRef<ServerMsg>>,
     pipeline: Option<Pipeline>,
     budget: RestartBudget,
     stopping: bool,
@@ -199,7 +199,7 @@ impl Actor for RootSupervisor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let pipeline = Self::start_pipeline(&myself.get_cell(), &args).await?;
         let (http, _) =
-            Actor::spawn_linked(None, HttpActor, args.http.clone(), myself.get_cell()).await?;
+            Actor::spawn_linked(None, ServerActor, args.http.clone(), myself.get_cell()).await?;
         Ok(RootState {
             budget: RestartBudget::new(args.restart),
             args,
@@ -230,7 +230,7 @@ impl Actor for RootSupervisor {
             RootMsg::RestartHttp if !state.stopping => {
                 let (http, _) = Actor::spawn_linked(
                     None,
-                    HttpActor,
+                    ServerActor,
                     state.args.http.clone(),
                     myself.get_cell(),
                 )

@@ -1,4 +1,4 @@
-//! The HTTP server as the [`HttpActor`](pollcast_actors::http_actor::HttpActor) runs it.
+//! The HTTP server as the [`ServerActor`](pollcast_actors::server_actor::ServerActor) runs it.
 //!
 //! The accept loop is ours (hyper-util, as inside `warp::serve`) so that every connection
 //! and request passes through one place: the connection cap, header limits, the client's
@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use pollcast_actors::{HttpServer, ServeFuture};
+use pollcast_actors::{ServeFuture, Server};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -119,7 +119,7 @@ impl Drop for IpSlot {
 /// Serves the API on a listener bound at start-up, and health and metrics alone on the
 /// admin listener when one is configured. Restarting the server reuses the same sockets,
 /// so the ports never change under clients.
-pub struct WarpServer {
+pub struct HttpServer {
     listener: TcpListener,
     admin: Option<TcpListener>,
     ctx: ApiContext,
@@ -130,7 +130,7 @@ pub struct WarpServer {
 /// Connections the admin listener takes at once: probes and scrapers, not an audience.
 const ADMIN_CONNECTIONS: usize = 64;
 
-impl WarpServer {
+impl HttpServer {
     /// Serves `ctx`'s routes on `listener`, over TLS when `tls` is given; `/healthz`,
     /// `/readyz` and `/metrics` also on `admin` (plain HTTP).
     pub fn new(
@@ -150,7 +150,7 @@ impl WarpServer {
     }
 }
 
-impl HttpServer for WarpServer {
+impl Server for HttpServer {
     fn serve(&self, stop: CancellationToken) -> ServeFuture {
         let listener = self.listener.try_clone();
         let admin = self.admin.as_ref().map(TcpListener::try_clone).transpose();

@@ -1,4 +1,6 @@
-//! `HttpActor`: owns the HTTP server's lifecycle (not its requests).
+//! `ServerActor`: owns the API server's lifecycle (not its requests). The server itself
+//! (HTTP, WebSocket, Socket.IO) is the binary's `http::HttpServer`; the tree knows it only
+//! as a [`Server`].
 //!
 //! Handlers call the duplicate guard and the vote log directly through cheap clonable handles;
 //! funnelling every request through one mailbox would cap throughput at one core. The actor
@@ -20,7 +22,7 @@ use crate::ports::BoxError;
 pub type ServeFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 
 /// The HTTP server, as the actor tree sees it: something that can be started (again).
-pub trait HttpServer: Send + Sync + 'static {
+pub trait Server: Send + Sync + 'static {
     /// Serves until `stop` is cancelled, then finishes in-flight requests and returns.
     fn serve(&self, stop: CancellationToken) -> ServeFuture;
 }
@@ -28,40 +30,40 @@ pub trait HttpServer: Send + Sync + 'static {
 /// How long a graceful stop may take before the server task is abandoned.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Messages of the [`HttpActor`].
+/// Messages of the [`ServerActor`].
 #[derive(Debug)]
-pub enum HttpMsg {
+pub enum ServerMsg {
     /// The server task ended on its own.
     ServerExited(Result<(), String>),
 }
 
-/// State of the [`HttpActor`].
-pub struct HttpState {
+/// State of the [`ServerActor`].
+pub struct ServerState {
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
 /// Runs the HTTP server.
 #[derive(Debug, Default)]
-pub struct HttpActor;
+pub struct ServerActor;
 
-impl Actor for HttpActor {
-    type Msg = HttpMsg;
-    type State = HttpState;
-    type Arguments = Arc<dyn HttpServer>;
+impl Actor for ServerActor {
+    type Msg = ServerMsg;
+    type State = ServerState;
+    type Arguments = Arc<dyn Server>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        server: Arc<dyn HttpServer>,
+        server: Arc<dyn Server>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let stop = CancellationToken::new();
         let serving = server.serve(stop.clone());
         let task = tokio::spawn(async move {
             let result = serving.await.map_err(|e| e.to_string());
-            let _ = myself.cast(HttpMsg::ServerExited(result));
+            let _ = myself.cast(ServerMsg::ServerExited(result));
         });
-        Ok(HttpState {
+        Ok(ServerState {
             stop,
             task: Some(task),
         })
@@ -88,7 +90,7 @@ impl Actor for HttpActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            HttpMsg::ServerExited(result) => {
+            ServerMsg::ServerExited(result) => {
                 state.task = None;
                 if state.stop.is_cancelled() {
                     return Ok(());
