@@ -151,9 +151,9 @@ fn register() {
 type RequestLabels = (&'static str, &'static str, Cow<'static, str>);
 
 /// Request latency histograms by label set. Why kept: building a key from three variable
-/// labels allocates and hashes it, and then the registry looks it up again; that was 3 %
-/// of the embedded server's instructions per vote. The label sets are few (see the label
-/// functions below), so the cache stays small.
+/// labels allocates and hashes it, and then the registry looks it up again, for every
+/// request (its share of a vote: docs/BENCHMARKS.md, "Fast paths"). The label sets are few
+/// (see the label functions below), so the cache stays small.
 static REQUEST_DURATIONS: LazyLock<DashMap<RequestLabels, Histogram>> = LazyLock::new(DashMap::new);
 
 /// Records the latency of one HTTP request in `pollcast_http_request_duration_seconds`.

@@ -189,8 +189,8 @@ pub enum LogEntry {
 }
 
 /// The wire form of any [`LogEntry`], read in one pass. Why not `#[serde(untagged)]` on the
-/// way in: it buffers every record into an intermediate tree and tries each variant, which
-/// made decoding the log's records a tenth of the embedded server's instructions per vote.
+/// way in: it buffers every record into an intermediate tree and tries each variant, for
+/// every record read (what that cost: docs/BENCHMARKS.md, "Fast paths").
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct EntryRecord {

@@ -2,9 +2,8 @@
 
 /// 32 lowercase hex digits of a random 128-bit number.
 ///
-/// Why not `format!("{:032x}")`: the generic formatting machinery cost more than a thousand
-/// instructions per id, and every vote makes one or two (instruction profile in
-/// docs/BENCHMARKS.md).
+/// Why not `format!("{:032x}")`: the generic formatting machinery costs many times more per
+/// id, and every vote makes one or two (docs/BENCHMARKS.md, "Fast paths").
 pub fn random_hex() -> [u8; 32] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let n: u128 = rand::random();

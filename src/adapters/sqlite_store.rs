@@ -31,8 +31,8 @@ const CHUNK_SIZES: [usize; 5] = [INSERT_CHUNK, 200, 40, 8, 1];
 ///
 /// Why: a statement with a row per item has one SQL text per length, sqlx caches prepared
 /// statements by text, and SQLite parses and plans every new text again. With 10,000 active
-/// polls nearly every flush group had new lengths, and preparing them was 7 % of the
-/// embedded server's instructions (callgrind, docs/BENCHMARKS.md); five lengths per
+/// polls nearly every flush group had new lengths, and preparing them was a large share of
+/// the embedded server's instructions (docs/BENCHMARKS.md, "Fast paths"); five lengths per
 /// statement are prepared once and reused.
 fn sized_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
     let mut rest = items;
@@ -46,8 +46,8 @@ fn sized_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
 
 /// A statement with one group of placeholders per row, its SQL text written once for each
 /// length of [`CHUNK_SIZES`]. Why not `QueryBuilder`: it wrote the same text again,
-/// placeholder by placeholder, for every chunk of every flush: 4 % of the store's
-/// instructions with thousands of polls per group (`bench/store_flush.rs`).
+/// placeholder by placeholder, for every chunk of every flush (its cost with thousands of
+/// polls per group: docs/BENCHMARKS.md, "Fast paths").
 struct RowsStatement {
     texts: [String; CHUNK_SIZES.len()],
 }
@@ -426,8 +426,8 @@ async fn commit_group(
 /// Parses `a:b` pairs separated by `separator`, as the flush statements pack them with
 /// `group_concat`. Why packed: sqlx hands every row from its worker thread to the flush
 /// one at a time, with allocations each; with thousands of polls in a group a row per
-/// option and per ballot cost 6 % more of the store's instructions than one row per poll
-/// (`bench/store_flush.rs`).
+/// option and per ballot cost more than one row per poll (docs/BENCHMARKS.md, "Fast
+/// paths").
 fn packed_pairs<A: FromStr, B: FromStr>(
     text: &str,
     separator: char,

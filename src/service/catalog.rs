@@ -162,8 +162,9 @@ impl PollCatalog {
 
     /// Whether the poll is closed, as the store says now. Why through the background task:
     /// when votes start in 10,000 polls created a while ago, every cached flag has expired
-    /// and each first vote would read its own (10,000 queries in two seconds, measured); the
-    /// task reads what is waiting in one query per [`STALE_READS_MAX`] polls.
+    /// and each first vote would read its own (a query each, all at once; figures in
+    /// docs/BENCHMARKS.md, "Fast paths"); the task reads what is waiting in one query per
+    /// [`STALE_READS_MAX`] polls.
     async fn closed_now(&self, id: PollId) -> Result<Option<bool>, StoreError> {
         let Some(stale) = &self.stale else {
             return self.store.is_closed(id).await;

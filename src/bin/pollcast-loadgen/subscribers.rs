@@ -2,9 +2,10 @@
 //!
 //! Why so frugal: the subscribers run on the same cores as the server, and every update
 //! reaches all of them at once, so what each one spends per message is added to the delay
-//! it measures. A profile of the load generator with 10,000 subscribers found 65 % of their
+//! it measures. A profile of the load generator with 10,000 subscribers found most of their
 //! CPU zero-filling tungstenite's 128 KiB read buffer on every read, the rest mostly in
-//! parsing each message into a `serde_json::Value` and in two locks shared by all of them.
+//! parsing each message into a `serde_json::Value` and in two locks shared by all of them
+//! (docs/BENCHMARKS.md, "Fast paths").
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
