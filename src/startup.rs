@@ -24,7 +24,7 @@ use crate::config::{GuardSettings, LogSettings, Secret, Settings, StoreUrl, Vote
 use crate::http::Readiness;
 use crate::http::rate_limit::RateLimits;
 use crate::http::ws::Keepalive;
-use crate::http::{ApiContext, ConnectionLimits, HttpServer, load_tls};
+use crate::http::{ApiContext, ApiSettings, ConnectionLimits, HttpServer, load_tls};
 use crate::service::PollService;
 use crate::voter_token::VoterTokens;
 
@@ -251,23 +251,25 @@ impl Application {
             polls,
             readiness: Readiness::new(store.clone(), guard, appender, source.clone()),
             hub: hub.clone(),
-            admin_token: admin_token(&settings),
-            max_body_bytes: http.max_body_bytes,
-            body_read_timeout: http.body_read_timeout,
             faults: faults.clone(),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             metrics: crate::metrics::install(),
             limits: rate_limits(&settings),
             voter_tokens: voter_tokens(&settings),
-            keepalive: Keepalive {
-                ping_every: http.ws_ping_interval,
-                idle_timeout: http.ws_idle_timeout,
+            settings: ApiSettings {
+                admin_token: admin_token(&settings),
+                max_body_bytes: http.max_body_bytes,
+                body_read_timeout: http.body_read_timeout,
+                keepalive: Keepalive {
+                    ping_every: http.ws_ping_interval,
+                    idle_timeout: http.ws_idle_timeout,
+                },
+                cors_origins: http.cors_origins.clone(),
+                public_url: http.public_url.clone(),
+                tls: http.tls.is_some(),
+                socketio: settings.socketio,
             },
-            cors_origins: http.cors_origins.clone(),
-            public_url: http.public_url.clone(),
-            tls: http.tls.is_some(),
-            socketio: settings.socketio,
         };
         let args = RootArgs {
             store,

@@ -65,9 +65,9 @@ pub(super) async fn qr_svg(
         return Err(ApiError::PollNotFound(id).into());
     }
     let url = join_url(
-        ctx.public_url.as_deref(),
+        ctx.settings.public_url.as_deref(),
         host.as_ref().map(|h| h.as_str()),
-        ctx.tls,
+        ctx.settings.tls,
         id,
     );
     let svg = render(&url);

@@ -50,18 +50,31 @@ pub struct ApiContext {
     pub readiness: Readiness,
     /// WebSocket subscriber registry.
     pub hub: BroadcastHub,
-    /// Poll creation and closing need it as a bearer token.
-    pub admin_token: Secret,
-    /// Largest request body.
-    pub max_body_bytes: u64,
-    /// Longest a body may take to arrive once the request head is in (408 beyond).
-    pub body_read_timeout: std::time::Duration,
+    /// How the API behaves, from `[http]` and `[socketio]`.
+    pub settings: ApiSettings,
     /// Test-only failure switches.
     pub faults: FaultHooks,
     /// Cancelled when the server shuts down; WebSocket sessions then send a close frame.
     pub shutdown: CancellationToken,
     /// WebSocket sessions, awaited at shutdown.
     pub sessions: TaskTracker,
+    /// Verifies voter tokens in signed identity mode (`None`: userId from the body).
+    pub voter_tokens: Option<crate::voter_token::VoterTokens>,
+    /// Per-IP and per-user rate limits.
+    pub limits: rate_limit::RateLimits,
+    /// Renders `GET /metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// How the API behaves: the settings handlers read, fixed at start.
+#[derive(Clone)]
+pub struct ApiSettings {
+    /// Poll creation and closing need it as a bearer token.
+    pub admin_token: Secret,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// Longest a body may take to arrive once the request head is in (408 beyond).
+    pub body_read_timeout: std::time::Duration,
     /// WebSocket ping interval and idle timeout.
     pub keepalive: ws::Keepalive,
     /// The address the audience reaches the server at, for join links (`None`: the host
@@ -71,12 +84,6 @@ pub struct ApiContext {
     pub tls: bool,
     /// Origins allowed cross-origin access (empty: none).
     pub cors_origins: Vec<Origin>,
-    /// Verifies voter tokens in signed identity mode (`None`: userId from the body).
-    pub voter_tokens: Option<crate::voter_token::VoterTokens>,
-    /// Per-IP and per-user rate limits.
-    pub limits: rate_limit::RateLimits,
-    /// Renders `GET /metrics`.
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The seed's Socket.IO clients at `/socket.io/`.
     pub socketio: crate::config::SocketIoSettings,
 }
@@ -112,7 +119,7 @@ pub fn routes(
     // Why recover first: once a request is known to be same-origin its errors must be
     // answered here, not retried through the other branch (which would run it twice).
     let own = api.recover(error::recover).unify().boxed();
-    let api: BoxedFilter<(Response,)> = match cors(&ctx.cors_origins) {
+    let api: BoxedFilter<(Response,)> = match cors(&ctx.settings.cors_origins) {
         Some(cors) => same_origin()
             .and(own.clone())
             .or(own.with(cors).map(Reply::into_response))
@@ -224,7 +231,7 @@ fn json_body<T: DeserializeOwned + Send>(
 fn raw_body(
     ctx: &ApiContext,
 ) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone + use<> {
-    let (limit, timeout) = (ctx.max_body_bytes, ctx.body_read_timeout);
+    let (limit, timeout) = (ctx.settings.max_body_bytes, ctx.settings.body_read_timeout);
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
         .then(move |declared: Option<u64>, body| async move {
@@ -282,7 +289,7 @@ fn admin(ctx: &ApiContext) -> impl Filter<Extract = (), Error = Rejection> + Clo
 
 /// Whether the request carries the admin token.
 fn is_admin(ctx: &ApiContext) -> impl Filter<Extract = (bool,), Error = Rejection> + Clone + use<> {
-    let token = ctx.admin_token.clone();
+    let token = ctx.settings.admin_token.clone();
     warp::header::optional::<String>("authorization").map(move |header: Option<String>| {
         let given = header
             .as_deref()

@@ -188,7 +188,11 @@ impl Server for HttpServer {
                 }
                 None => None,
             };
-            let socketio = ctx.socketio.enabled.then(|| SocketIoEndpoint::new(&ctx));
+            let socketio = ctx
+                .settings
+                .socketio
+                .enabled
+                .then(|| SocketIoEndpoint::new(&ctx));
             let service = warp::service(routes(ctx));
             accept_loop(
                 listener,

@@ -86,14 +86,14 @@ impl Endpoint {
     /// `ctx.shutdown`.
     pub fn new(ctx: &ApiContext) -> Self {
         let (service, io) = SocketIo::builder()
-            .max_payload(ctx.max_body_bytes)
+            .max_payload(ctx.settings.max_body_bytes)
             .max_buffer_size(CLIENT_BUFFER)
             .ws_read_buffer_size(READ_BUFFER)
             .build_svc();
         let shared = Arc::new(Shared {
             polls: ctx.polls.clone(),
             hub: ctx.hub.clone(),
-            broadcast_all: ctx.socketio.broadcast_all,
+            broadcast_all: ctx.settings.socketio.broadcast_all,
             shutdown: ctx.shutdown.clone(),
         });
         io.ns("/", move |socket: SocketRef| {
@@ -123,7 +123,7 @@ impl Endpoint {
         Self {
             service,
             io,
-            cors_origins: ctx.cors_origins.clone().into(),
+            cors_origins: ctx.settings.cors_origins.clone().into(),
             limits: ctx.limits.clone(),
         }
     }

@@ -131,7 +131,7 @@ pub(super) async fn upgrade(
         last_seq: snapshot.seq,
         updates: subscription,
         shutdown: ctx.shutdown.clone(),
-        keepalive: ctx.keepalive,
+        keepalive: ctx.settings.keepalive,
     };
     ctx.sessions.spawn(async move {
         let _counted_under_the_caps = hold;
