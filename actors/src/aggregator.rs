@@ -4,21 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::broadcast::BroadcasterMsg;
 use crate::domain::{CountsUpdate, LogEntry, PollId, UnixMillis, Vote, now_millis};
 use crate::faults::FaultHooks;
-use crate::ingest::IngestMsg;
+use crate::messages::{AggregatorMsg, IngestMsg, RouteSeq};
 use crate::poll::{Poll, PollRules};
 use crate::ports::{FlushOutcome, PollEvents, PollStore, StoreError};
-
-/// Sequence number the ingest actor gives every batch it routes to an aggregator. An
-/// aggregator acknowledges "flushed everything up to seq N", which tells the ingest actor
-/// which log positions are now safe to commit.
-pub type RouteSeq = u64;
 
 /// Longest pause between retries of a failing flush.
 const MAX_FLUSH_BACKOFF: Duration = Duration::from_secs(10);
@@ -59,23 +54,6 @@ pub struct AggregatorArgs {
     pub close_grace: Duration,
     /// Test-only failure switches.
     pub faults: FaultHooks,
-}
-
-/// Messages of a [`PollAggregator`].
-#[derive(Debug)]
-pub enum AggregatorMsg {
-    /// Records read from the log, all for this aggregator's poll, in log order.
-    Votes {
-        /// The batch's routing sequence number.
-        seq: RouteSeq,
-        /// Votes, and possibly the marker that closes the poll.
-        entries: Vec<LogEntry>,
-    },
-    /// Time to flush (sent every flush interval).
-    Tick,
-    /// Flush now and reply with the routing sequence number flushed through (shutdown and
-    /// partition revocation).
-    FlushNow(RpcReplyPort<Result<RouteSeq, String>>),
 }
 
 /// What the aggregator knows of its poll: the rules its votes are checked against, and

@@ -6,15 +6,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{
-    Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent,
-};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 
-use crate::aggregator::{AggregatorArgs, AggregatorMsg, PollAggregator, PollAtStart};
+use crate::aggregator::{AggregatorArgs, PollAggregator, PollAtStart};
 use crate::broadcast::BroadcasterMsg;
 use crate::domain::PollId;
 use crate::faults::FaultHooks;
-use crate::ingest::IngestMsg;
+use crate::messages::{AggregatorMsg, AggregatorSupervisorMsg, IngestMsg};
 use crate::poll::Poll;
 use crate::ports::{PollEvents, PollStore};
 use crate::supervision::{RestartBudget, RestartPolicy};
@@ -40,22 +38,6 @@ pub struct AggregatorSupervisorArgs {
     pub restart: RestartPolicy,
     /// Test-only failure switches.
     pub faults: FaultHooks,
-}
-
-/// Messages of the [`AggregatorSupervisor`].
-#[derive(Debug)]
-pub enum AggregatorSupervisorMsg {
-    /// The aggregators of these polls, in the same order, spawned where there is none;
-    /// `None` for a poll whose aggregator is being restarted (the ingest actor is told when
-    /// it is back). The polls of the aggregators spawned are read from the store together.
-    Aggregators(
-        Vec<PollId>,
-        RpcReplyPort<Vec<Option<ActorRef<AggregatorMsg>>>>,
-    ),
-    /// A backoff elapsed: restart the aggregator of this poll.
-    Restart(PollId),
-    /// The poll's aggregator is idle with nothing to flush: stop it.
-    Retire(PollId),
 }
 
 /// State of the [`AggregatorSupervisor`].

@@ -11,13 +11,12 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, call_t};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, call_t};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::aggregator::{AggregatorMsg, RouteSeq};
-use crate::aggregator_supervisor::AggregatorSupervisorMsg;
 use crate::domain::{LogEntry, PollId};
+use crate::messages::{AggregatorMsg, AggregatorSupervisorMsg, IngestMsg, RouteSeq};
 use crate::ports::{LogRecord, Offset, Partition, SourceEvent, VoteSource, VoteSourceFactory};
 
 /// How the ingest actor reads and commits.
@@ -63,32 +62,6 @@ pub struct IngestArgs {
     pub source: Arc<dyn VoteSourceFactory>,
     /// Reading and committing.
     pub settings: IngestSettings,
-}
-
-/// Messages of the [`IngestActor`].
-#[derive(Debug)]
-pub enum IngestMsg {
-    /// The aggregator supervisor is up: reading can start.
-    Attach(ActorRef<AggregatorSupervisorMsg>),
-    /// Read the next batch from the log (the actor sends this to itself).
-    ReadLog,
-    /// Commit what is committable (sent every commit interval).
-    CommitTick,
-    /// An aggregator flushed every batch it was sent up to `through`.
-    Flushed {
-        /// The aggregator's poll.
-        poll_id: PollId,
-        /// Highest routing sequence number flushed.
-        through: RouteSeq,
-        /// The aggregator: only batches delivered to this very actor are acknowledged.
-        from: ActorId,
-    },
-    /// An aggregator failed; its supervisor will restart it.
-    AggregatorDown(PollId),
-    /// An aggregator was restarted: rewind the log to what it lost.
-    AggregatorUp(PollId, ActorRef<AggregatorMsg>),
-    /// Shutdown: stop reading, flush every aggregator, commit, reply.
-    Drain(RpcReplyPort<()>),
 }
 
 /// A batch routed to an aggregator and not yet acknowledged as flushed.

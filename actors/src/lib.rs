@@ -13,6 +13,7 @@ pub mod domain;
 pub mod faults;
 pub mod ids;
 pub mod ingest;
+pub mod messages;
 pub mod poll;
 pub mod ports;
 pub mod root;

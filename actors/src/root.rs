@@ -23,12 +23,11 @@ use ractor::{
     call_t,
 };
 
-use crate::aggregator_supervisor::{
-    AggregatorSupervisor, AggregatorSupervisorArgs, AggregatorSupervisorMsg,
-};
+use crate::aggregator_supervisor::{AggregatorSupervisor, AggregatorSupervisorArgs};
 use crate::broadcast::{BroadcastHub, Broadcaster, BroadcasterArgs, BroadcasterMsg};
 use crate::faults::FaultHooks;
-use crate::ingest::{IngestActor, IngestArgs, IngestMsg, IngestSettings};
+use crate::ingest::{IngestActor, IngestArgs, IngestSettings};
+use crate::messages::{AggregatorSupervisorMsg, IngestMsg};
 use crate::ports::{CountsBus, PollEvents, PollStore, VoteSourceFactory};
 use crate::server_actor::{Server, ServerActor, ServerMsg};
 use crate::supervision::{Escalation, RestartBudget, RestartPolicy};

@@ -30,7 +30,7 @@ pub use http::{
     DEFAULT_MAX_CONNECTIONS_PER_IP, HttpSettings, Origin, RawHttp, SocketIoSettings, TlsFiles,
 };
 pub use log::{FileLogSettings, KafkaSection, LogKind, LogSettings, RawKafka, RawLog};
-pub use rate_limit::{RateLimitSettings, RawRateLimit};
+pub use rate_limit::{Rate, RateLimitSettings, RawRateLimit};
 pub use secret::{Secret, ServiceUrl, redact_url};
 pub use store::{RawStore, StoreSettings, StoreUrl};
 pub use webhooks::{RawWebhooks, WebhookSettings};

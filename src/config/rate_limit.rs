@@ -6,7 +6,15 @@ use http::HeaderName;
 use serde::Deserialize;
 
 use super::ConfigError;
-use crate::http::rate_limit::Rate;
+
+/// One quota: a sustained rate and a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests per second, sustained.
+    pub per_second: NonZeroU32,
+    /// Requests allowed at once.
+    pub burst: NonZeroU32,
+}
 
 /// `[rate_limit]` as written: a rate of 0 turns that limit off.
 #[derive(Clone, Deserialize)]

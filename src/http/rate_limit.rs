@@ -16,23 +16,14 @@ use warp::{Filter, Rejection};
 
 use super::connection::PeerAddr;
 use super::error::ApiError;
+use crate::config::Rate;
 
 /// How often idle keys are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-/// One quota: a sustained rate and a burst.
-#[derive(Debug, Clone, Copy)]
-pub struct Rate {
-    /// Requests per second, sustained.
-    pub per_second: NonZeroU32,
-    /// Requests allowed at once.
-    pub burst: NonZeroU32,
-}
-
-impl Rate {
-    fn quota(self) -> Quota {
-        Quota::per_second(self.per_second).allow_burst(self.burst)
-    }
+/// The limiter's quota for a configured rate.
+fn quota(rate: Rate) -> Quota {
+    Quota::per_second(rate.per_second).allow_burst(rate.burst)
 }
 
 /// The limiters, shared by every request.
@@ -51,8 +42,8 @@ impl RateLimits {
         client_ip_header: Option<HeaderName>,
     ) -> Self {
         let limits = Self {
-            per_ip: per_ip.map(|r| Arc::new(RateLimiter::keyed(r.quota()))),
-            per_user: per_user.map(|r| Arc::new(RateLimiter::keyed(r.quota()))),
+            per_ip: per_ip.map(|r| Arc::new(RateLimiter::keyed(quota(r)))),
+            per_user: per_user.map(|r| Arc::new(RateLimiter::keyed(quota(r)))),
             client_ip_header,
         };
         let (ips, users) = (
