@@ -11,7 +11,6 @@ pub mod fdlimit;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
-pub mod service;
 pub mod startup;
 pub mod telemetry;
 pub mod voter_token;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::PollService;
+use pollcast_actors::service::PollService;
 
 /// How often due polls are looked for: the close marker goes out at most this late (votes
 /// are refused from `closesAt` on regardless, by every process's own clock).

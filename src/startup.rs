@@ -25,8 +25,8 @@ use crate::http::Readiness;
 use crate::http::rate_limit::RateLimits;
 use crate::http::ws::Keepalive;
 use crate::http::{ApiContext, ApiSettings, ConnectionLimits, HttpServer, load_tls};
-use crate::service::PollService;
 use crate::voter_token::VoterTokens;
+use pollcast_actors::service::PollService;
 
 /// Longest graceful shutdown (stop accepting, final flush, commit).
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);

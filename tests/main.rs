@@ -4,9 +4,11 @@
 //! - `api`: the HTTP and WebSocket API, against an in-process server per test.
 //! - `process`: the real binary: crash recovery, supervision, configuration, signals.
 //! - `store`: the stores' own contract, against a real SQLite file and PostgreSQL database.
+//! - `service`: the vote path (`PollService`) against a real store, with a scripted vote log.
 
 mod api;
 mod browser;
 mod helpers;
 mod process;
+mod service;
 mod store;

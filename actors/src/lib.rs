@@ -18,6 +18,7 @@ pub mod poll;
 pub mod ports;
 pub mod root;
 pub mod server_actor;
+pub mod service;
 pub mod supervision;
 
 pub use backoff::Backoff;

@@ -9,7 +9,7 @@ use warp::http::StatusCode;
 use warp::reject::Reject;
 use warp::{Rejection, Reply};
 
-use crate::service::{CreateError, VoteError, VoteRejection};
+use pollcast_actors::service::{CreateError, VoteError, VoteRejection};
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -38,8 +38,8 @@ pub use health::Readiness;
 pub use server::{ConnectionLimits, HttpServer, load_tls};
 
 use crate::config::{Origin, Secret};
-use crate::service::PollService;
 use error::ApiError;
+use pollcast_actors::service::PollService;
 
 /// What every handler may use. Cloning is cheap (handles only).
 #[derive(Clone)]

@@ -70,7 +70,7 @@ type ResponseFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 /// What every client's handlers share.
 struct Shared {
-    polls: crate::service::PollService,
+    polls: pollcast_actors::service::PollService,
     hub: BroadcastHub,
     broadcast_all: bool,
     shutdown: CancellationToken,

@@ -1,6 +1,6 @@
 //! The application layer: what pollcast does with polls, in one place. The HTTP API, the
 //! Socket.IO edge and the closing scheduler call a [`PollService`]; it asks the poll's
-//! rules (`pollcast_actors::poll`, the one home of what a poll allows) and drives the ports
+//! rules (`crate::poll`, the one home of what a poll allows) and drives the ports
 //! (store, duplicate guard, vote log, lifecycle events).
 //!
 //! Taking a vote is the whole hot path of `POST /vote`: check it against the poll's rules
@@ -9,14 +9,16 @@
 
 mod catalog;
 mod finish_on_drop;
+#[cfg(test)]
+mod memory_store;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pollcast_actors::domain::now_millis;
-use pollcast_actors::ids::random_id;
-use pollcast_actors::{
+use crate::domain::now_millis;
+use crate::ids::random_id;
+use crate::{
     BallotRejection, Claim, DedupGuard, GuardError, InvalidPoll, LedgerRow, LogEntry, LogError,
     OptionId, Poll, PollDraft, PollEvents, PollId, PollPage, PollStore, StoreError, Vote,
     VoteAppender,
@@ -293,165 +295,5 @@ impl PollService {
             tracing::info!(poll_id, "poll closed on schedule");
         }
         Ok(due.len())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-
-    use pollcast_actors::NoEvents;
-    use tokio::sync::oneshot;
-
-    use super::catalog::tests::catalog_of;
-    use super::*;
-
-    /// What [`ScriptedLog`] does with one append.
-    enum Step {
-        Append,
-        Fail {
-            outcome_unknown: bool,
-        },
-        /// Says it started, waits to be let go, then fails definitely.
-        SlowFail {
-            started: oneshot::Sender<()>,
-            go: oneshot::Receiver<()>,
-        },
-    }
-
-    /// A vote log that answers each append with the next step of its script.
-    struct ScriptedLog(Mutex<VecDeque<Step>>);
-
-    impl ScriptedLog {
-        fn new(steps: impl IntoIterator<Item = Step>) -> Arc<Self> {
-            Arc::new(Self(Mutex::new(steps.into_iter().collect())))
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl VoteAppender for ScriptedLog {
-        async fn append(&self, _entry: LogEntry) -> Result<(), LogError> {
-            let step = self.0.lock().unwrap().pop_front().unwrap_or(Step::Append);
-            match step {
-                Step::Append => Ok(()),
-                Step::Fail { outcome_unknown } if outcome_unknown => {
-                    Err(LogError::outcome_unknown("append", "no delivery report"))
-                }
-                Step::Fail { .. } => Err(LogError::new("append", "refused")),
-                Step::SlowFail { started, go } => {
-                    started.send(()).unwrap();
-                    go.await.unwrap();
-                    Err(LogError::new("append", "refused, late"))
-                }
-            }
-        }
-    }
-
-    /// A vote path over one open poll (options 1 and 2), an in-process guard and `log`.
-    async fn intake_with(log: Arc<ScriptedLog>) -> (tempfile::TempDir, PollService, PollId) {
-        let (dir, catalog, polls) = catalog_of(1).await;
-        let service = PollService {
-            store: catalog.store().clone(),
-            catalog,
-            guard: Arc::new(crate::adapters::MemoryGuard::new(Duration::from_secs(60))),
-            log,
-            events: Arc::new(NoEvents),
-        };
-        (dir, service, polls[0])
-    }
-
-    fn vote(poll: PollId, id: &str) -> Vote {
-        Vote {
-            vote_id: Some(id.into()),
-            ..Vote::single(poll, 1, "u")
-        }
-    }
-
-    #[tokio::test]
-    async fn a_definite_append_failure_releases_the_claim_for_another_vote() {
-        let log = ScriptedLog::new([Step::Fail {
-            outcome_unknown: false,
-        }]);
-        let (_dir, intake, poll) = intake_with(log).await;
-        let failed = intake.submit(vote(poll, "a")).await;
-        assert!(
-            matches!(failed, Err(VoteError::Unavailable(Unavailable::Log(_)))),
-            "{failed:?}"
-        );
-        intake
-            .submit(vote(poll, "b"))
-            .await
-            .expect("not a duplicate of a vote that is not in the log");
-    }
-
-    #[tokio::test]
-    async fn an_append_of_unknown_outcome_keeps_the_claim_for_its_retry() {
-        let log = ScriptedLog::new([Step::Fail {
-            outcome_unknown: true,
-        }]);
-        let (_dir, intake, poll) = intake_with(log).await;
-        let failed = intake.submit(vote(poll, "a")).await;
-        assert!(
-            matches!(failed, Err(VoteError::Unavailable(Unavailable::Log(_)))),
-            "{failed:?}"
-        );
-        let other = intake.submit(vote(poll, "b")).await;
-        assert!(
-            matches!(other, Err(VoteError::Rejected(VoteRejection::Duplicate(_)))),
-            "the first vote may still be counted: {other:?}"
-        );
-        intake
-            .submit(vote(poll, "a"))
-            .await
-            .expect("its retry is accepted");
-    }
-
-    #[tokio::test]
-    async fn a_slow_attempt_that_fails_late_keeps_the_claim_of_its_successful_retry() {
-        let (started, started_rx) = oneshot::channel();
-        let (go, go_rx) = oneshot::channel();
-        let log = ScriptedLog::new([Step::SlowFail { started, go: go_rx }]);
-        let (_dir, intake, poll) = intake_with(log).await;
-        let first = tokio::spawn({
-            let intake = intake.clone();
-            async move { intake.submit(vote(poll, "a")).await }
-        });
-        started_rx.await.unwrap();
-        intake
-            .submit(vote(poll, "a"))
-            .await
-            .expect("the retry is appended");
-        go.send(()).unwrap();
-        let first = first.await.unwrap();
-        assert!(
-            matches!(first, Err(VoteError::Unavailable(Unavailable::Log(_)))),
-            "{first:?}"
-        );
-        let other = intake.submit(vote(poll, "b")).await;
-        assert!(
-            matches!(other, Err(VoteError::Rejected(VoteRejection::Duplicate(_)))),
-            "the retry's vote is in the log: {other:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_vote_id_reused_for_another_ballot_is_refused_before_the_log() {
-        let log = ScriptedLog::new([Step::Append]);
-        let (_dir, intake, poll) = intake_with(log.clone()).await;
-        intake.submit(vote(poll, "a")).await.unwrap();
-        let other_ballot = Vote {
-            choices: vec![2],
-            ..vote(poll, "a")
-        };
-        let refused = intake.submit(other_ballot).await;
-        assert!(
-            matches!(
-                refused,
-                Err(VoteError::Rejected(VoteRejection::VoteIdReused(_)))
-            ),
-            "{refused:?}"
-        );
-        intake.submit(vote(poll, "a")).await.expect("a retry");
     }
 }

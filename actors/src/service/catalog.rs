@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use crate::domain::UnixMillis;
+use crate::{Poll, PollId, PollRules, PollStore, StoreError};
 use dashmap::DashMap;
-use pollcast_actors::domain::UnixMillis;
-use pollcast_actors::{Poll, PollId, PollRules, PollStore, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -290,33 +290,18 @@ async fn refresh_while_alive(
         }
     }
 }
+
 #[cfg(test)]
-pub(crate) mod tests {
-    use pollcast_actors::NewPoll;
-    use pollcast_actors::domain::now_millis;
-
+mod tests {
     use super::*;
-    use crate::adapters::SqliteStore;
+    use crate::domain::now_millis;
+    use crate::service::memory_store::MemoryStore;
 
-    /// A catalog without its background refresher (the tests refresh by hand), over a
-    /// SQLite store holding `n` open polls.
-    pub(crate) async fn catalog_of(n: usize) -> (tempfile::TempDir, PollCatalog, Vec<PollId>) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = Arc::new(SqliteStore::open(&url).await.unwrap());
-        let mut polls = Vec::new();
-        for i in 0..n {
-            let poll = store
-                .create_poll(NewPoll {
-                    question: format!("Q{i}"),
-                    options: vec!["A".into(), "B".into()],
-                    settings: Default::default(),
-                })
-                .await
-                .unwrap();
-            polls.push(poll.id);
-        }
-        (dir, PollCatalog::unrefreshed(store), polls)
+    /// A catalog without its background refresher (the tests refresh by hand), over a store
+    /// holding `n` open polls.
+    async fn catalog_of(n: usize) -> (PollCatalog, Vec<PollId>) {
+        let (store, polls) = MemoryStore::with_polls(n).await;
+        (PollCatalog::unrefreshed(store), polls)
     }
 
     async fn closed(catalog: &PollCatalog, poll: PollId) -> bool {
@@ -325,7 +310,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_refresh_sees_a_poll_closed_elsewhere_before_its_ttl_is_up() {
-        let (_dir, catalog, polls) = catalog_of(3).await;
+        let (catalog, polls) = catalog_of(3).await;
         for &poll in &polls {
             assert!(!closed(&catalog, poll).await);
         }
@@ -346,7 +331,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn only_polls_voted_in_since_the_last_refresh_are_read_again() {
-        let (_dir, catalog, polls) = catalog_of(2).await;
+        let (catalog, polls) = catalog_of(2).await;
         catalog.get(polls[0]).await.unwrap();
         catalog.get(polls[1]).await.unwrap();
         catalog.get(polls[1]).await.unwrap();
@@ -358,7 +343,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn expired_flags_read_together_give_each_poll_its_own_answer() {
-        let (_dir, unrefreshed, polls) = catalog_of(5).await;
+        let (unrefreshed, polls) = catalog_of(5).await;
         let (catalog, refresher) = PollCatalog::new(unrefreshed.store.clone());
         tokio::spawn(refresher);
         for &poll in &polls {
@@ -372,14 +357,24 @@ pub(crate) mod tests {
         for &poll in [polls[1], polls[3]].iter() {
             catalog.store.close_poll(poll, now_millis()).await.unwrap();
         }
-        let seen =
-            futures_util::future::join_all(polls.iter().map(|&poll| closed(&catalog, poll))).await;
+        // Asked at once, so that the refresher reads them together.
+        let reads: Vec<_> = polls
+            .iter()
+            .map(|&poll| {
+                let catalog = catalog.clone();
+                tokio::spawn(async move { closed(&catalog, poll).await })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for read in reads {
+            seen.push(read.await.unwrap());
+        }
         assert_eq!(seen, [false, true, false, true, false]);
     }
 
     #[tokio::test]
     async fn an_expired_entry_read_again_while_this_process_closes_the_poll_stays_closed() {
-        let (_dir, catalog, polls) = catalog_of(1).await;
+        let (catalog, polls) = catalog_of(1).await;
         let id = polls[0];
         catalog.get(id).await.unwrap();
         let long_ago = Instant::now() - 2 * CATALOG_TTL;
@@ -401,7 +396,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_refresh_never_reopens_a_poll_closed_here() {
-        let (_dir, catalog, polls) = catalog_of(1).await;
+        let (catalog, polls) = catalog_of(1).await;
         catalog.get(polls[0]).await.unwrap();
         // Closed by this process while the refresh's read (which saw it open) was under way.
         let mut poll = catalog.store.get_poll(polls[0]).await.unwrap().unwrap();
