@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pollcast_actors::WebhookTarget;
+use pollcast_actors::{Backoff, WebhookTarget};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
@@ -26,10 +26,10 @@ pub struct RetryPolicy {
     pub timeout: Duration,
     /// Attempts per event, the first included.
     pub max_attempts: u32,
-    /// Step before the first retry; doubled for each further one.
-    pub initial_backoff: Duration,
-    /// Largest step.
-    pub max_backoff: Duration,
+    /// The wait after each failed attempt, jittered (see [`Backoff::jittered`]) so that the
+    /// retries of many polls whose receiver failed at the same moment do not all hit it at
+    /// once when it returns.
+    pub backoff: Backoff,
 }
 
 impl From<&WebhookSettings> for RetryPolicy {
@@ -37,23 +37,11 @@ impl From<&WebhookSettings> for RetryPolicy {
         Self {
             timeout: s.timeout,
             max_attempts: s.max_attempts.get(),
-            initial_backoff: s.initial_backoff,
-            max_backoff: s.max_backoff,
+            backoff: Backoff {
+                initial: s.initial_backoff,
+                max: s.max_backoff,
+            },
         }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait after `failed` failed attempts (1 after the first), for `jitter` drawn
-    /// uniformly from [0, 1): between half and all of `initial_backoff · 2^(failed-1)`,
-    /// capped at `max_backoff`. The jitter spreads the retries of many polls whose receiver
-    /// failed at the same moment, so it is not hit by all of them at once when it returns.
-    pub fn backoff(&self, failed: u32, jitter: f64) -> Duration {
-        let backoff = pollcast_actors::Backoff {
-            initial: self.initial_backoff,
-            max: self.max_backoff,
-        };
-        backoff.jittered(failed, jitter)
     }
 }
 
@@ -252,7 +240,7 @@ pub(super) async fn deliver(
         if attempt == policy.max_attempts {
             break;
         }
-        let delay = policy.backoff(attempt, rand::random::<f64>());
+        let delay = policy.backoff.jittered(attempt, rand::random::<f64>());
         tracing::debug!(
             poll_id = event.poll_id,
             delivery = %event.id,
@@ -294,10 +282,12 @@ mod tests {
         let policy = RetryPolicy {
             timeout: Duration::from_secs(5),
             max_attempts: 8,
-            initial_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(60),
+            backoff: Backoff {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(60),
+            },
         };
-        let ms = |failed, jitter| policy.backoff(failed, jitter).as_millis();
+        let ms = |failed, jitter| policy.backoff.jittered(failed, jitter).as_millis();
         // Without jitter's upper half: half of each step; with all of it: the whole step.
         assert_eq!(
             (1..=9).map(|n| ms(n, 0.0)).collect::<Vec<_>>(),

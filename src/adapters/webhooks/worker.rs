@@ -223,7 +223,7 @@ impl Worker {
                             "looking up a poll's webhook failed; will retry"
                         );
                         tokio::select! {
-                            () = sleep(shared.policy.backoff(failed, rand::random::<f64>())) => {}
+                            () = sleep(shared.policy.backoff.jittered(failed, rand::random::<f64>())) => {}
                             () = shared.stop.cancelled() => return,
                         }
                     }
