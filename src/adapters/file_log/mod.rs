@@ -17,7 +17,7 @@
 //! | file | what |
 //! |---|---|
 //! | `mod.rs` | [`FileVoteLog`]: opening the log (cutting a torn tail off), appending |
-//! | `segment.rs` | segment files and the record format, its encoder and its parsers |
+//! | `segment.rs` | segment files and the record format, its encoder and its one parser |
 //! | `writer.rs` | the writer thread: group commit, zero-filling, rolling over |
 //! | `tail.rs` | the last durable records, kept in memory for the reader |
 //! | `source.rs` | the reading side: from the tail or the files; the committed offset |

@@ -1,9 +1,9 @@
 //! The files: segments named by the offset of their first byte, and the record format,
-//! `[len: u32 LE][crc32: u32 LE][JSON entry]`: its encoder, and its parsers for the reader
-//! and for the scan that finds a torn tail.
+//! `[len: u32 LE][crc32: u32 LE][JSON entry]`, with its one parser ([`split_record`]) for
+//! both the reader and the scan that finds a torn tail.
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -89,50 +89,25 @@ pub(super) fn split_record(buf: &[u8]) -> io::Result<Split<'_>> {
     Ok(Split::Record(payload, HEADER as usize + payload.len()))
 }
 
-/// Reads one record at the reader's position: `Ok(None)` at a clean end of data.
-fn read_record(reader: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
-    let mut header = [0u8; HEADER as usize];
-    match reader.read_exact(&mut header) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-    if len == 0 {
-        // The zero-filled space ahead of the data.
-        return Ok(None);
-    }
-    if len > RECORD_MAX {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "record too long",
-        ));
-    }
-    let mut payload = vec![0u8; len as usize];
-    match reader.read_exact(&mut payload) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    if crc32fast::hash(&payload) != crc {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "checksum mismatch",
-        ));
-    }
-    Ok(Some(payload))
-}
-
-/// Length of the valid prefix of a segment: a record torn by a crash ends it.
+/// Length of the valid prefix of a segment: its records up to the first that is torn (by a
+/// crash), fails its checksum or cannot be read, or up to the zero-filled space.
 pub(super) fn valid_length(path: &Path) -> io::Result<u64> {
-    let mut reader = BufReader::new(File::open(path)?);
+    let file = File::open(path)?;
+    let mut buf = vec![0u8; READ_CHUNK as usize];
     let mut valid = 0u64;
     loop {
-        match read_record(&mut reader) {
-            Ok(Some(payload)) => valid += HEADER + payload.len() as u64,
-            Ok(None) | Err(_) => return Ok(valid),
+        let Ok(read) = read_fully_at(&file, &mut buf, valid) else {
+            return Ok(valid);
+        };
+        let mut used = 0;
+        while let Ok(Split::Record(_, len)) = split_record(&buf[used..read]) {
+            used += len;
         }
+        if used == 0 {
+            // A record that is not whole even at the start of a read: the valid data ends.
+            return Ok(valid);
+        }
+        valid += used as u64;
     }
 }
 
@@ -167,4 +142,45 @@ pub(super) fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
         at += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use pollcast_actors::Vote;
+
+    use super::*;
+
+    #[test]
+    fn the_valid_prefix_spans_reads_and_ends_at_a_torn_record_or_the_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment.log");
+        // Over two reads' worth, so that records straddle where one read ends.
+        let mut data = Vec::new();
+        let mut n = 0;
+        while (data.len() as u64) < 2 * READ_CHUNK + 1000 {
+            let vote = Vote::single(1, 1, format!("user-{n}"));
+            encode_into(&mut data, &LogEntry::Vote(vote));
+            n += 1;
+        }
+        let whole = data.len() as u64;
+        fs::write(&path, &data).unwrap();
+        assert_eq!(valid_length(&path).unwrap(), whole);
+
+        let mut torn = data.clone();
+        torn.extend_from_slice(&[200, 0, 0, 0, 9, 9, 9, 9, b'{', b'"']);
+        fs::write(&path, &torn).unwrap();
+        assert_eq!(valid_length(&path).unwrap(), whole, "a torn record");
+
+        let mut corrupt = data.clone();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 1;
+        fs::write(&path, &corrupt).unwrap();
+        assert!(valid_length(&path).unwrap() < whole, "a checksum mismatch");
+
+        let mut zeros = data;
+        zeros.extend_from_slice(&[0; 4096]);
+        zeros.extend_from_slice(&[7; 100]);
+        fs::write(&path, &zeros).unwrap();
+        assert_eq!(valid_length(&path).unwrap(), whole, "the zero-filled space");
+    }
 }
