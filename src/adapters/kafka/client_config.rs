@@ -8,7 +8,7 @@ use crate::config::KafkaSection;
 
 /// Which kind of client a configuration is for (each gets its own extra properties).
 #[derive(Clone, Copy)]
-pub(super) enum Role {
+enum Role {
     Admin,
     Producer,
     Consumer,
@@ -16,7 +16,7 @@ pub(super) enum Role {
 
 impl KafkaSection {
     /// pollcast's defaults for `role`, then the operator's properties over them.
-    pub(super) fn client_config(&self, role: Role, defaults: &[(&str, &str)]) -> ClientConfig {
+    fn client_config(&self, role: Role, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
@@ -34,6 +34,44 @@ impl KafkaSection {
             config.set(key.replace('_', "."), value);
         }
         config
+    }
+
+    /// An admin client's configuration (topic creation).
+    pub(super) fn admin_config(&self) -> ClientConfig {
+        self.client_config(Role::Admin, &[])
+    }
+
+    /// A producer's configuration: `defaults`, then the operator's properties over them.
+    pub(super) fn producer_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        self.client_config(Role::Producer, defaults)
+    }
+
+    /// A consumer's configuration in `group`, starting where `offset_reset` says when the
+    /// group has no committed offset: what every consumer of pollcast's has (group
+    /// membership, offsets committed only by pollcast, short fetch waits), then `defaults`,
+    /// then the operator's properties over them.
+    pub(super) fn consumer_config(
+        &self,
+        group: &str,
+        offset_reset: &str,
+        defaults: &[(&str, &str)],
+    ) -> ClientConfig {
+        let every_consumer = [
+            GROUP_DEFAULTS[0],
+            GROUP_DEFAULTS[1],
+            ("group.id", group),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", offset_reset),
+            // Why not the default 500 ms: at low traffic the broker holds a fetch that long
+            // for more bytes, and each vote (and each count from another process) waits it
+            // out on its way to the screen.
+            ("fetch.wait.max.ms", "50"),
+        ];
+        let all: Vec<(&str, &str)> = every_consumer
+            .into_iter()
+            .chain(defaults.iter().copied())
+            .collect();
+        self.client_config(Role::Consumer, &all)
     }
 }
 

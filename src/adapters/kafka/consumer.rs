@@ -15,7 +15,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset as KafkaOffset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
-use super::client_config::{GROUP_DEFAULTS, Role};
 use super::consumer_thread::{CLOSE_TIMEOUT, Request, serve_polls};
 use super::kafka_err;
 use super::rebalance::IngestContext;
@@ -56,21 +55,13 @@ impl VoteSourceFactory for KafkaSourceFactory {
         // before it can be dropped (the next owner starts from the committed offsets).
         let consumer: BaseConsumer<IngestContext> = self
             .settings
-            .client_config(
-                Role::Consumer,
+            .consumer_config(
+                &self.settings.group_id,
+                "earliest",
                 &[
-                    GROUP_DEFAULTS[0],
-                    GROUP_DEFAULTS[1],
-                    ("group.id", &self.settings.group_id),
-                    ("enable.auto.commit", "false"),
                     ("enable.auto.offset.store", "false"),
-                    ("auto.offset.reset", "earliest"),
                     ("partition.assignment.strategy", "range"),
                     ("statistics.interval.ms", "5000"),
-                    // Why not the default 500 ms: at low traffic the broker holds a fetch
-                    // that long for more bytes, and each vote waits it out on its way to
-                    // the screen.
-                    ("fetch.wait.max.ms", "50"),
                 ],
             )
             .create_with_context(context)

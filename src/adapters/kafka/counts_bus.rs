@@ -10,7 +10,6 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
-use super::client_config::{GROUP_DEFAULTS, Role};
 use super::kafka_err;
 use crate::config::KafkaSection;
 
@@ -50,10 +49,7 @@ impl KafkaCountsBus {
     /// A producer of updates; subscribers are created by [`CountsBus::subscribe`].
     pub fn new(settings: &KafkaSection) -> Result<Self, LogError> {
         let producer = settings
-            .client_config(
-                Role::Producer,
-                &[("linger.ms", "0"), ("message.timeout.ms", "5000")],
-            )
+            .producer_config(&[("linger.ms", "0"), ("message.timeout.ms", "5000")])
             .create()
             .map_err(kafka_err("create the counts producer"))?;
         Ok(Self {
@@ -132,18 +128,7 @@ impl CountsBus for KafkaCountsBus {
         );
         let consumer: StreamConsumer = self
             .settings
-            .client_config(
-                Role::Consumer,
-                &[
-                    GROUP_DEFAULTS[0],
-                    GROUP_DEFAULTS[1],
-                    ("group.id", &group),
-                    ("enable.auto.commit", "false"),
-                    ("auto.offset.reset", "latest"),
-                    // Counts from other processes should not wait for more bytes either.
-                    ("fetch.wait.max.ms", "50"),
-                ],
-            )
+            .consumer_config(&group, "latest", &[])
             .create()
             .map_err(kafka_err("create the counts consumer"))?;
         consumer

@@ -12,7 +12,6 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
-use super::client_config::Role;
 use super::kafka_err;
 use crate::config::KafkaSection;
 
@@ -31,15 +30,12 @@ impl KafkaVoteLog {
     /// An idempotent producer of votes.
     pub fn new(settings: &KafkaSection) -> Result<Self, LogError> {
         let timeout_ms = settings.produce_timeout.as_millis().to_string();
-        let config = settings.client_config(
-            Role::Producer,
-            &[
-                ("enable.idempotence", "true"),
-                ("acks", "all"),
-                ("linger.ms", "1"),
-                ("message.timeout.ms", &timeout_ms),
-            ],
-        );
+        let config = settings.producer_config(&[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "1"),
+            ("message.timeout.ms", &timeout_ms),
+        ]);
         let producer = config
             .create()
             .map_err(kafka_err("create the Kafka producer"))?;

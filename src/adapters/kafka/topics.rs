@@ -7,14 +7,13 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
-use super::client_config::Role;
 use super::kafka_err;
 use crate::config::KafkaSection;
 
 /// Creates the topics if they are missing.
 pub async fn ensure_topics(settings: &KafkaSection) -> Result<(), LogError> {
     let admin: AdminClient<DefaultClientContext> = settings
-        .client_config(Role::Admin, &[])
+        .admin_config()
         .create()
         .map_err(kafka_err("create a Kafka admin client"))?;
     let topics: Vec<_> = [&settings.raw_votes_topic, &settings.poll_updates_topic]
