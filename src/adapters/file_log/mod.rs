@@ -214,6 +214,15 @@ mod tests {
         (dir, log)
     }
 
+    /// A log in `dir` in one large segment, holding votes of `u0` to `u{n-1}`.
+    pub(super) async fn log_of_votes(dir: &Path, n: usize) -> FileVoteLog {
+        let log = FileVoteLog::open(dir, 1 << 20).unwrap();
+        for i in 0..n {
+            log.append(vote(&format!("u{i}"))).await.unwrap();
+        }
+        log
+    }
+
     /// Every record follows the one before it, with no gap and no overlap.
     pub(super) fn assert_contiguous(records: &[LogRecord]) {
         for pair in records.windows(2) {

@@ -152,7 +152,7 @@ mod tests {
     use crate::adapters::file_log::FileVoteLog;
     use crate::adapters::file_log::tail::TAIL_RECORDS;
     use crate::adapters::file_log::tests::{
-        assert_contiguous, log_of_200_votes, read_all, user_of, vote,
+        assert_contiguous, log_of_200_votes, log_of_votes, read_all, user_of, vote,
     };
     use pollcast_actors::VoteAppender;
 
@@ -205,10 +205,7 @@ mod tests {
     async fn reading_resumes_at_the_committed_offset_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
-            for i in 0..10 {
-                log.append(vote(&format!("u{i}"))).await.unwrap();
-            }
+            let log = log_of_votes(dir.path(), 10).await;
             let mut source = log.source_factory().open().await.unwrap();
             let records = read_all(&mut source).await;
             source.commit(&[(0, records[4].next_offset)]).await.unwrap();
@@ -223,10 +220,7 @@ mod tests {
     #[tokio::test]
     async fn seek_replays_from_an_earlier_offset() {
         let dir = tempfile::tempdir().unwrap();
-        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
-        for i in 0..5 {
-            log.append(vote(&format!("u{i}"))).await.unwrap();
-        }
+        let log = log_of_votes(dir.path(), 5).await;
         let mut source = log.source_factory().open().await.unwrap();
         let first = read_all(&mut source).await;
         // What the first read took from memory is read again from the files.

@@ -194,18 +194,13 @@ mod tests {
 
     use super::*;
     use crate::adapters::file_log::FileVoteLog;
-    use crate::adapters::file_log::tests::{read_all, user_of, vote};
+    use crate::adapters::file_log::tests::{log_of_votes, read_all, user_of, vote};
     use pollcast_actors::VoteAppender;
 
     #[tokio::test]
     async fn segments_are_zero_filled_ahead_and_reopen_with_every_record() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
-            for i in 0..3 {
-                log.append(vote(&format!("u{i}"))).await.unwrap();
-            }
-        }
+        log_of_votes(dir.path(), 3).await;
         let on_disk = fs::metadata(segment_path(dir.path(), 0)).unwrap().len();
         assert!(
             on_disk >= PREALLOCATE,

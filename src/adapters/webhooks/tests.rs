@@ -274,6 +274,15 @@ fn settings() -> WebhookSettings {
     }
 }
 
+/// A dispatcher over a store that knows no poll, never shut down.
+fn dispatcher(settings: WebhookSettings) -> Arc<WebhookDispatcher> {
+    WebhookDispatcher::start(
+        Arc::new(FakeStore::default()),
+        &settings,
+        CancellationToken::new(),
+    )
+}
+
 fn types(received: &[Received]) -> Vec<String> {
     received
         .iter()
@@ -300,8 +309,7 @@ fn assert_signed(received: &Received, secret: &str) {
 #[tokio::test]
 async fn opened_and_closed_are_posted_signed_and_in_order() {
     let receiver = Receiver::start(0).await;
-    let shutdown = CancellationToken::new();
-    let hooks = WebhookDispatcher::start(Arc::new(FakeStore::default()), &settings(), shutdown);
+    let hooks = dispatcher(settings());
     hooks.opened(&poll(1, Some(target(&receiver.url, None)), false));
     hooks.flushed(&update(1, 1, None));
     hooks.flushed(&update(1, 2, Some(1_700_000_100_000)));
@@ -330,11 +338,7 @@ async fn opened_and_closed_are_posted_signed_and_in_order() {
 #[tokio::test]
 async fn a_failing_receiver_is_retried_with_the_same_event_until_it_accepts() {
     let receiver = Receiver::start(3).await;
-    let hooks = WebhookDispatcher::start(
-        Arc::new(FakeStore::default()),
-        &settings(),
-        CancellationToken::new(),
-    );
+    let hooks = dispatcher(settings());
     hooks.opened(&poll(1, Some(target(&receiver.url, None)), false));
 
     let accepted = receiver.wait_accepted(1).await;
@@ -352,14 +356,10 @@ async fn a_failing_receiver_is_retried_with_the_same_event_until_it_accepts() {
 #[tokio::test]
 async fn delivery_is_given_up_after_max_attempts() {
     let receiver = Receiver::start(usize::MAX).await;
-    let hooks = WebhookDispatcher::start(
-        Arc::new(FakeStore::default()),
-        &WebhookSettings {
-            max_attempts: 3.try_into().unwrap(),
-            ..settings()
-        },
-        CancellationToken::new(),
-    );
+    let hooks = dispatcher(WebhookSettings {
+        max_attempts: 3.try_into().unwrap(),
+        ..settings()
+    });
     hooks.opened(&poll(1, Some(target(&receiver.url, None)), false));
     sleep(Duration::from_millis(800)).await;
     assert_eq!(receiver.all().len(), 3);
@@ -370,11 +370,7 @@ async fn a_closed_event_drops_older_results_still_retrying() {
     // The receiver refuses the opened event's first attempts; meanwhile results and the
     // close come: the results must not arrive after the close, nor at all once it exists.
     let receiver = Receiver::start(3).await;
-    let hooks = WebhookDispatcher::start(
-        Arc::new(FakeStore::default()),
-        &settings(),
-        CancellationToken::new(),
-    );
+    let hooks = dispatcher(settings());
     hooks.opened(&poll(1, Some(target(&receiver.url, Some(1))), false));
     hooks.flushed(&update(1, 1, None));
     hooks.flushed(&update(1, 2, Some(1_700_000_100_000)));
@@ -388,11 +384,7 @@ async fn a_closed_event_drops_older_results_still_retrying() {
 #[tokio::test]
 async fn results_are_throttled_and_coalesced_but_never_sent_for_hidden_polls() {
     let receiver = Receiver::start(0).await;
-    let hooks = WebhookDispatcher::start(
-        Arc::new(FakeStore::default()),
-        &settings(),
-        CancellationToken::new(),
-    );
+    let hooks = dispatcher(settings());
     hooks.opened(&poll(1, Some(target(&receiver.url, Some(1))), false));
     hooks.opened(&poll(2, Some(target(&receiver.url, Some(1))), true));
     for seq in 1..=3 {
@@ -483,11 +475,7 @@ async fn a_polls_webhook_is_looked_up_once_and_the_answer_kept() {
 async fn an_update_that_raced_ahead_of_opened_follows_it() {
     let receiver = Receiver::start(0).await;
     // The store does not know the poll yet: only `opened` can tell its webhook.
-    let hooks = WebhookDispatcher::start(
-        Arc::new(FakeStore::default()),
-        &settings(),
-        CancellationToken::new(),
-    );
+    let hooks = dispatcher(settings());
     hooks.flushed(&update(1, 1, None));
     hooks.opened(&poll(1, Some(target(&receiver.url, Some(60))), false));
     let received = receiver.wait_accepted(2).await;
@@ -500,14 +488,10 @@ async fn an_update_that_raced_ahead_of_opened_follows_it() {
 #[tokio::test]
 async fn a_full_queue_drops_events_without_waiting() {
     let receiver = Receiver::start(0).await;
-    let hooks = WebhookDispatcher::start(
-        Arc::new(FakeStore::default()),
-        &WebhookSettings {
-            queue_capacity: 2.try_into().unwrap(),
-            ..settings()
-        },
-        CancellationToken::new(),
-    );
+    let hooks = dispatcher(WebhookSettings {
+        queue_capacity: 2.try_into().unwrap(),
+        ..settings()
+    });
     // A current-thread runtime: the worker cannot run before this test yields, so the
     // queue is full after two events and the other three must be dropped at once.
     for id in 1..=5 {
