@@ -9,7 +9,7 @@
 //! | [`PollEvents`](pollcast_actors::PollEvents) | [`WebhookDispatcher`] | the same |
 
 mod file_log;
-mod kafka_log;
+mod kafka;
 mod memory_guard;
 mod postgres_store;
 mod redis_guard;
@@ -18,7 +18,7 @@ mod sqlite_store;
 mod webhooks;
 
 pub use file_log::FileVoteLog;
-pub use kafka_log::{KafkaCountsBus, KafkaSourceFactory, KafkaVoteLog, ensure_topics};
+pub use kafka::{KafkaCountsBus, KafkaSourceFactory, KafkaVoteLog, ensure_topics};
 pub use memory_guard::MemoryGuard;
 pub use postgres_store::{PgPoolSettings, PostgresStore};
 pub use redis_guard::{RedisGuard, RedisGuardSettings};
