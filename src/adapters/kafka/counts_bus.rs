@@ -64,15 +64,10 @@ impl KafkaCountsBus {
     /// process that made it): one per option it changed, every option at the close, and
     /// nothing while the poll hides its results.
     fn publish_seed_records(&self, topic: &str, update: &CountsUpdate, key: &str) {
-        if update.hide_results && update.closed_at.is_none() {
+        if update.is_hidden() {
             return;
         }
-        let counts = if update.closed_at.is_some() {
-            &update.all
-        } else {
-            &update.changed
-        };
-        for count in counts {
+        for count in update.counts(true) {
             let record = SeedStatsRecord {
                 option_id: count.option_id.to_string(),
                 poll_id: key.to_owned(),
@@ -91,7 +86,7 @@ impl KafkaCountsBus {
 impl CountsBus for KafkaCountsBus {
     fn publish(&self, update: &CountsUpdate) {
         let record = CountsRecord {
-            r#type: if update.closed_at.is_some() {
+            r#type: if update.is_final() {
                 "closed"
             } else {
                 "counts"

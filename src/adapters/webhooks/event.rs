@@ -29,7 +29,7 @@ impl EventKind {
 
     /// The event a count update would become, if any is sent.
     pub fn of_update(update: &CountsUpdate) -> Self {
-        if update.closed_at.is_some() {
+        if update.is_final() {
             EventKind::Closed
         } else {
             EventKind::Results

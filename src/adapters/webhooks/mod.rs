@@ -154,7 +154,7 @@ impl PollEvents for WebhookDispatcher {
 
     fn flushed(&self, update: &CountsUpdate) {
         if self.no_hook.contains(&update.poll_id) {
-            if update.closed_at.is_some() {
+            if update.is_final() {
                 self.no_hook.remove(&update.poll_id);
             }
             return;

@@ -73,7 +73,7 @@ impl Hooked {
         update: CountsUpdate,
         now: Instant,
     ) -> bool {
-        if update.closed_at.is_some() {
+        if update.is_final() {
             self.results.cancel();
             if let Some(throttle) = &mut self.throttle {
                 throttle.clear();
@@ -86,7 +86,7 @@ impl Hooked {
             return true;
         }
         // Hidden counts are secret until the poll closes.
-        if update.hide_results || self.closed {
+        if update.is_hidden() || self.closed {
             return false;
         }
         let Some(throttle) = &mut self.throttle else {
@@ -113,8 +113,8 @@ pub(super) enum PollState {
 /// Keeps an update that came while its poll's webhook is looked up: only the newest of the
 /// open poll's counts matter, and a final one is always kept.
 pub(super) fn hold(waiting: &mut Vec<CountsUpdate>, update: CountsUpdate) {
-    if update.closed_at.is_none() {
-        waiting.retain(|u| u.closed_at.is_some());
+    if !update.is_final() {
+        waiting.retain(|u| u.is_final());
     }
     waiting.push(update);
 }

@@ -169,7 +169,7 @@ impl Worker {
                     }
                     Some(PollState::Resolving(waiting)) => hold(waiting, update),
                     None if self.no_hook.contains(&poll_id) => {
-                        if update.closed_at.is_some() {
+                        if update.is_final() {
                             self.no_hook.remove(&poll_id);
                         }
                     }
@@ -259,7 +259,7 @@ impl Worker {
         };
         let Some((target, closed)) = poll.and_then(|p| p.settings.webhook.map(|w| (w, p.closed)))
         else {
-            if !waiting.iter().any(|u| u.closed_at.is_some()) {
+            if !waiting.iter().any(|u| u.is_final()) {
                 self.no_hook.insert(poll_id);
             }
             return;
