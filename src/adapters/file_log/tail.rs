@@ -1,7 +1,8 @@
 //! The writer's tail: the writer keeps the entries it made durable last, in memory, and the
 //! reader takes them from there while it keeps up: reading back and decoding every vote it
-//! had just written was a twentieth of the embedded server's instructions. The files stay
-//! the truth; a reader behind that tail (after a restart, a rewind, or a backlog) reads them.
+//! had just written cost the embedded server a share of every vote (docs/BENCHMARKS.md,
+//! "Fast paths"). The files stay the truth; a reader behind that tail (after a restart, a
+//! rewind, or a backlog) reads them.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};

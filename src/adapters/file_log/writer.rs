@@ -4,9 +4,8 @@
 //!
 //! Segments are zero-filled ahead of the data, a chunk at a time, so that most groups
 //! overwrite blocks that already exist: `fdatasync` then has no file size to journal, which
-//! on ext4 made a write + sync 0.10 ms and 40 µs of CPU instead of 0.165 ms and 62 µs
-//! (docs/BENCHMARKS.md). A zero record header (a record is never empty) marks the end of a
-//! segment's data.
+//! makes a write + sync both faster and cheaper (docs/BENCHMARKS.md, "Fast paths"). A zero
+//! record header (a record is never empty) marks the end of a segment's data.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
