@@ -14,7 +14,7 @@ mod memory_guard;
 mod postgres_store;
 mod redis_guard;
 mod sql_common;
-mod sqlite_store;
+mod sqlite;
 mod webhooks;
 
 pub use file_log::FileVoteLog;
@@ -22,5 +22,5 @@ pub use kafka::{KafkaCountsBus, KafkaSourceFactory, KafkaVoteLog, ensure_topics}
 pub use memory_guard::MemoryGuard;
 pub use postgres_store::{PgPoolSettings, PostgresStore};
 pub use redis_guard::{RedisGuard, RedisGuardSettings};
-pub use sqlite_store::SqliteStore;
+pub use sqlite::SqliteStore;
 pub use webhooks::WebhookDispatcher;
