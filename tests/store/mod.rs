@@ -85,6 +85,15 @@ store_contract!(
     random_histories_count_as_the_ballot_rule_says,
 );
 
+/// A poll whose voters may change their ballot.
+const CHANGING: PollSettings = PollSettings {
+    max_choices: 1,
+    closes_at: None,
+    hide_results: false,
+    allow_change: true,
+    webhook: None,
+};
+
 async fn create(store: &dyn PollStore, options: usize, settings: PollSettings) -> PollId {
     let poll = NewPoll {
         question: "Q".into(),
@@ -178,15 +187,7 @@ async fn a_batch_replayed_changes_nothing(store: &dyn PollStore) {
 
 async fn a_voters_second_ballot_is_skipped_unless_the_poll_allows_changes(store: &dyn PollStore) {
     let fixed = create(store, 2, PollSettings::default()).await;
-    let changing = create(
-        store,
-        2,
-        PollSettings {
-            allow_change: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let changing = create(store, 2, CHANGING).await;
     for (poll, allow_change) in [(fixed, false), (changing, true)] {
         store
             .apply_votes(poll, allow_change, batch([vote(poll, "u", "a", &[1])]))
@@ -225,15 +226,7 @@ async fn a_voters_second_ballot_is_skipped_unless_the_poll_allows_changes(store:
 }
 
 async fn a_vote_id_reused_for_another_ballot_is_not_counted(store: &dyn PollStore) {
-    let poll = create(
-        store,
-        2,
-        PollSettings {
-            allow_change: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let poll = create(store, 2, CHANGING).await;
     store
         .apply_votes(poll, true, batch([vote(poll, "u", "a", &[1])]))
         .await
@@ -449,15 +442,7 @@ async fn the_ledger_pages_in_counting_order(store: &dyn PollStore) {
 }
 
 async fn voters_since_lists_the_current_ballots_from_then_on(store: &dyn PollStore) {
-    let poll = create(
-        store,
-        2,
-        PollSettings {
-            allow_change: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let poll = create(store, 2, CHANGING).await;
     let old = Vote {
         voted_at: Some(1_000),
         ..vote(poll, "old", "a", &[1])
