@@ -26,7 +26,7 @@ use crate::http::rate_limit::RateLimits;
 use crate::http::ws::Keepalive;
 use crate::http::{ApiContext, ApiSettings, ConnectionLimits, HttpServer, load_tls};
 use crate::voter_token::VoterTokens;
-use pollcast_actors::service::PollService;
+use pollcast_actors::service::{PollCatalog, PollService};
 
 /// Longest graceful shutdown (stop accepting, final flush, commit).
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -234,17 +234,15 @@ impl Application {
         let hub = BroadcastHub::new();
         let faults = FaultHooks::default();
         let webhooks_stop = CancellationToken::new();
-        let webhooks =
-            WebhookDispatcher::start(store.clone(), &settings.webhooks, webhooks_stop.clone());
-        let events: Arc<dyn PollEvents> = webhooks.clone();
-        let (polls, catalog_refresher) = PollService::new(
-            store.clone(),
-            guard.clone(),
-            appender.clone(),
-            events.clone(),
-        );
-        // Ends by itself when the service is dropped, after the API and the closer.
+        // The process's one poll cache: the vote path's, and the webhooks' (which skip polls
+        // it knows to have none). Its refresher ends by itself when the cache is dropped,
+        // after the API, the closer and the webhooks.
+        let (catalog, catalog_refresher) = PollCatalog::new(store.clone());
         tokio::spawn(catalog_refresher);
+        let webhooks =
+            WebhookDispatcher::start(catalog.clone(), &settings.webhooks, webhooks_stop.clone());
+        let events: Arc<dyn PollEvents> = webhooks.clone();
+        let polls = PollService::new(catalog, guard.clone(), appender.clone(), events.clone());
         let closer_stop = CancellationToken::new();
         let closer = crate::lifecycle::spawn_closer(polls.clone(), closer_stop.clone());
         let ctx = ApiContext {

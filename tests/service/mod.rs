@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pollcast::adapters::{MemoryGuard, SqliteStore};
-use pollcast_actors::service::{PollService, Unavailable, VoteError, VoteRejection};
+use pollcast_actors::service::{PollCatalog, PollService, Unavailable, VoteError, VoteRejection};
 use pollcast_actors::{
     LogEntry, LogError, NewPoll, NoEvents, PollId, PollStore, Vote, VoteAppender,
 };
@@ -66,7 +66,8 @@ async fn intake_with(log: Arc<ScriptedLog>) -> (tempfile::TempDir, PollService, 
     let poll = store.create_poll(poll).await.unwrap().id;
     let guard = Arc::new(MemoryGuard::new(Duration::from_secs(60)));
     // The catalog's refresher is not needed: the poll stays open.
-    let (service, _refresher) = PollService::new(store, guard, log, Arc::new(NoEvents));
+    let (catalog, _refresher) = PollCatalog::new(store);
+    let service = PollService::new(catalog, guard, log, Arc::new(NoEvents));
     (dir, service, poll)
 }
 

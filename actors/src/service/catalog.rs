@@ -93,12 +93,20 @@ impl PollCatalog {
         (catalog, refresh_while_alive(store, polls, asks))
     }
 
+    /// What the cache knows of a poll now, without reading the store or counting it as
+    /// voted in (for the lifecycle events, which only skip polls known to have no webhook).
+    pub fn known(&self, id: PollId) -> Option<Arc<PollMeta>> {
+        self.polls.get(&id).map(|meta| meta.clone())
+    }
+
     /// The store behind the cache.
     pub fn store(&self) -> &Arc<dyn PollStore> {
         &self.store
     }
 
-    pub(crate) fn unrefreshed(store: Arc<dyn PollStore>) -> Self {
+    /// A cache without the background refresher: each expired flag is read by the vote
+    /// that finds it (for tests, and tools that hold a catalog briefly).
+    pub fn unrefreshed(store: Arc<dyn PollStore>) -> Self {
         Self {
             store,
             polls: Arc::default(),

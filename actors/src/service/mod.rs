@@ -12,7 +12,6 @@ mod finish_on_drop;
 #[cfg(test)]
 mod memory_store;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,23 +127,21 @@ pub struct PollService {
 }
 
 impl PollService {
-    /// The service over its ports, and the refresher of its poll cache, for the caller to
-    /// spawn with the process's other background tasks (it ends when the service is dropped).
+    /// The service over its ports, with `catalog` (the process's one poll cache, shared
+    /// with the lifecycle events) in front of its store.
     pub fn new(
-        store: Arc<dyn PollStore>,
+        catalog: PollCatalog,
         guard: Arc<dyn DedupGuard>,
         log: Arc<dyn VoteAppender>,
         events: Arc<dyn PollEvents>,
-    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let (catalog, refresher) = PollCatalog::new(store.clone());
-        let service = Self {
-            store,
+    ) -> Self {
+        Self {
+            store: catalog.store().clone(),
             catalog,
             guard,
             log,
             events,
-        };
-        (service, refresher)
+        }
     }
 
     /// Creates a poll from `draft` if it keeps the rules. A webhook gets a fresh signing

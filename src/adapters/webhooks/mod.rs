@@ -45,9 +45,9 @@ mod worker;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use dashmap::DashSet;
 use pollcast_actors::domain::now_millis;
-use pollcast_actors::{CountsUpdate, Poll, PollEvents, PollId, PollStore};
+use pollcast_actors::service::PollCatalog;
+use pollcast_actors::{CountsUpdate, Poll, PollEvents, PollId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -62,9 +62,9 @@ const DROP_WARNING_EVERY_MS: i64 = 10_000;
 /// [`PollEvents`] of a process with webhooks.
 pub struct WebhookDispatcher {
     queue: mpsc::Sender<Notice>,
-    /// Polls known to have no webhook (settings never change): their updates are not even
-    /// queued. A poll leaves the set when it closes.
-    no_hook: Arc<DashSet<PollId>>,
+    /// The process's poll cache: the updates of a poll it knows to have no webhook (settings
+    /// never change) are not even queued.
+    catalog: PollCatalog,
     dropped_since_warning: AtomicU64,
     last_drop_warning: AtomicI64,
     done: CancellationToken,
@@ -72,27 +72,26 @@ pub struct WebhookDispatcher {
 
 impl WebhookDispatcher {
     /// Starts the dispatcher's worker. Polls' webhooks not learnt from
-    /// [`PollEvents::opened`] are looked up in `store` once. Cancelling `shutdown` stops
-    /// taking events; deliveries under way then get a few seconds to finish.
+    /// [`PollEvents::opened`] are looked up in the catalog's store once, and the catalog
+    /// remembers the polls that have none. Cancelling `shutdown` stops taking events;
+    /// deliveries under way then get a few seconds to finish.
     pub fn start(
-        store: Arc<dyn PollStore>,
+        catalog: PollCatalog,
         settings: &WebhookSettings,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let (queue, notices) = mpsc::channel(settings.queue_capacity.get());
-        let no_hook = Arc::new(DashSet::new());
         let done = CancellationToken::new();
         worker::spawn(
-            store,
+            catalog.clone(),
             Shared::new(settings),
-            no_hook.clone(),
             notices,
             shutdown,
             done.clone(),
         );
         Arc::new(Self {
             queue,
-            no_hook,
+            catalog,
             dropped_since_warning: AtomicU64::new(0),
             last_drop_warning: AtomicI64::new(0),
             done,
@@ -146,17 +145,14 @@ impl WebhookDispatcher {
 impl PollEvents for WebhookDispatcher {
     fn opened(&self, poll: &Poll) {
         if poll.settings.webhook.is_none() {
-            self.no_hook.insert(poll.id);
+            self.catalog.remember(poll);
             return;
         }
         self.enqueue(Notice::Opened(Box::new(poll.clone())));
     }
 
     fn flushed(&self, update: &CountsUpdate) {
-        if self.no_hook.contains(&update.poll_id) {
-            if update.is_final() {
-                self.no_hook.remove(&update.poll_id);
-            }
+        if has_no_webhook(&self.catalog, update.poll_id) {
             return;
         }
         self.enqueue(Notice::Flushed(update.clone()));
@@ -165,3 +161,10 @@ impl PollEvents for WebhookDispatcher {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether the catalog knows the poll to have no webhook (then none of its events is sent).
+fn has_no_webhook(catalog: &PollCatalog, poll: PollId) -> bool {
+    catalog
+        .known(poll)
+        .is_some_and(|meta| !meta.rules.has_webhook())
+}

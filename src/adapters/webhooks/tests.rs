@@ -1,6 +1,7 @@
 //! The dispatcher end to end: a fake store, a real local receiver, and the fixtures the
 //! other modules' tests share.
 
+use pollcast_actors::service::PollCatalog;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -277,7 +278,7 @@ fn settings() -> WebhookSettings {
 /// A dispatcher over a store that knows no poll, never shut down.
 fn dispatcher(settings: WebhookSettings) -> Arc<WebhookDispatcher> {
     WebhookDispatcher::start(
-        Arc::new(FakeStore::default()),
+        PollCatalog::unrefreshed(Arc::new(FakeStore::default())),
         &settings,
         CancellationToken::new(),
     )
@@ -443,7 +444,8 @@ async fn a_polls_webhook_is_looked_up_once_and_the_answer_kept() {
         (1, poll(1, Some(target(&receiver.url, Some(60))), false)),
         (2, poll(2, None, false)),
     ]);
-    let hooks = WebhookDispatcher::start(store.clone(), &settings(), CancellationToken::new());
+    let catalog = PollCatalog::unrefreshed(store.clone());
+    let hooks = WebhookDispatcher::start(catalog.clone(), &settings(), CancellationToken::new());
     for seq in 1..=3 {
         hooks.flushed(&update(1, seq, None));
         hooks.flushed(&update(2, seq, None));
@@ -459,7 +461,7 @@ async fn a_polls_webhook_is_looked_up_once_and_the_answer_kept() {
     let received = receiver.wait_accepted(2).await;
     assert_eq!(received[1].json()["id"], "1-poll.closed-7");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !hooks.no_hook.contains(&2) {
+    while catalog.known(2).is_none() {
         assert!(
             Instant::now() < deadline,
             "poll 2 never known to have no webhook"
@@ -507,7 +509,7 @@ async fn shutdown_sends_what_was_queued_then_stops() {
     let receiver = Receiver::start(1).await;
     let shutdown = CancellationToken::new();
     let hooks = WebhookDispatcher::start(
-        Arc::new(FakeStore::default()),
+        PollCatalog::unrefreshed(Arc::new(FakeStore::default())),
         &settings(),
         shutdown.clone(),
     );

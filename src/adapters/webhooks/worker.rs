@@ -8,8 +8,8 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashSet;
-use pollcast_actors::{CountsUpdate, Poll, PollId, PollStore, StoreError};
+use pollcast_actors::service::PollCatalog;
+use pollcast_actors::{CountsUpdate, Poll, PollId, StoreError};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -38,21 +38,19 @@ impl Notice {
 
 /// Starts the worker on `notices`; it cancels `done` once it has stopped.
 pub(super) fn spawn(
-    store: Arc<dyn PollStore>,
+    catalog: PollCatalog,
     shared: Shared,
-    no_hook: Arc<DashSet<PollId>>,
     notices: mpsc::Receiver<Notice>,
     shutdown: CancellationToken,
     done: CancellationToken,
 ) {
     let (resolved_tx, resolved) = mpsc::unbounded_channel();
     let worker = Worker {
-        store,
         shared: Arc::new(shared),
         polls: HashMap::new(),
         timers: BinaryHeap::new(),
         resolved_tx,
-        no_hook,
+        catalog,
     };
     tokio::spawn(worker.run(notices, resolved, shutdown, done));
 }
@@ -62,14 +60,14 @@ type Lookup = (PollId, Result<Option<Poll>, StoreError>);
 
 /// The single task that turns notices into deliveries.
 struct Worker {
-    store: Arc<dyn PollStore>,
     shared: Arc<Shared>,
     /// Open polls with a webhook, and polls being looked up.
     polls: HashMap<PollId, PollState>,
     /// When held `poll.results` are due; entries whose update went otherwise are skipped.
     timers: BinaryHeap<Reverse<(Instant, PollId)>>,
     resolved_tx: mpsc::UnboundedSender<Lookup>,
-    no_hook: Arc<DashSet<PollId>>,
+    /// The process's poll cache: it remembers the polls found to have no webhook.
+    catalog: PollCatalog,
 }
 
 impl Worker {
@@ -137,7 +135,7 @@ impl Worker {
         match notice {
             Notice::Opened(poll) => {
                 let Some(target) = &poll.settings.webhook else {
-                    self.no_hook.insert(poll.id);
+                    self.catalog.remember(&poll);
                     return;
                 };
                 let mut hooked = Hooked::new(target, poll.closed);
@@ -168,11 +166,7 @@ impl Worker {
                         }
                     }
                     Some(PollState::Resolving(waiting)) => hold(waiting, update),
-                    None if self.no_hook.contains(&poll_id) => {
-                        if update.is_final() {
-                            self.no_hook.remove(&poll_id);
-                        }
-                    }
+                    None if super::has_no_webhook(&self.catalog, poll_id) => {}
                     None => {
                         self.polls
                             .insert(poll_id, PollState::Resolving(vec![update]));
@@ -200,7 +194,7 @@ impl Worker {
     /// Looks a poll's webhook up in the store, retrying failures like deliveries, and hands
     /// the answer back to the worker.
     fn spawn_lookup(&self, poll_id: PollId) {
-        let store = self.store.clone();
+        let store = self.catalog.store().clone();
         let shared = self.shared.clone();
         let answer = self.resolved_tx.clone();
         self.shared.tracker.spawn(async move {
@@ -257,13 +251,14 @@ impl Worker {
                 return;
             }
         };
-        let Some((target, closed)) = poll.and_then(|p| p.settings.webhook.map(|w| (w, p.closed)))
-        else {
-            if !waiting.iter().any(|u| u.is_final()) {
-                self.no_hook.insert(poll_id);
-            }
+        let Some(poll) = poll else {
             return;
         };
+        let Some(target) = poll.settings.webhook.clone() else {
+            self.catalog.remember(&poll);
+            return;
+        };
+        let closed = poll.closed;
         let mut hooked = Hooked::new(&target, closed);
         let now = Instant::now();
         for update in waiting {
