@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::helpers::services::TcpProxy;
 use crate::helpers::{ADMIN_TOKEN, Backend, TestApp};
 
 /// `pollcast-loadgen votes` against `urls` (comma-separated) with `args`.
@@ -305,4 +306,82 @@ async fn subscribers_spread_over_source_addresses_and_servers_and_reports_merge(
     let url = merged["url"].as_str().unwrap();
     assert!(url.contains(&b.api.addr.to_string()) && url.contains(&a.api.addr.to_string()));
     assert!(merged["verification"].is_null(), "neither run verified");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn votes_cut_off_in_flight_are_retried_with_their_vote_id_and_subscribers_come_back() {
+    // One pollcast reached two ways: through a proxy that the test cuts, as a process going
+    // away drops its connections with requests in flight (some taken, their 202 lost), and
+    // directly, the next --url. A vote retried with its voteId must count once, not twice.
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let proxy = TcpProxy::start(app.api.addr).await;
+    let urls = format!("http://{},http://{}", proxy.addr, app.api.addr);
+    let run = votes_command(
+        &urls,
+        &[
+            "--duration",
+            "4s",
+            "--connections",
+            "4",
+            "--polls",
+            "3",
+            "--subscribers",
+            "12",
+            "--watch",
+            "all",
+            "--reconnect",
+            "--retries",
+            "6",
+            "--verify",
+            "--quiet",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("loadgen runs");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    proxy.restore();
+    let report = report_of(run.wait_with_output().unwrap());
+
+    let verification = &report["verification"];
+    assert_eq!(verification["exact"], true, "{report}");
+    assert_eq!(
+        (&verification["lost"], &verification["doubled"]),
+        (&0.into(), &0.into())
+    );
+    let retry = &report["retry"];
+    assert!(
+        retry["first_errors"].as_u64().unwrap() >= 1,
+        "votes on the cut connections failed: {retry}"
+    );
+    assert!(retry["retries"].as_u64().unwrap() >= 1, "{retry}");
+    assert_eq!(
+        retry["unresolved"], 0,
+        "every retry found the other way: {retry}"
+    );
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    let (_, polls) = app.api.get("/polls").await;
+    let counted: u64 = polls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["totalVotes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        counted,
+        report["accepted"].as_u64().unwrap(),
+        "the server agrees"
+    );
+
+    // Half the subscribers watched through the proxy: each came back on the other way.
+    let fanout = &report["fanout"];
+    assert_eq!(fanout["connected"], 12, "{fanout}");
+    assert!(fanout["disconnects"].as_u64().unwrap() >= 6, "{fanout}");
+    assert_eq!(fanout["reconnects"], fanout["disconnects"], "{fanout}");
+    assert_eq!(fanout["live_at_end"], 12, "{fanout}");
+    assert_eq!(fanout["backwards"], 0, "{fanout}");
+    assert_eq!(fanout["stall"]["polls_watched"], 3, "{fanout}");
 }

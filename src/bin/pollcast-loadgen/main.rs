@@ -3,15 +3,26 @@
 //! ```text
 //! pollcast-loadgen votes --url http://127.0.0.1:8080 --token T --connections 64 --duration 10s \
 //!     --polls 10 [--duplicate-ratio 0.1] [--subscribers 1000] [--probe] [--verify] [--json]
+//! pollcast-loadgen votes --url http://127.0.0.1:8080,http://127.0.0.1:8081 --polls 12 \
+//!     --retries 8 --subscribers 300 --watch all --reconnect --verify   # while processes restart
 //! pollcast-loadgen merge a.json b.json [--json]
 //! ```
 //!
 //! Votes go over HTTP/1.1 keep-alive connections, one request in flight per connection, each
 //! with a unique userId (or a repeated one, for the duplicate ratio). Subscribers are
-//! WebSocket clients of the first poll; for each counts message they record the delay from
-//! the server's flush (`flushedAt`) to receipt, and any update they missed (a gap in `seq`).
+//! WebSocket clients of the first poll (of every poll with `--watch all`); for each counts
+//! message they record the delay from the server's flush (`flushedAt`) to receipt, and any
+//! update they missed (a gap in `seq`), and they check that no count ever goes down.
 //! `--probe` times single votes from sending to being seen counted on a WebSocket.
-//! `--verify` then waits for the counts to stop moving and compares them with the 202s.
+//! `--verify` then waits for the counts to stop moving and compares them, poll by poll, with
+//! the 202s.
+//!
+//! For a cluster whose processes stop and start during the run (a rolling restart):
+//! `--retries` sends every vote with a voteId and retries one answered 5xx or left
+//! unanswered with the same voteId on the next `--url` (a vote retried is still one vote,
+//! counted once); `--reconnect` brings a subscriber whose server went away back on the next
+//! `--url`, as the live page does; and the report gives the longest time any watched poll's
+//! counts stood still while it was given votes.
 //! With `--server-pid` (a server on this machine) the report also says how much CPU the
 //! server and the load generator each spent per vote, and how idle the machine was.
 //!
@@ -24,6 +35,8 @@ mod cpu;
 mod net;
 mod probe;
 mod report;
+mod retry;
+mod stalls;
 mod subscribers;
 mod votes;
 

@@ -57,18 +57,12 @@ pub fn parse_sources(text: &str) -> Result<Vec<IpAddr>, String> {
 }
 
 /// The (target, source) pair of the `i`-th connection of a kind: every pair in turn, so
-/// that each target gets connections from each source.
-pub fn pick<'a>(
-    i: usize,
-    targets: &'a [Target],
-    sources: &[IpAddr],
-) -> (&'a Target, Option<IpAddr>) {
-    let pairs = targets.len() * sources.len().max(1);
+/// that each target gets connections from each source. The target is its index among
+/// `targets` of them: a client moves on to the next when its own goes away.
+pub fn pick_at(i: usize, targets: usize, sources: &[IpAddr]) -> (usize, Option<IpAddr>) {
+    let pairs = targets * sources.len().max(1);
     let pair = i % pairs;
-    (
-        &targets[pair % targets.len()],
-        sources.get(pair / targets.len()).copied(),
-    )
+    (pair % targets, sources.get(pair / targets).copied())
 }
 
 /// Connects to `addr` from `source` (any port) when given.
@@ -195,11 +189,13 @@ mod tests {
         let sources = parse_sources("3").unwrap();
         let mut seen = std::collections::BTreeMap::<_, usize>::new();
         for i in 0..60 {
-            let (t, s) = pick(i, &targets, &sources);
-            *seen.entry((t.addr.port(), s.unwrap())).or_default() += 1;
+            let (t, s) = pick_at(i, targets.len(), &sources);
+            *seen
+                .entry((targets[t].addr.port(), s.unwrap()))
+                .or_default() += 1;
         }
         assert_eq!(seen.len(), 6);
         assert!(seen.values().all(|&n| n == 10), "{seen:?}");
-        assert_eq!(pick(5, &targets, &[]).1, None);
+        assert_eq!(pick_at(5, targets.len(), &[]), (1, None));
     }
 }

@@ -7,6 +7,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::cpu::CpuUse;
+use crate::stalls::Stall;
 
 /// Percentiles of a latency histogram recorded in microseconds, in milliseconds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,9 +92,56 @@ pub struct Verification {
     pub counted: i64,
     /// Votes that got a 202.
     pub accepted: u64,
+    /// Every poll counted exactly the votes it accepted.
     pub exact: bool,
     /// From the end of the load until the counts stopped moving.
     pub settle_ms: u64,
+    /// Compared poll by poll, votes accepted but not counted, and votes counted beyond
+    /// those accepted (a sum over polls could hide one poll's loss behind another's excess).
+    #[serde(default)]
+    pub lost: u64,
+    #[serde(default)]
+    pub doubled: u64,
+}
+
+/// What `--retries` did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Retries {
+    /// Most retries of one vote.
+    pub limit: u32,
+    /// Votes whose first attempt was answered 5xx.
+    pub first_5xx: u64,
+    /// Votes whose first attempt got no answer (its connection closed).
+    pub first_errors: u64,
+    /// Votes whose first attempt found no server that took a connection.
+    pub first_unreachable: u64,
+    /// Attempts after the first, over all votes.
+    pub retries: u64,
+    /// Votes that failed first and were then decided (202, or a definite 4xx).
+    pub resolved: u64,
+    /// Votes still failing after every retry: their fate is unknown (also in `errors`).
+    pub unresolved: u64,
+    /// Failed attempts, first or not, by status code, `error` (no answer) or `connect`.
+    pub failures: BTreeMap<String, u64>,
+    /// Connections a server refused; the vote went to the next server instead.
+    pub connect_failures: u64,
+}
+
+impl Retries {
+    /// Adds `other` into this one.
+    pub fn add(&mut self, other: &Retries) {
+        self.limit = self.limit.max(other.limit);
+        self.first_5xx += other.first_5xx;
+        self.first_errors += other.first_errors;
+        self.first_unreachable += other.first_unreachable;
+        self.retries += other.retries;
+        self.resolved += other.resolved;
+        self.unresolved += other.unresolved;
+        for (k, n) in &other.failures {
+            *self.failures.entry(k.clone()).or_default() += n;
+        }
+        self.connect_failures += other.connect_failures;
+    }
 }
 
 /// What the subscribers saw.
@@ -114,6 +162,24 @@ pub struct Fanout {
     pub missed_updates: u64,
     /// Counts messages received, over all subscribers.
     pub messages: u64,
+    /// Messages or snapshots that showed a subscriber an option lower than it had shown.
+    #[serde(default)]
+    pub backwards: u64,
+    /// Times a subscriber's socket ended while it watched (`--reconnect`), and times it got
+    /// a snapshot again after.
+    #[serde(default)]
+    pub disconnects: u64,
+    #[serde(default)]
+    pub reconnects: u64,
+    /// From losing a socket until the next snapshot.
+    #[serde(default)]
+    pub reconnect_delay: Option<Latency>,
+    /// Subscribers that had their socket at the end.
+    #[serde(default)]
+    pub live_at_end: Option<usize>,
+    /// The longest any watched poll's counts stood still while it was given votes.
+    #[serde(default)]
+    pub stall: Option<Stall>,
 }
 
 /// Everything a votes run measured.
@@ -126,6 +192,10 @@ pub struct Report {
     pub processes: usize,
     pub connections: usize,
     pub polls: usize,
+    /// When the load started, in milliseconds since the Unix epoch: to line the report up
+    /// with what happened to the servers meanwhile (a restart's time, say).
+    #[serde(default)]
+    pub started_unix_ms: u64,
     pub seconds: f64,
     pub sent: u64,
     pub accepted: u64,
@@ -137,6 +207,9 @@ pub struct Report {
     /// CPU used while the votes were sent (not during set-up or verification).
     pub cpu: CpuUse,
     pub verification: Option<Verification>,
+    /// With `--retries`.
+    #[serde(default)]
+    pub retry: Option<Retries>,
     pub fanout: Option<Fanout>,
     /// From sending a probe vote to a subscriber seeing it counted (`--probe`).
     pub visibility: Option<Latency>,
@@ -187,7 +260,17 @@ impl Report {
                 accepted: all.iter().map(|v| v.accepted).sum(),
                 exact: all.iter().all(|v| v.exact),
                 settle_ms: all.iter().map(|v| v.settle_ms).max().unwrap_or(0),
+                lost: all.iter().map(|v| v.lost).sum(),
+                doubled: all.iter().map(|v| v.doubled).sum(),
             });
+        let retry = reports.iter().filter_map(|r| r.retry.as_ref()).fold(
+            None,
+            |sum: Option<Retries>, r| {
+                let mut sum = sum.unwrap_or_default();
+                sum.add(r);
+                Some(sum)
+            },
+        );
         let fanouts: Vec<&Fanout> = reports.iter().filter_map(|r| r.fanout.as_ref()).collect();
         let fanout = if fanouts.is_empty() {
             None
@@ -197,6 +280,11 @@ impl Report {
                 add_counts(&mut by_target, &f.by_target);
                 add_counts(&mut by_source, &f.by_source);
             }
+            let reconnect_delays: Vec<&Latency> = fanouts
+                .iter()
+                .filter_map(|f| f.reconnect_delay.as_ref())
+                .collect();
+            let live: Option<Vec<usize>> = fanouts.iter().map(|f| f.live_at_end).collect();
             Some(Fanout {
                 subscribers: fanouts.iter().map(|f| f.subscribers).sum(),
                 connected: fanouts.iter().map(|f| f.connected).sum(),
@@ -205,6 +293,20 @@ impl Report {
                 delay: Latency::merge(fanouts.iter().map(|f| &f.delay))?,
                 missed_updates: fanouts.iter().map(|f| f.missed_updates).sum(),
                 messages: fanouts.iter().map(|f| f.messages).sum(),
+                backwards: fanouts.iter().map(|f| f.backwards).sum(),
+                disconnects: fanouts.iter().map(|f| f.disconnects).sum(),
+                reconnects: fanouts.iter().map(|f| f.reconnects).sum(),
+                reconnect_delay: if reconnect_delays.is_empty() {
+                    None
+                } else {
+                    Some(Latency::merge(reconnect_delays)?)
+                },
+                live_at_end: live.map(|l| l.iter().sum()),
+                // Each load generator watched its own polls: the longest of all is theirs.
+                stall: fanouts
+                    .iter()
+                    .filter_map(|f| f.stall.clone())
+                    .max_by_key(|s| s.longest_ms),
             })
         };
         let probes: Vec<&Latency> = reports
@@ -217,6 +319,7 @@ impl Report {
             processes: reports.iter().map(|r| r.processes).sum(),
             connections: reports.iter().map(|r| r.connections).sum(),
             polls: reports.iter().map(|r| r.polls).max().unwrap_or(first.polls),
+            started_unix_ms: reports.iter().map(|r| r.started_unix_ms).min().unwrap_or(0),
             seconds,
             sent: reports.iter().map(|r| r.sent).sum(),
             accepted,
@@ -230,6 +333,7 @@ impl Report {
             latency: Latency::merge(reports.iter().map(|r| &r.latency))?,
             cpu: CpuUse::merge(&cpus, accepted),
             verification,
+            retry,
             fanout,
             visibility: if probes.is_empty() {
                 None
@@ -287,13 +391,30 @@ impl Report {
             figure(c.machine_idle.map(|i| i * 100.0), " %"),
             c.cores
         );
+        if let Some(r) = &self.retry {
+            println!(
+                "retries      first attempts failed: {} 5xx, {} unanswered, {} unreachable; {} retries, \
+                 {} resolved, {} unresolved; failed attempts {:?}; {} connections refused",
+                r.first_5xx,
+                r.first_errors,
+                r.first_unreachable,
+                r.retries,
+                r.resolved,
+                r.unresolved,
+                r.failures,
+                r.connect_failures
+            );
+        }
         if let Some(v) = &self.verification {
             println!(
-                "verify       counted {} of {} accepted: {} (settled {} ms after the load)",
+                "verify       counted {} of {} accepted: {} (settled {} ms after the load); \
+                 by poll {} lost, {} doubled",
                 v.counted,
                 v.accepted,
                 if v.exact { "exact" } else { "MISMATCH" },
-                v.settle_ms
+                v.settle_ms,
+                v.lost,
+                v.doubled
             );
         }
         if let Some(f) = &self.fanout {
@@ -307,6 +428,24 @@ impl Report {
                 f.delay.max_ms,
                 f.missed_updates
             );
+            if f.backwards > 0 || f.disconnects > 0 {
+                println!(
+                    "             {} went backwards; {} disconnects, {} reconnects (p99 {} ms), {} live at the end",
+                    f.backwards,
+                    f.disconnects,
+                    f.reconnects,
+                    f.reconnect_delay
+                        .as_ref()
+                        .map_or("n/a".into(), |l| format!("{:.0}", l.p99_ms)),
+                    f.live_at_end.map_or("n/a".into(), |l| l.to_string())
+                );
+            }
+            if let Some(s) = &f.stall {
+                println!(
+                    "stall        longest {} ms (poll {}, ended {:.1} s into the load), median of {} polls {} ms",
+                    s.longest_ms, s.poll, s.ended_at_s, s.polls_watched, s.median_ms
+                );
+            }
         }
         if let Some(v) = &self.visibility {
             println!(

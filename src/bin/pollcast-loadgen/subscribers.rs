@@ -1,4 +1,6 @@
-//! WebSocket subscribers that time every counts message from the server's flush.
+//! WebSocket subscribers that time every counts message from the server's flush, keep the
+//! counts as a viewer's screen would, and (`--reconnect`) come back when their server goes
+//! away, as the live page does.
 //!
 //! Why so frugal: the subscribers run on the same cores as the server, and every update
 //! reaches all of them at once, so what each one spends per message is added to the delay
@@ -7,23 +9,44 @@
 //! parsing each message into a `serde_json::Value` and in two locks shared by all of them
 //! (docs/BENCHMARKS.md, "Fast paths").
 
+//!
+//! Why the counts are kept: a viewer must never see a count go down. The server's `seq`
+//! makes that possible (a client ignores anything older than what it has), and a snapshot
+//! after a reconnect, possibly from another process, must not show less than the screen
+//! already did. Each subscriber checks both, and reports any step back.
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::net::{Target, pick};
+use crate::net::{Target, pick_at};
 use crate::report::{Fanout, Latency, histogram};
+use crate::retry::Backoff;
+use crate::stalls::Stalls;
 
 /// tungstenite's read buffer, which it zero-fills at every read: the server's messages
 /// are a few hundred bytes, and a longer one is still read whole.
 const READ_BUFFER: usize = 4 * 1024;
+
+/// Which polls the subscribers watch (`--watch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Watch {
+    /// Every subscriber on the first poll.
+    First,
+    /// Spread over every poll, each poll watched from every `--url` in turn: what the
+    /// longest stand-still of any poll needs.
+    All,
+}
 
 /// The fields of a server message a subscriber looks at.
 #[derive(Deserialize)]
@@ -33,6 +56,80 @@ struct Frame<'a> {
     seq: Option<i64>,
     #[serde(rename = "flushedAt")]
     flushed_at: Option<i64>,
+    /// A counts message's changed options.
+    #[serde(default)]
+    counts: Vec<Count>,
+    /// A snapshot's poll.
+    poll: Option<PollFrame>,
+}
+
+#[derive(Deserialize)]
+struct Count {
+    #[serde(rename = "optionId")]
+    option: i64,
+    #[serde(rename = "newCount")]
+    count: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct PollFrame {
+    options: Vec<OptionFrame>,
+}
+
+#[derive(Deserialize)]
+struct OptionFrame {
+    id: i64,
+    votes: Option<i64>,
+}
+
+/// What a viewer's screen shows of one poll: the counts by option and the `seq` they are at.
+#[derive(Debug, Default)]
+struct Screen {
+    seq: Option<i64>,
+    counts: BTreeMap<i64, i64>,
+}
+
+impl Screen {
+    /// Shows `option` at `count`; whether that is less than it showed (a step back).
+    fn set(&mut self, option: i64, count: i64) -> bool {
+        let before = self.counts.insert(option, count);
+        before.is_some_and(|before| count < before)
+    }
+
+    /// A snapshot is the whole truth at its seq, whatever was shown before a reconnect; but
+    /// it must not show less than the screen did. Returns whether it did.
+    fn snapshot(&mut self, seq: Option<i64>, poll: &PollFrame) -> bool {
+        self.seq = seq;
+        let mut back = false;
+        for option in &poll.options {
+            if let Some(votes) = option.votes {
+                back |= self.set(option.id, votes);
+            }
+        }
+        back
+    }
+
+    /// Applies a counts message unless it is older than the screen (a client ignores those);
+    /// `None` if ignored, else whether an option went back.
+    fn counts(&mut self, seq: Option<i64>, counts: &[Count]) -> Option<bool> {
+        if let (Some(seq), Some(shown)) = (seq, self.seq)
+            && seq <= shown
+        {
+            return None;
+        }
+        self.seq = seq.or(self.seq);
+        let mut back = false;
+        for c in counts {
+            if let Some(count) = c.count {
+                back |= self.set(c.option, count);
+            }
+        }
+        Some(back)
+    }
+
+    fn total(&self) -> i64 {
+        self.counts.values().sum()
+    }
 }
 
 /// What one subscriber saw, kept by itself and added up at the end.
@@ -41,6 +138,15 @@ struct Tally {
     /// Delay from the server's flush to receipt of each counts message, in milliseconds.
     delays_ms: Vec<u64>,
     missed: u64,
+    /// Messages or snapshots that showed an option lower than the screen had.
+    backwards: u64,
+    /// Times its socket ended while it watched, and times it got a snapshot again after.
+    disconnects: u64,
+    reconnects: u64,
+    /// From losing its socket until the next snapshot, per reconnect.
+    reconnect_ms: Vec<u64>,
+    /// Whether it still had its socket when told to stop.
+    live: bool,
 }
 
 impl Tally {
@@ -57,7 +163,7 @@ impl Tally {
     }
 }
 
-/// Subscribers of one poll, running until [`Subscribers::finish`].
+/// Subscribers, running until [`Subscribers::finish`].
 pub struct Subscribers {
     count: usize,
     connected: usize,
@@ -66,6 +172,7 @@ pub struct Subscribers {
     by_source: BTreeMap<String, usize>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Tally>>,
+    stalls: Arc<Stalls>,
 }
 
 fn now_ms() -> i64 {
@@ -75,74 +182,161 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// One subscriber: tells `ready` whether it got its snapshot, then tallies counts messages
-/// until told to stop or disconnected.
-async fn subscribe(
-    url: String,
-    addr: SocketAddr,
+/// One subscriber's poll and servers.
+struct Subscriber {
+    targets: Arc<[Target]>,
+    /// The target it connects to next.
+    at: usize,
     source: Option<IpAddr>,
-    ready: tokio::sync::mpsc::Sender<bool>,
+    poll: i64,
+    /// The poll's place in `stalls`.
+    index: usize,
+    reconnect: bool,
+    stalls: Arc<Stalls>,
+}
+
+type Socket = WebSocketStream<TcpStream>;
+
+async fn open(url: &str, addr: SocketAddr, source: Option<IpAddr>) -> Option<Socket> {
+    let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER);
+    let stream = crate::net::connect(addr, source).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    let (socket, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .ok()?;
+    Some(socket)
+}
+
+/// One subscriber: tells `ready` which target gave it its first snapshot (`None`: none did),
+/// then tallies counts messages until told to stop, or until its socket ends; with
+/// `reconnect`, it then connects to the next target after a backoff, as the live page does,
+/// and carries on from that one's snapshot.
+async fn subscribe(
+    mut s: Subscriber,
+    ready: mpsc::Sender<Option<usize>>,
     mut stop: watch::Receiver<bool>,
 ) -> Tally {
     let mut tally = Tally::default();
-    let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER);
-    let socket = match crate::net::connect(addr, source).await {
-        Ok(stream) => {
-            let _ = stream.set_nodelay(true);
-            tokio_tungstenite::client_async_with_config(&url, stream, Some(config)).await
-        }
-        Err(e) => Err(e.into()),
-    };
-    let Ok((mut socket, _)) = socket else {
-        let _ = ready.send(false).await;
-        return tally;
-    };
+    let mut ready = Some(ready);
+    let mut screen = Screen::default();
     let mut last_seq = None;
+    let (mut retry, mut lost_at) = (0, None::<Instant>);
     loop {
-        let msg = tokio::select! {
-            msg = socket.next() => msg,
-            _ = stop.changed() => break,
-        };
-        let Some(Ok(msg)) = msg else { break };
-        let Message::Text(text) = msg else { continue };
-        let Ok(frame) = serde_json::from_str::<Frame>(&text) else {
-            continue;
-        };
-        match frame.kind {
-            "snapshot" => {
-                last_seq = frame.seq;
-                let _ = ready.send(true).await;
+        let target = &s.targets[s.at];
+        let url = format!("ws://{}/ws/polls/{}", target.host, s.poll);
+        let mut live = false;
+        if let Some(mut socket) = open(&url, target.addr, s.source).await {
+            loop {
+                let msg = tokio::select! {
+                    msg = socket.next() => msg,
+                    _ = stop.changed() => {
+                        tally.live = live;
+                        return tally;
+                    }
+                };
+                let Some(Ok(msg)) = msg else { break };
+                let Message::Text(text) = msg else { continue };
+                let Ok(frame) = serde_json::from_str::<Frame>(&text) else {
+                    continue;
+                };
+                match frame.kind {
+                    "snapshot" => {
+                        live = true;
+                        retry = 0;
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(Some(s.at)).await;
+                        } else if let Some(lost) = lost_at.take() {
+                            tally.reconnects += 1;
+                            tally.reconnect_ms.push(lost.elapsed().as_millis() as u64);
+                        }
+                        last_seq = frame.seq;
+                        if let Some(poll) = &frame.poll
+                            && screen.snapshot(frame.seq, poll)
+                        {
+                            tally.backwards += 1;
+                        }
+                        if let Some(seq) = frame.seq {
+                            s.stalls.seen(s.index, seq, Some(screen.total()));
+                        }
+                    }
+                    "counts" => {
+                        tally.counts(&frame, &mut last_seq);
+                        // An older message than the screen's is ignored, as a client does.
+                        if let Some(back) = screen.counts(frame.seq, &frame.counts) {
+                            tally.backwards += u64::from(back);
+                            if let Some(seq) = frame.seq {
+                                s.stalls.seen(s.index, seq, Some(screen.total()));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
             }
-            "counts" => tally.counts(&frame, &mut last_seq),
-            _ => {}
         }
+        // The socket ended, or never opened.
+        if !s.reconnect || *stop.borrow() {
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(None).await;
+            }
+            return tally;
+        }
+        if live {
+            tally.disconnects += 1;
+            lost_at.get_or_insert_with(Instant::now);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Backoff::SUBSCRIBERS.delay(retry)) => {}
+            _ = stop.changed() => return tally,
+        }
+        retry += 1;
+        s.at = (s.at + 1) % s.targets.len();
     }
-    tally
 }
 
 impl Subscribers {
-    /// Connects `count` subscribers of `poll`, spread over every (target, source) pair in
-    /// turn (a few at a time, so the servers' accept queues are not flooded), and waits
-    /// until each has its snapshot.
+    /// Connects `count` subscribers, spread over every (target, source) pair in turn (a few
+    /// at a time, so the servers' accept queues are not flooded), and waits until each has
+    /// its snapshot. With [`Watch::All`] the `i`-th watches poll `i % polls` and takes the
+    /// pair of `i / polls`, so that each poll is watched from every target.
     pub async fn connect(
         targets: &[Target],
         sources: &[IpAddr],
-        poll: i64,
+        polls: &[i64],
         count: usize,
+        watch: Watch,
+        reconnect: bool,
+        stalls: Arc<Stalls>,
     ) -> anyhow::Result<Self> {
+        let watched = match watch {
+            Watch::First => &polls[..1],
+            Watch::All => polls,
+        };
+        let shared: Arc<[Target]> = targets.to_vec().into();
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::with_capacity(count);
         let mut waiting = Vec::with_capacity(count);
         for i in 0..count {
-            let (target, source) = pick(i, targets, sources);
+            let poll = watched[i % watched.len()];
+            let (at, source) = pick_at(i / watched.len(), targets.len(), sources);
             // Why a channel each: the tally by target and source needs to know whose
             // snapshot came.
-            let (ready_tx, ready_rx) = tokio::sync::mpsc::channel::<bool>(1);
-            let url = format!("ws://{}/ws/polls/{poll}", target.host);
-            let task = subscribe(url, target.addr, source, ready_tx, stopped.clone());
-            tasks.push(tokio::spawn(task));
+            let (ready_tx, ready_rx) = mpsc::channel::<Option<usize>>(1);
+            let subscriber = Subscriber {
+                targets: shared.clone(),
+                at,
+                source,
+                poll,
+                index: stalls.index_of(poll).expect("a poll of the run"),
+                reconnect,
+                stalls: stalls.clone(),
+            };
+            tasks.push(tokio::spawn(subscribe(
+                subscriber,
+                ready_tx,
+                stopped.clone(),
+            )));
             let source = source.map_or_else(|| "any".to_owned(), |s| s.to_string());
-            waiting.push((target.host.clone(), source, ready_rx));
+            waiting.push((source, ready_rx));
             if i % 256 == 255 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -150,11 +344,11 @@ impl Subscribers {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut connected = 0;
         let (mut by_target, mut by_source) = (BTreeMap::new(), BTreeMap::new());
-        for (target, source, mut ready) in waiting {
+        for (source, mut ready) in waiting {
             match tokio::time::timeout_at(deadline, ready.recv()).await {
-                Ok(Some(true)) => {
+                Ok(Some(Some(at))) => {
                     connected += 1;
-                    *by_target.entry(target).or_default() += 1;
+                    *by_target.entry(targets[at].host.clone()).or_default() += 1;
                     *by_source.entry(source).or_default() += 1;
                 }
                 Ok(_) => {}
@@ -168,6 +362,7 @@ impl Subscribers {
             by_source,
             stop,
             tasks,
+            stalls,
         })
     }
 
@@ -175,15 +370,23 @@ impl Subscribers {
     pub async fn finish(self, linger: Duration) -> Fanout {
         tokio::time::sleep(linger).await;
         let _ = self.stop.send(true);
-        let mut delays = histogram();
-        let (mut messages, mut missed) = (0, 0);
+        let (mut delays, mut reconnect_delays) = (histogram(), histogram());
+        let (mut messages, mut missed, mut backwards) = (0, 0, 0);
+        let (mut disconnects, mut reconnects, mut live) = (0, 0, 0);
         for task in self.tasks {
             // A subscriber that panicked reports nothing; the connected count shows it.
             let Ok(tally) = task.await else { continue };
             messages += tally.delays_ms.len() as u64;
             missed += tally.missed;
+            backwards += tally.backwards;
+            disconnects += tally.disconnects;
+            reconnects += tally.reconnects;
+            live += usize::from(tally.live);
             for ms in tally.delays_ms {
                 let _ = delays.record(ms * 1000);
+            }
+            for ms in tally.reconnect_ms {
+                let _ = reconnect_delays.record(ms.max(1) * 1000);
             }
         }
         Fanout {
@@ -194,6 +397,150 @@ impl Subscribers {
             delay: Latency::of(&delays),
             missed_updates: missed,
             messages,
+            backwards,
+            disconnects,
+            reconnects,
+            reconnect_delay: (reconnects > 0).then(|| Latency::of(&reconnect_delays)),
+            live_at_end: Some(live),
+            stall: self.stalls.finish(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::SinkExt;
+    use serde_json::json;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A fake pollcast WebSocket: to every subscriber, sends `script`, then closes (as a
+    /// stopping process does) or keeps it open. Counts the subscribers it took.
+    async fn fake(script: Vec<serde_json::Value>, then_close: bool) -> (Target, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let taken = Arc::new(AtomicUsize::new(0));
+        let counter = taken.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                    for message in script {
+                        ws.send(Message::text(message.to_string())).await.unwrap();
+                    }
+                    if then_close {
+                        let _ = ws.close(None).await;
+                    } else {
+                        while let Some(Ok(_)) = ws.next().await {}
+                    }
+                });
+            }
+        });
+        let target = Target {
+            addr,
+            host: addr.to_string(),
+        };
+        (target, taken)
+    }
+
+    fn snapshot(seq: i64, votes: [i64; 2]) -> serde_json::Value {
+        json!({"type": "snapshot", "seq": seq, "poll": {"id": 5, "question": "q",
+            "options": [{"id": 1, "text": "a", "votes": votes[0]}, {"id": 2, "text": "b", "votes": votes[1]}]}})
+    }
+
+    fn counts(seq: i64, option: i64, count: i64) -> serde_json::Value {
+        json!({"type": "counts", "pollId": 5, "seq": seq, "flushedAt": now_ms(),
+            "counts": [{"optionId": option, "newCount": count}]})
+    }
+
+    /// One subscriber of poll 5 on `targets` (the first one first), for long enough to
+    /// reconnect once.
+    async fn watch(targets: &[Target], reconnect: bool) -> Fanout {
+        let stalls = Arc::new(Stalls::new(&[5]));
+        let subscribers =
+            Subscribers::connect(targets, &[], &[5], 1, Watch::First, reconnect, stalls)
+                .await
+                .unwrap();
+        // The first reconnect waits 250 to 500 ms.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        subscribers.finish(Duration::ZERO).await
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_whose_server_went_away_carries_on_from_the_next_ones_snapshot() {
+        let (stopping, _) = fake(vec![snapshot(1, [1, 0]), counts(2, 1, 3)], true).await;
+        let (next, taken) = fake(vec![snapshot(2, [3, 0]), counts(3, 2, 1)], false).await;
+        let fanout = watch(&[stopping.clone(), next], true).await;
+        assert_eq!(fanout.connected, 1);
+        assert_eq!(fanout.by_target[&stopping.host], 1, "{fanout:?}");
+        assert_eq!(
+            (fanout.disconnects, fanout.reconnects),
+            (1, 1),
+            "{fanout:?}"
+        );
+        assert_eq!(
+            taken.load(Ordering::SeqCst),
+            1,
+            "it went to the next server"
+        );
+        assert_eq!(fanout.live_at_end, Some(1));
+        assert_eq!(fanout.messages, 2, "a counts message from each");
+        assert_eq!(
+            (fanout.backwards, fanout.missed_updates),
+            (0, 0),
+            "{fanout:?}"
+        );
+        assert!(fanout.reconnect_delay.unwrap().max_ms >= 250.0);
+    }
+
+    #[tokio::test]
+    async fn counts_lower_than_the_screen_showed_are_reported_and_older_ones_ignored() {
+        let (stopping, _) = fake(vec![snapshot(1, [1, 0]), counts(2, 1, 3)], true).await;
+        // Its snapshot shows option 1 lower than the last counts did (a step back); then an
+        // older message, which a client ignores; then a newer one that is fine.
+        let (next, _) = fake(
+            vec![snapshot(2, [2, 0]), counts(1, 1, 0), counts(3, 1, 4)],
+            false,
+        )
+        .await;
+        let fanout = watch(&[stopping, next], true).await;
+        assert_eq!(fanout.reconnects, 1);
+        assert_eq!(fanout.backwards, 1, "{fanout:?}");
+    }
+
+    #[tokio::test]
+    async fn without_reconnect_a_subscriber_whose_server_went_away_stops() {
+        let (stopping, _) = fake(vec![snapshot(1, [1, 0]), counts(2, 1, 3)], true).await;
+        let (next, taken) = fake(vec![snapshot(2, [3, 0])], false).await;
+        let fanout = watch(&[stopping, next], false).await;
+        assert_eq!(fanout.connected, 1);
+        assert_eq!((fanout.disconnects, fanout.reconnects), (0, 0));
+        assert_eq!(taken.load(Ordering::SeqCst), 0);
+        assert_eq!(fanout.live_at_end, Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_cannot_connect_tries_the_next_server_with_reconnect() {
+        let down = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let down = Target {
+            addr: down,
+            host: down.to_string(),
+        };
+        let (up, _) = fake(vec![snapshot(1, [0, 0])], false).await;
+        let fanout = watch(&[down, up.clone()], true).await;
+        assert_eq!(fanout.connected, 1);
+        assert_eq!(
+            fanout.by_target[&up.host], 1,
+            "counted where its snapshot came from"
+        );
+        assert_eq!((fanout.disconnects, fanout.reconnects), (0, 0));
     }
 }

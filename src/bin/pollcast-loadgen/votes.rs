@@ -17,10 +17,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::cpu::CpuSample;
-use crate::net::{Target, check_capacity, pick};
+use crate::net::{Target, check_capacity, pick_at};
 use crate::probe::Probe;
-use crate::report::{Latency, Report, Verification, histogram};
-use crate::subscribers::Subscribers;
+use crate::report::{Latency, Report, Retries, Verification, histogram};
+use crate::retry::{Answer, Backoff, Failure, Route, Sent, send_vote};
+use crate::stalls::Stalls;
+use crate::subscribers::{Subscribers, Watch};
 
 /// Options of `pollcast-loadgen votes`.
 #[derive(Debug, clap::Args)]
@@ -59,9 +61,22 @@ pub struct VoteArgs {
     /// Share of votes that repeat an earlier voter of the same poll (expect 409s).
     #[arg(long, default_value_t = 0.0)]
     duplicate_ratio: f64,
-    /// WebSocket subscribers on the first poll, timing every update.
+    /// WebSocket subscribers, timing every update (on the first poll unless `--watch all`).
     #[arg(long, default_value_t = 0)]
     subscribers: usize,
+    /// Which polls the subscribers watch: `first`, or `all` (spread over every poll, each
+    /// watched from every --url in turn, for the longest stand-still of any poll).
+    #[arg(long, value_enum, default_value = "first")]
+    watch: Watch,
+    /// Subscribers whose socket ends (their server stopped) reconnect, as the live page
+    /// does: after a backoff with jitter, to the next --url, from a fresh snapshot.
+    #[arg(long)]
+    reconnect: bool,
+    /// Send each vote with a voteId, and retry one answered 5xx or left unanswered up to
+    /// this many times, with the same voteId, after a short backoff, on the next --url.
+    /// 0: every answer counts as it came, and no voteId is sent.
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
     /// Also time single votes, in a poll of their own, from sending to seeing them counted
     /// on a WebSocket (needs --token).
     #[arg(long)]
@@ -100,7 +115,12 @@ impl Connection {
         Self::open(self.addr, &self.host, self.source).await
     }
 
-    async fn open(addr: SocketAddr, host: &str, source: Option<IpAddr>) -> anyhow::Result<Self> {
+    /// A connection to `addr` (`host` for the Host header), from `source` when given.
+    pub async fn open(
+        addr: SocketAddr,
+        host: &str,
+        source: Option<IpAddr>,
+    ) -> anyhow::Result<Self> {
         let stream = crate::net::connect(addr, source)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -115,7 +135,8 @@ impl Connection {
         })
     }
 
-    async fn send(
+    /// Sends a request and reads the whole answer.
+    pub async fn send(
         &mut self,
         method: Method,
         path: &str,
@@ -163,34 +184,83 @@ struct Shared {
     options: i64,
     duplicate_ratio: f64,
     run: String,
+    /// `--retries`: with any, votes carry a voteId and fail over to the next target.
+    retries: u32,
+    stalls: Arc<Stalls>,
 }
 
 #[derive(Default)]
 struct WorkerStats {
+    /// Votes, each counted once however many attempts it took.
     sent: u64,
     accepted: u64,
     duplicates: u64,
+    /// Votes refused, or (with retries) still failing after the last attempt, by status.
     errors: BTreeMap<String, u64>,
+    retry: Retries,
 }
 
-async fn worker(
-    target: Target,
-    source: Option<IpAddr>,
-    shared: Arc<Shared>,
-) -> (WorkerStats, Histogram<u64>) {
+impl WorkerStats {
+    fn add(&mut self, other: WorkerStats) {
+        self.sent += other.sent;
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.retry.add(&other.retry);
+    }
+
+    /// Tallies how a vote ended, over its attempts.
+    fn vote(&mut self, sent: &Sent, retrying: bool) {
+        self.sent += 1;
+        match sent.answer {
+            Answer::Accepted => self.accepted += 1,
+            Answer::Duplicate => self.duplicates += 1,
+            Answer::Refused(status) => {
+                *self.errors.entry(status.as_u16().to_string()).or_default() += 1
+            }
+            Answer::Failed(failure) => *self.errors.entry(failure.key()).or_default() += 1,
+        }
+        if !retrying {
+            return;
+        }
+        let r = &mut self.retry;
+        match sent.failures.first() {
+            None => {}
+            Some(Failure::Status(_)) => r.first_5xx += 1,
+            Some(Failure::Transport) => r.first_errors += 1,
+            Some(Failure::Unreachable) => r.first_unreachable += 1,
+        }
+        if !sent.failures.is_empty() {
+            match sent.answer {
+                Answer::Failed(_) => r.unresolved += 1,
+                _ => r.resolved += 1,
+            }
+        }
+        r.retries += sent.retries() as u64;
+        for failure in &sent.failures {
+            *r.failures.entry(failure.key()).or_default() += 1;
+        }
+    }
+}
+
+async fn worker(mut route: Route, shared: Arc<Shared>) -> (WorkerStats, Histogram<u64>) {
     let mut stats = WorkerStats::default();
+    stats.retry.limit = shared.retries;
     let mut latencies = histogram();
-    let Ok(mut conn) = Connection::open(target.addr, &target.host, source).await else {
+    if route.connection().await.is_none() {
         *stats.errors.entry("connect".into()).or_default() += 1;
         return (stats, latencies);
-    };
+    }
     let p = shared.polls.len() as u64;
     loop {
         let n = shared.next.fetch_add(1, Ordering::Relaxed);
         if shared.limit.is_some_and(|l| n >= l) || Instant::now() >= shared.deadline {
             break;
         }
-        let poll = shared.polls[(n % p) as usize];
+        let index = (n % p) as usize;
+        let poll = shared.polls[index];
         let option = ((n / p) as i64 % shared.options) + 1;
         // A duplicate repeats the voter of the vote sent p earlier, which went to this poll.
         let voter = if n >= p && rand::random::<f64>() < shared.duplicate_ratio {
@@ -198,32 +268,40 @@ async fn worker(
         } else {
             n
         };
-        let body = format!(
-            r#"{{"pollId":{poll},"optionId":{option},"userId":"{}-{voter}"}}"#,
-            shared.run
-        );
+        let run = &shared.run;
+        // The voteId is the vote's own (a duplicate has another than its voter's first
+        // vote, so it still gets 409), the same in every attempt of it.
+        let body = if shared.retries > 0 {
+            format!(
+                r#"{{"pollId":{poll},"optionId":{option},"userId":"{run}-{voter}","voteId":"{run}-v{n}"}}"#
+            )
+        } else {
+            format!(r#"{{"pollId":{poll},"optionId":{option},"userId":"{run}-{voter}"}}"#)
+        };
         let started = Instant::now();
-        let answer = conn
-            .send(Method::POST, "/vote", None, Bytes::from(body))
-            .await;
+        let sent = send_vote(
+            &mut route,
+            &Bytes::from(body),
+            shared.retries,
+            Backoff::VOTES,
+        )
+        .await;
         let _ = latencies.record(started.elapsed().as_micros().max(1) as u64);
-        stats.sent += 1;
-        match answer {
-            Ok((StatusCode::ACCEPTED, _)) => {
-                stats.accepted += 1;
-                shared.accepted.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok((StatusCode::CONFLICT, _)) => stats.duplicates += 1,
-            Ok((status, _)) => *stats.errors.entry(status.as_u16().to_string()).or_default() += 1,
-            Err(_) => {
-                *stats.errors.entry("error".into()).or_default() += 1;
-                match conn.reopen().await {
-                    Ok(fresh) => conn = fresh,
-                    Err(_) => break,
-                }
-            }
+        stats.vote(&sent, shared.retries > 0);
+        if sent.answer == Answer::Accepted {
+            shared.accepted.fetch_add(1, Ordering::Relaxed);
+            shared.stalls.accepted(index);
+        }
+        // Without retries a connection that failed is opened again to the same server, and
+        // a worker whose server is gone stops.
+        if shared.retries == 0
+            && matches!(sent.answer, Answer::Failed(Failure::Transport))
+            && route.connection().await.is_none()
+        {
+            break;
         }
     }
+    stats.retry.connect_failures = route.connect_failures;
     (stats, latencies)
 }
 
@@ -247,10 +325,10 @@ impl Readers {
         Ok(Self { shares })
     }
 
-    /// The sum of the polls' `totalVotes`, read concurrently over the connections.
-    async fn totals(&mut self) -> anyhow::Result<i64> {
+    /// Each poll's `totalVotes`, in the order given, read concurrently over the connections.
+    async fn totals(&mut self) -> anyhow::Result<Vec<i64>> {
         let reads = self.shares.iter_mut().map(|(conn, polls)| async move {
-            let mut sum = 0;
+            let mut totals = Vec::with_capacity(polls.len());
             for poll in polls.iter() {
                 let (status, body) = conn
                     .json(Method::GET, &format!("/polls/{poll}"), None, Value::Null)
@@ -258,28 +336,28 @@ impl Readers {
                 if status != StatusCode::OK {
                     bail!("GET /polls/{poll} answered {status}");
                 }
-                sum += body["totalVotes"].as_i64().unwrap_or(0);
+                totals.push(body["totalVotes"].as_i64().unwrap_or(0));
             }
-            anyhow::Ok(sum)
+            anyhow::Ok(totals)
         });
         futures_util::future::try_join_all(reads)
             .await
-            .map(|sums| sums.into_iter().sum())
+            .map(|shares| shares.concat())
     }
 }
 
 /// Waits until the totals stop moving (three equal reads 250 ms apart, or 60 s). Returns
-/// them and how long after `started` the first of the equal reads ended: when the counts
-/// were seen final, not when that was confirmed.
+/// each poll's and how long after `started` the first of the equal reads ended: when the
+/// counts were seen final, not when that was confirmed.
 async fn settle(
     readers: &mut Readers,
     at_least: i64,
     started: Instant,
-) -> anyhow::Result<(i64, Duration)> {
-    let (mut last, mut same, mut final_at) = (-1, 0, started.elapsed());
+) -> anyhow::Result<(Vec<i64>, Duration)> {
+    let (mut last, mut same, mut final_at) = (Vec::new(), 0, started.elapsed());
     loop {
         let now = readers.totals().await?;
-        if now == last && now >= at_least {
+        if now == last && now.iter().sum::<i64>() >= at_least {
             same += 1;
         } else {
             (same, final_at) = (0, started.elapsed());
@@ -328,18 +406,33 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
     let baseline = if args.verify {
         Readers::open(&setup, &polls).await?.totals().await?
     } else {
-        0
+        vec![0; polls.len()]
     };
     let probe = match args.probe {
         true => Some(Probe::start(&mut setup, args.token.as_deref()).await?),
         false => None,
     };
+    let stalls = Arc::new(Stalls::new(&polls));
     let subscribers = match args.subscribers {
         0 => None,
-        n => Some(Subscribers::connect(&targets, &sources, polls[0], n).await?),
+        n => Some(
+            Subscribers::connect(
+                &targets,
+                &sources,
+                &polls,
+                n,
+                args.watch,
+                args.reconnect,
+                stalls.clone(),
+            )
+            .await?,
+        ),
     };
 
     let started = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let shared = Arc::new(Shared {
         next: AtomicU64::new(0),
         accepted: AtomicU64::new(0),
@@ -357,7 +450,10 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         },
         duplicate_ratio: args.duplicate_ratio,
         run: format!("lg{:x}", rand::random::<u32>()),
+        retries: args.retries,
+        stalls: stalls.clone(),
     });
+    stalls.start();
     let progress = (!args.quiet && !args.json).then(|| {
         let bar = ProgressBar::new(args.count.unwrap_or(args.duration.as_secs()));
         bar.set_style(
@@ -384,22 +480,19 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         bar
     });
     let cpu_before = CpuSample::now(args.server_pid);
+    let shared_targets: Arc<[Target]> = targets.clone().into();
     let workers: Vec<_> = (0..args.connections.max(1))
         .map(|i| {
-            let (target, source) = pick(i, &targets, &sources);
-            tokio::spawn(worker(target.clone(), source, shared.clone()))
+            let (home, source) = pick_at(i, targets.len(), &sources);
+            let route = Route::new(shared_targets.clone(), home, source, args.retries > 0);
+            tokio::spawn(worker(route, shared.clone()))
         })
         .collect();
     let mut total = WorkerStats::default();
     let mut latencies = histogram();
     for w in workers {
         let (stats, h) = w.await?;
-        total.sent += stats.sent;
-        total.accepted += stats.accepted;
-        total.duplicates += stats.duplicates;
-        for (k, v) in stats.errors {
-            *total.errors.entry(k).or_default() += v;
-        }
+        total.add(stats);
         latencies.add(&h).expect("same bounds");
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -411,14 +504,24 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         let started = Instant::now();
         // Why new connections: the server closes keep-alive connections left idle.
         let mut readers = Readers::open(&setup, &polls).await?;
-        let (counted, took) =
-            settle(&mut readers, baseline + total.accepted as i64, started).await?;
-        let counted = counted - baseline;
+        let at_least = baseline.iter().sum::<i64>() + total.accepted as i64;
+        let (counted, took) = settle(&mut readers, at_least, started).await?;
+        let (mut lost, mut doubled) = (0, 0);
+        for ((counted, base), accepted) in
+            counted.iter().zip(&baseline).zip(stalls.accepted_by_poll())
+        {
+            let counted = (counted - base).max(0) as u64;
+            lost += accepted.saturating_sub(counted);
+            doubled += counted.saturating_sub(accepted);
+        }
+        let counted = counted.iter().sum::<i64>() - baseline.iter().sum::<i64>();
         Some(Verification {
             counted,
             accepted: total.accepted,
-            exact: counted == total.accepted as i64,
+            exact: lost == 0 && doubled == 0,
             settle_ms: took.as_millis() as u64,
+            lost,
+            doubled,
         })
     } else {
         None
@@ -436,6 +539,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         processes: 1,
         connections: args.connections,
         polls: polls.len(),
+        started_unix_ms,
         seconds,
         sent: total.sent,
         accepted: total.accepted,
@@ -445,6 +549,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         latency: Latency::of(&latencies),
         cpu,
         verification,
+        retry: (args.retries > 0).then_some(total.retry),
         fanout,
         visibility,
         json: args.json,
