@@ -113,6 +113,10 @@ pub struct Retries {
     pub first_5xx: u64,
     /// Votes whose first attempt got no answer (its connection closed).
     pub first_errors: u64,
+    /// Votes whose first attempt never went out: the server had closed the keep-alive
+    /// connection (as a stopping process does with idle ones). Not seen by the server.
+    #[serde(default)]
+    pub first_not_sent: u64,
     /// Votes whose first attempt found no server that took a connection.
     pub first_unreachable: u64,
     /// Attempts after the first, over all votes.
@@ -121,7 +125,8 @@ pub struct Retries {
     pub resolved: u64,
     /// Votes still failing after every retry: their fate is unknown (also in `errors`).
     pub unresolved: u64,
-    /// Failed attempts, first or not, by status code, `error` (no answer) or `connect`.
+    /// Failed attempts, first or not, by status code, `error` (no answer), `closed` (not
+    /// sent: the connection had closed) or `connect`.
     pub failures: BTreeMap<String, u64>,
     /// Connections a server refused; the vote went to the next server instead.
     pub connect_failures: u64,
@@ -133,6 +138,7 @@ impl Retries {
         self.limit = self.limit.max(other.limit);
         self.first_5xx += other.first_5xx;
         self.first_errors += other.first_errors;
+        self.first_not_sent += other.first_not_sent;
         self.first_unreachable += other.first_unreachable;
         self.retries += other.retries;
         self.resolved += other.resolved;
@@ -200,7 +206,9 @@ pub struct Report {
     pub sent: u64,
     pub accepted: u64,
     pub duplicates: u64,
-    /// Other answers by status code ("error" for transport failures).
+    /// Other answers by status code ("error" for a request left unanswered, "closed" for
+    /// one whose keep-alive connection the server closed before it went out, "connect" when
+    /// no connection could be opened).
     pub errors: BTreeMap<String, u64>,
     pub accepted_per_sec: f64,
     pub latency: Latency,
@@ -393,10 +401,12 @@ impl Report {
         );
         if let Some(r) = &self.retry {
             println!(
-                "retries      first attempts failed: {} 5xx, {} unanswered, {} unreachable; {} retries, \
-                 {} resolved, {} unresolved; failed attempts {:?}; {} connections refused",
+                "retries      first attempts failed: {} 5xx, {} unanswered, {} not sent (connection \
+                 closed), {} unreachable; {} retries, {} resolved, {} unresolved; failed attempts \
+                 {:?}; {} connections refused",
                 r.first_5xx,
                 r.first_errors,
+                r.first_not_sent,
                 r.first_unreachable,
                 r.retries,
                 r.resolved,

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 
 use crate::net::Target;
-use crate::votes::Connection;
+use crate::votes::{Connection, NotSent};
 
 /// What became of one attempt of a vote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,9 +37,12 @@ pub enum Answer {
 pub enum Failure {
     /// A 5xx: 503 is "not known to be counted", and a retry with the same id is safe.
     Status(StatusCode),
-    /// The request was sent (or about to be) but no answer came: the connection closed, as
-    /// when its process stopped. The vote may or may not have got in.
+    /// The request was sent but no answer came: the connection closed, as when its process
+    /// stopped. The vote may or may not have got in.
     Transport,
+    /// The request never went out: the server had closed the keep-alive connection first
+    /// (a stopping process lets its idle connections go). The vote did not get in.
+    NotSent,
     /// No server took a connection: the vote was never sent.
     Unreachable,
 }
@@ -50,6 +53,7 @@ impl Failure {
         match self {
             Failure::Status(status) => status.as_u16().to_string(),
             Failure::Transport => "error".into(),
+            Failure::NotSent => "closed".into(),
             Failure::Unreachable => "connect".into(),
         }
     }
@@ -62,6 +66,7 @@ pub fn classify(answer: &anyhow::Result<(StatusCode, Bytes)>) -> Answer {
         Ok((StatusCode::CONFLICT, _)) => Answer::Duplicate,
         Ok((status, _)) if status.is_server_error() => Answer::Failed(Failure::Status(*status)),
         Ok((status, _)) => Answer::Refused(*status),
+        Err(e) if e.is::<NotSent>() => Answer::Failed(Failure::NotSent),
         Err(_) => Answer::Failed(Failure::Transport),
     }
 }
@@ -254,6 +259,8 @@ mod tests {
     #[derive(Clone, Copy)]
     enum Behaviour {
         Answer(u16),
+        /// Answers 202 with `Connection: close` and closes, as a stopping server does.
+        AnswerAndClose,
         /// Reads the request and closes the connection without answering.
         Hang,
     }
@@ -283,6 +290,7 @@ mod tests {
                                 .push(String::from_utf8(body.to_vec()).unwrap());
                             let status = match behaviour {
                                 Behaviour::Answer(status) => status,
+                                Behaviour::AnswerAndClose => 202,
                                 Behaviour::Hang => {
                                     let _ = closed_tx.send(()).await;
                                     std::future::pending::<()>().await;
@@ -297,6 +305,7 @@ mod tests {
                         }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(!matches!(behaviour, Behaviour::AnswerAndClose))
                         .serve_connection(TokioIo::new(stream), service);
                     // Hang: the request was read, then the connection goes unanswered.
                     tokio::select! {
@@ -363,6 +372,26 @@ mod tests {
             taking.bodies.lock().unwrap().clone(),
             "the server that went silent had the vote; the retry carries the same id"
         );
+    }
+
+    #[tokio::test]
+    async fn a_vote_on_a_connection_the_server_let_go_was_not_sent_and_goes_to_the_next() {
+        let (closing, taking) = (
+            fake(Behaviour::AnswerAndClose).await,
+            fake(Behaviour::Answer(202)).await,
+        );
+        let mut route = route(&[&closing, &taking], true);
+        let first = send_vote(&mut route, &vote("v7"), 3, QUICK).await;
+        assert_eq!((first.answer, first.failures.len()), (Answer::Accepted, 0));
+        let second = send_vote(&mut route, &vote("v8"), 3, QUICK).await;
+        assert_eq!(second.answer, Answer::Accepted);
+        assert_eq!(second.failures, [Failure::NotSent]);
+        assert_eq!(
+            closing.bodies.lock().unwrap().len(),
+            1,
+            "v8 never reached it"
+        );
+        assert_eq!(taking.bodies.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

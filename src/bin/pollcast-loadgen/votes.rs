@@ -96,6 +96,12 @@ pub struct VoteArgs {
     quiet: bool,
 }
 
+/// A request that never went out: the connection had closed (the server let it go) before
+/// it could be sent, so the server never saw it.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection closed before the request was sent")]
+pub struct NotSent;
+
 /// A tiny HTTP/1.1 client on one keep-alive connection.
 pub struct Connection {
     sender: SendRequest<Full<Bytes>>,
@@ -151,8 +157,16 @@ impl Connection {
         if let Some(token) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        self.sender.ready().await?;
-        let resp = self.sender.send_request(req.body(Full::new(body))?).await?;
+        let req = req.body(Full::new(body))?;
+        // Why tell these apart: a keep-alive connection the server closed before the request
+        // went out is not a request the server dropped (see `NotSent`).
+        if self.sender.ready().await.is_err() {
+            return Err(NotSent.into());
+        }
+        let resp = match self.sender.send_request(req).await {
+            Err(e) if e.is_canceled() => return Err(NotSent.into()),
+            sent => sent?,
+        };
         let status = resp.status();
         Ok((status, resp.into_body().collect().await?.to_bytes()))
     }
@@ -230,6 +244,7 @@ impl WorkerStats {
             None => {}
             Some(Failure::Status(_)) => r.first_5xx += 1,
             Some(Failure::Transport) => r.first_errors += 1,
+            Some(Failure::NotSent) => r.first_not_sent += 1,
             Some(Failure::Unreachable) => r.first_unreachable += 1,
         }
         if !sent.failures.is_empty() {
@@ -295,7 +310,10 @@ async fn worker(mut route: Route, shared: Arc<Shared>) -> (WorkerStats, Histogra
         // Without retries a connection that failed is opened again to the same server, and
         // a worker whose server is gone stops.
         if shared.retries == 0
-            && matches!(sent.answer, Answer::Failed(Failure::Transport))
+            && matches!(
+                sent.answer,
+                Answer::Failed(Failure::Transport | Failure::NotSent)
+            )
             && route.connection().await.is_none()
         {
             break;
