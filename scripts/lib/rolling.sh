@@ -1,0 +1,265 @@
+# The rolling-restart scenario of scripts/bench (`scripts/bench rolling`), sourced by it after
+# its set-up: BIN, TOKEN, RUN, RUNS, PIDS, launch_pollcast and the services are its.
+#
+# Three production-shape pollcast processes (tansu, one Postgres database, Redis) in one
+# consumer group, with the shipped consumer settings (no session or heartbeat override),
+# take votes on all three URLs and serve subscribers on every poll. While the load runs,
+# each process in turn is stopped with SIGTERM, waited for, replaced by one with the same
+# config, and waited for until its /readyz answers 200; a pause, then the next. The load
+# generator retries a vote answered 5xx or left unanswered with the same voteId on the next
+# URL (`--retries`), and its subscribers come back on the next URL when theirs goes away
+# (`--reconnect`), as the live page does. Then it verifies the counts poll by poll.
+#
+# Loopback only, bounded: the load lasts BENCH_ROLLING_SECONDS, each wait has a deadline.
+#
+#   BENCH_ROLLING_SECONDS=60      how long the load lasts (the three steps must fit in it)
+#   BENCH_ROLLING_LEAD=10         seconds of load before the first SIGTERM
+#   BENCH_ROLLING_PAUSE=5         seconds between a replacement's ready and the next SIGTERM
+#   BENCH_ROLLING_POLLS=12  BENCH_ROLLING_SUBSCRIBERS=300  BENCH_ROLLING_CONNECTIONS=32
+#   BENCH_ROLLING_RETRIES=8       most retries of one vote
+#   BENCH_LOG_DIR=DIR             keep the processes' logs and the reports there
+
+ROLL_SECS=${BENCH_ROLLING_SECONDS:-60}
+ROLL_LEAD=${BENCH_ROLLING_LEAD:-10}
+ROLL_PAUSE=${BENCH_ROLLING_PAUSE:-5}
+ROLL_POLLS=${BENCH_ROLLING_POLLS:-12}
+ROLL_SUBSCRIBERS=${BENCH_ROLLING_SUBSCRIBERS:-300}
+ROLL_CONNECTIONS=${BENCH_ROLLING_CONNECTIONS:-32}
+ROLL_RETRIES=${BENCH_ROLLING_RETRIES:-8}
+ROLL_PROCESSES=3
+# Longest wait for a stopped process to exit, and for a started one to be ready.
+ROLL_EXIT_DEADLINE=60
+ROLL_READY_DEADLINE=120
+
+now() { date +%s.%N; }
+
+# roll_start I: starts process I (again) on its port, with the shared config; ROLL_PID[I].
+roll_start() {
+  local i=$1
+  launch_pollcast "p$i" "${ROLL_PORT[$i]}" "${ROLL_ENV[@]}"
+  ROLL_PID[$i]=$SERVER_PID
+}
+
+# roll_ready I: waits until process I's /readyz answers 200, and keeps that answer.
+roll_ready() {
+  local i=$1 deadline=$((SECONDS + ROLL_READY_DEADLINE))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    if curl -sf "http://127.0.0.1:${ROLL_PORT[$i]}/readyz" >"$OUT/ready-p$i.json" 2>/dev/null; then
+      return 0
+    fi
+    kill -0 "${ROLL_PID[$i]}" 2>/dev/null || fail "pollcast p$i exited at start: $(tail -5 "$OUT/p$i.log")"
+    sleep 0.05
+  done
+  fail "pollcast p$i was not ready within ${ROLL_READY_DEADLINE} s: $(tail -5 "$OUT/p$i.log")"
+}
+
+# The partitions process I lists on /readyz (a JSON array), or nothing.
+roll_partitions() {
+  curl -sf "http://127.0.0.1:${ROLL_PORT[$1]}/readyz" 2>/dev/null |
+    python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin).get("partitions") or []))' 2>/dev/null || true
+}
+
+# Waits until every process owns some partitions, and together all of them: the group has
+# settled, so the load starts on a cluster at rest.
+roll_wait_split() {
+  local deadline=$((SECONDS + ROLL_READY_DEADLINE)) owned i p
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    owned=()
+    for i in $(seq 1 "$ROLL_PROCESSES"); do
+      p=$(roll_partitions "$i")
+      [ -n "$p" ] && [ "$p" != "[]" ] || break
+      owned+=("$p")
+    done
+    if [ "${#owned[@]}" -eq "$ROLL_PROCESSES" ] &&
+      python3 -c 'import json,sys; sys.exit(0 if sum(len(json.loads(a)) for a in sys.argv[1:]) == 6 else 1)' "${owned[@]}"; then
+      say "the group has settled: partitions ${owned[*]}"
+      return 0
+    fi
+    sleep 0.2
+  done
+  fail "the three processes did not share the partitions within ${ROLL_READY_DEADLINE} s"
+}
+
+# roll_step I: SIGTERM to process I, wait for its exit, start its replacement, wait until
+# ready; appends the step's times to steps.tsv.
+roll_step() {
+  local i=$1 pid=${ROLL_PID[$1]} t_term t_exit t_start t_ready code watchdog
+  say "step $i: SIGTERM to p$i (pid $pid)"
+  t_term=$(now)
+  kill -TERM "$pid"
+  # Bounded: a process still running after the deadline is killed (and reported by its code).
+  (sleep "$ROLL_EXIT_DEADLINE" && kill -KILL "$pid" 2>/dev/null) &
+  watchdog=$!
+  code=0
+  wait "$pid" || code=$?
+  t_exit=$(now)
+  kill "$watchdog" 2>/dev/null || true
+  wait "$watchdog" 2>/dev/null || true
+  t_start=$(now)
+  roll_start "$i"
+  roll_ready "$i"
+  t_ready=$(now)
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$t_term" "$t_exit" "$code" "$t_start" "$t_ready" \
+    "$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])).get("partitions")))' "$OUT/ready-p$i.json")" \
+    >>"$OUT/steps.tsv"
+  say "step $i: exited $code, replacement ready; pausing ${ROLL_PAUSE} s"
+  sleep "$ROLL_PAUSE"
+}
+
+run_rolling() {
+  OUT="$RUNS/rolling"
+  mkdir -p "$OUT"
+  : >"$OUT/steps.tsv"
+  start_tansu
+  local db="pollcast_bench_${RUN}_rolling" urls='' i lg_pid lg_code=0 covered=yes
+  psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qc "CREATE DATABASE $db"
+  # The production shape, as shipped: no consumer properties.
+  ROLL_ENV=(
+    POLLCAST__STORE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db"
+    POLLCAST__DEDUP__KIND=redis POLLCAST__DEDUP__REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT"
+    POLLCAST__DEDUP__KEY_PREFIX="bench:$RUN:rolling:"
+    POLLCAST__LOG__KIND=kafka POLLCAST__LOG__KAFKA__BROKERS="127.0.0.1:$KAFKA_PORT"
+    POLLCAST__LOG__KAFKA__GROUP_ID="bench-$RUN-rolling"
+    RUST_LOG="warn,pollcast=info,pollcast_actors=info"
+  )
+  ROLL_PORT=() ROLL_PID=()
+  for i in $(seq 1 "$ROLL_PROCESSES"); do
+    ROLL_PORT[$i]=$(free_port)
+    urls+="${urls:+,}http://127.0.0.1:${ROLL_PORT[$i]}"
+    roll_start "$i"
+  done
+  for i in $(seq 1 "$ROLL_PROCESSES"); do roll_ready "$i"; done
+  roll_wait_split
+
+  say "scenario rolling: ${ROLL_SECS} s of load on $urls, restarts from ${ROLL_LEAD} s"
+  "$BIN/pollcast-loadgen" votes --url "$urls" --token "$TOKEN" --json --quiet \
+    --duration "${ROLL_SECS}s" --connections "$ROLL_CONNECTIONS" --polls "$ROLL_POLLS" \
+    --subscribers "$ROLL_SUBSCRIBERS" --watch all --reconnect --retries "$ROLL_RETRIES" --verify \
+    >"$OUT/loadgen.json" 2>"$OUT/loadgen.log" &
+  lg_pid=$!
+  PIDS+=("$lg_pid")
+  sleep "$ROLL_LEAD"
+  for i in $(seq 1 "$ROLL_PROCESSES"); do
+    kill -0 "$lg_pid" 2>/dev/null || covered=no
+    roll_step "$i"
+  done
+  kill -0 "$lg_pid" 2>/dev/null || covered=no
+  [ "$covered" = yes ] || say "the load ended before the last step was over: raise BENCH_ROLLING_SECONDS"
+  # The load generator ends by itself (its duration, then verification: at most a minute).
+  wait "$lg_pid" || lg_code=$?
+  [ "$lg_code" -le 1 ] || fail "the load generator failed ($lg_code): $(tail -5 "$OUT/loadgen.log")"
+  for i in $(seq 1 "$ROLL_PROCESSES"); do
+    kill -TERM "${ROLL_PID[$i]}" 2>/dev/null || true
+    wait "${ROLL_PID[$i]}" 2>/dev/null || true
+  done
+  stop_tansu
+  if [ -n "${BENCH_LOG_DIR:-}" ]; then
+    mkdir -p "$BENCH_LOG_DIR"
+    cp -r "$OUT/." "$BENCH_LOG_DIR/"
+    say "logs and reports kept in $BENCH_LOG_DIR"
+  fi
+
+  mkdir -p bench
+  local met=0
+  python3 - "$OUT" "$covered" "$ROLL_SECS" "$ROLL_LEAD" "$ROLL_PAUSE" "$ROLL_POLLS" "$ROLL_SUBSCRIBERS" \
+    "$ROLL_CONNECTIONS" "$ROLL_RETRIES" <<'PY' || met=$?
+import json, os, platform, sys, time
+out, covered = sys.argv[1], sys.argv[2] == "yes"
+secs, lead, pause, polls, subscribers, connections, retries = map(int, sys.argv[3:10])
+report = json.load(open(os.path.join(out, "loadgen.json")))
+start = report["started_unix_ms"] / 1000
+steps = []
+for line in open(os.path.join(out, "steps.tsv")):
+    i, term, exited, code, started, ready, partitions = line.rstrip("\n").split("\t")
+    term, exited, started, ready = map(float, (term, exited, started, ready))
+    steps.append({
+        "process": f"p{i}",
+        "sigterm_at_s": round(term - start, 2),
+        "sigterm_to_exit_s": round(exited - term, 2),
+        "exit_code": int(code),
+        "start_to_ready_s": round(ready - started, 2),
+        "partitions_at_ready": json.loads(partitions),
+    })
+r, v, f = report["retry"], report["verification"], report["fanout"]
+stall = f.get("stall") or {}
+refused = {k: n for k, n in report["errors"].items() if k.isdigit() and int(k) < 500}
+summary = {
+    "votes_accepted": report["accepted"],
+    "votes_per_sec": round(report["accepted_per_sec"]),
+    "first_attempt_5xx": r["first_5xx"],
+    "first_attempt_unanswered": r["first_errors"],
+    "first_attempt_unreachable": r["first_unreachable"],
+    "retries": r["retries"],
+    "failed_attempts": r["failures"],
+    "left_after_retries": r["unresolved"],
+    "refused_4xx": refused,
+    "lost": v["lost"],
+    "doubled": v["doubled"],
+    "counted_equals_accepted": v["exact"],
+    "settle_ms": v["settle_ms"],
+    "longest_stall_s": round(stall.get("longest_ms", 0) / 1000, 2),
+    "longest_stall_poll": stall.get("poll"),
+    "longest_stall_ended_at_s": stall.get("ended_at_s"),
+    "median_poll_longest_stall_s": round(stall.get("median_ms", 0) / 1000, 2),
+    "subscribers": f["subscribers"],
+    "subscribers_connected": f["connected"],
+    "subscriber_disconnects": f["disconnects"],
+    "subscribers_reconnected": f["reconnects"],
+    "reconnect_p99_ms": (f.get("reconnect_delay") or {}).get("p99_ms"),
+    "subscribers_live_at_end": f.get("live_at_end"),
+    "counts_went_backwards": f["backwards"],
+    "missed_updates": f["missed_updates"],
+    "vote_p99_ms": report["latency"]["p99_ms"],
+    "vote_max_ms": report["latency"]["max_ms"],
+    "load_covered_all_steps": covered,
+}
+met = (summary["left_after_retries"] == 0 and summary["lost"] == 0 and summary["doubled"] == 0
+       and summary["counts_went_backwards"] == 0 and covered)
+result = {
+    "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "machine": f"{os.cpu_count()} cores, {platform.machine()}",
+    "command": "scripts/bench rolling",
+    "settings": {"processes": 3, "seconds": secs, "lead_s": lead, "pause_s": pause, "polls": polls,
+                 "subscribers": subscribers, "connections": connections, "retries": retries,
+                 "consumer_properties": "shipped (none set)"},
+    "target_met": met,
+    "summary": summary,
+    "steps": steps,
+    "report": report,
+}
+json.dump(result, open("bench/results-rolling.json", "w"), indent=2)
+
+print(f"rolling restart: 3 processes, {polls} polls, {subscribers} subscribers, {connections} connections, "
+      f"{secs} s of load, retries up to {retries}")
+fmt = "{:<6} {:<8} {:>12} {:>14} {:>10} {:>14}  {}"
+print(fmt.format("step", "process", "SIGTERM at", "SIGTERM→exit", "exit code", "start→ready", "partitions at ready"))
+for n, s in enumerate(steps, 1):
+    print(fmt.format(n, s["process"], f"{s['sigterm_at_s']:.1f} s", f"{s['sigterm_to_exit_s']:.2f} s", s["exit_code"],
+                     f"{s['start_to_ready_s']:.2f} s", s["partitions_at_ready"]))
+rows = [
+    ("votes accepted", f"{summary['votes_accepted']} ({summary['votes_per_sec']}/s)"),
+    ("5xx on first attempt", summary["first_attempt_5xx"]),
+    ("unanswered first attempts", summary["first_attempt_unanswered"]),
+    ("retries", f"{summary['retries']} (failed attempts {summary['failed_attempts']})"),
+    ("5xx/errors left after retries", summary["left_after_retries"]),
+    ("refused 4xx", summary["refused_4xx"] or "none"),
+    ("lost / doubled", f"{summary['lost']} / {summary['doubled']}"),
+    ("counted == accepted", summary["counted_equals_accepted"]),
+    ("longest stall", f"{summary['longest_stall_s']} s (poll {summary['longest_stall_poll']}, ended "
+                      f"{summary['longest_stall_ended_at_s']} s into the load; median poll "
+                      f"{summary['median_poll_longest_stall_s']} s)"),
+    ("subscribers reconnected", f"{summary['subscribers_reconnected']} of {summary['subscriber_disconnects']} "
+                                f"disconnects (p99 {summary['reconnect_p99_ms']} ms); "
+                                f"{summary['subscribers_live_at_end']}/{summary['subscribers']} live at the end"),
+    ("counts went backwards", summary["counts_went_backwards"]),
+    ("vote latency p99 / max", f"{summary['vote_p99_ms']} / {summary['vote_max_ms']} ms"),
+]
+for name, value in rows:
+    print(f"{name:<31} {value}")
+print("target (no 5xx a retry does not fix, none lost or doubled): " + ("met" if met else "NOT MET"))
+sys.exit(0 if met else 1)
+PY
+  say "written bench/results-rolling.json"
+  # Like a mismatch in the other scenarios, a missed target fails the run.
+  [ "$met" -eq 0 ] || exit 1
+}
