@@ -132,6 +132,8 @@ run_rolling() {
   roll_wait_split
 
   say "scenario rolling: ${ROLL_SECS} s of load on $urls, restarts from ${ROLL_LEAD} s"
+  # What else kept the machine busy: these figures are times, and the cores are shared.
+  cp /proc/loadavg "$OUT/loadavg-before"
   "$BIN/pollcast-loadgen" votes --url "$urls" --token "$TOKEN" --json --quiet \
     --duration "${ROLL_SECS}s" --connections "$ROLL_CONNECTIONS" --polls "$ROLL_POLLS" \
     --subscribers "$ROLL_SUBSCRIBERS" --watch all --reconnect --retries "$ROLL_RETRIES" --verify \
@@ -144,6 +146,7 @@ run_rolling() {
     roll_step "$i"
   done
   kill -0 "$lg_pid" 2>/dev/null || covered=no
+  cp /proc/loadavg "$OUT/loadavg-after"
   [ "$covered" = yes ] || say "the load ended before the last step was over: raise BENCH_ROLLING_SECONDS"
   # The load generator ends by itself (its duration, then verification: at most a minute).
   wait "$lg_pid" || lg_code=$?
@@ -188,6 +191,7 @@ summary = {
     "votes_per_sec": round(report["accepted_per_sec"]),
     "first_attempt_5xx": r["first_5xx"],
     "first_attempt_unanswered": r["first_errors"],
+    "first_attempt_not_sent": r.get("first_not_sent", 0),
     "first_attempt_unreachable": r["first_unreachable"],
     "retries": r["retries"],
     "failed_attempts": r["failures"],
@@ -212,6 +216,9 @@ summary = {
     "vote_p99_ms": report["latency"]["p99_ms"],
     "vote_max_ms": report["latency"]["max_ms"],
     "load_covered_all_steps": covered,
+    "machine_idle": report["cpu"]["machine_idle"],
+    "loadavg_1m_before_after": [float(open(os.path.join(out, f)).read().split()[0])
+                                for f in ("loadavg-before", "loadavg-after")],
 }
 met = (summary["left_after_retries"] == 0 and summary["lost"] == 0 and summary["doubled"] == 0
        and summary["counts_went_backwards"] == 0 and covered)
@@ -239,7 +246,8 @@ for n, s in enumerate(steps, 1):
 rows = [
     ("votes accepted", f"{summary['votes_accepted']} ({summary['votes_per_sec']}/s)"),
     ("5xx on first attempt", summary["first_attempt_5xx"]),
-    ("unanswered first attempts", summary["first_attempt_unanswered"]),
+    ("first attempts unanswered", summary["first_attempt_unanswered"]),
+    ("first attempts not sent", f"{summary['first_attempt_not_sent']} (the server had closed the connection)"),
     ("retries", f"{summary['retries']} (failed attempts {summary['failed_attempts']})"),
     ("5xx/errors left after retries", summary["left_after_retries"]),
     ("refused 4xx", summary["refused_4xx"] or "none"),
@@ -253,6 +261,8 @@ rows = [
                                 f"{summary['subscribers_live_at_end']}/{summary['subscribers']} live at the end"),
     ("counts went backwards", summary["counts_went_backwards"]),
     ("vote latency p99 / max", f"{summary['vote_p99_ms']} / {summary['vote_max_ms']} ms"),
+    ("machine", f"idle {'n/a' if summary['machine_idle'] is None else round(summary['machine_idle'] * 100, 1)} % during the load; load average "
+                f"{summary['loadavg_1m_before_after'][0]} before, {summary['loadavg_1m_before_after'][1]} after"),
 ]
 for name, value in rows:
     print(f"{name:<31} {value}")
