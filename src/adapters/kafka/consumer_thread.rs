@@ -11,10 +11,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use tokio::sync::{mpsc, oneshot};
 
-use super::rebalance::IngestContext;
-
-/// Where the answer to a [`Request::Poll`] goes.
-pub(super) type Reply = oneshot::Sender<Result<SourceEvent, LogError>>;
+use super::rebalance::{IngestContext, Reply};
 
 /// What the ingest actor asks of the consumer thread.
 pub(super) enum Request {

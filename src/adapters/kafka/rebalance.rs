@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::Duration;
 
-use pollcast_actors::{ConsumerStatus, Offset, Partition, SourceEvent};
+use pollcast_actors::{ConsumerStatus, LogError, Offset, Partition, SourceEvent};
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, TopicPartitionList};
 
-use super::consumer_thread::Reply;
+/// Where the answer to a read the ingest actor asked the consumer thread for goes (a
+/// revocation answers it early, so that the actor flushes before the partitions go).
+pub(super) type Reply = tokio::sync::oneshot::Sender<Result<SourceEvent, LogError>>;
 
 /// Rebalance callbacks of the ingest consumer; they run on its poll thread.
 pub(super) struct IngestContext {

@@ -31,6 +31,7 @@
 //! audience takes several `--source-addrs`, several `--url`s and several load generators,
 //! whose JSON reports `merge` adds up.
 
+mod client;
 mod cpu;
 mod net;
 mod probe;

@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::client::Connection;
 use crate::report::{Latency, histogram};
-use crate::votes::Connection;
 
 /// Longest wait for one probe vote to show; past it the sample is recorded as this long.
 const GIVE_UP: Duration = Duration::from_secs(30);

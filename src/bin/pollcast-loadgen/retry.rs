@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
+use crate::client::{Connection, NotSent};
 use crate::net::Target;
-use crate::votes::{Connection, NotSent};
 
 /// What became of one attempt of a vote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
