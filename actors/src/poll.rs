@@ -111,14 +111,15 @@ impl Poll {
         PollRules::of(self)
     }
 
-    /// Whether the poll refuses votes at `now`: closed, or past its closing time.
+    /// Whether the poll refuses votes at `now`: closed, or past its closing time. (The rule
+    /// is [`closed_at`]'s; no [`PollRules`] is built, so listing polls copies no options.)
     pub fn is_closed_at(&self, now: UnixMillis) -> bool {
-        self.rules().is_closed_at(self.closed, now)
+        closed_at(self.closed, self.settings.closes_at, now)
     }
 
     /// Whether its counts may be shown at `now`.
     pub fn results_visible_at(&self, now: UnixMillis) -> bool {
-        self.rules().results_visible(self.closed, now)
+        results_visible(self.settings.hide_results, self.is_closed_at(now))
     }
 }
 
@@ -326,7 +327,7 @@ impl PollRules {
     /// and not only the flag: the closing time is fixed at creation, so every process refuses
     /// votes from that very moment, before the scheduler has closed the poll.
     pub fn is_closed_at(&self, closed: bool, now: UnixMillis) -> bool {
-        closed || self.closes_at.is_some_and(|at| now >= at)
+        closed_at(closed, self.closes_at, now)
     }
 
     /// Whether a voter's later ballot replaces the earlier one (else it is a duplicate).
@@ -336,7 +337,7 @@ impl PollRules {
 
     /// Whether its counts may be shown at `now`, to anyone.
     pub fn results_visible(&self, closed: bool, now: UnixMillis) -> bool {
-        !self.hide_results || self.is_closed_at(closed, now)
+        results_visible(self.hide_results, self.is_closed_at(closed, now))
     }
 
     /// Whether the counts stay hidden from subscribers until the final update. Why `closed_at`
@@ -356,6 +357,16 @@ impl PollRules {
     pub fn has_webhook(&self) -> bool {
         self.has_webhook
     }
+}
+
+/// The closing rule: closed by its flag, or from its closing time on.
+fn closed_at(closed: bool, closes_at: Option<UnixMillis>, now: UnixMillis) -> bool {
+    closed || closes_at.is_some_and(|at| now >= at)
+}
+
+/// The hidden-results rule: counts are shown unless hidden, and once the poll is closed.
+fn results_visible(hide_results: bool, closed: bool) -> bool {
+    !hide_results || closed
 }
 
 /// Whether an option appears twice in `choices`. Ballots are short (at most

@@ -19,8 +19,7 @@ use crate::domain::now_millis;
 use crate::ids::random_id;
 use crate::{
     BallotRejection, Claim, DedupGuard, GuardError, InvalidPoll, LedgerRow, LogEntry, LogError,
-    OptionId, Poll, PollDraft, PollEvents, PollId, PollPage, PollStore, StoreError, Vote,
-    VoteAppender,
+    OptionId, Poll, PollDraft, PollEvents, PollId, PollPage, StoreError, Vote, VoteAppender,
 };
 
 pub use catalog::{PollCatalog, PollMeta};
@@ -119,7 +118,7 @@ pub enum CreateError {
 /// Everything pollcast does with polls; cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct PollService {
-    store: Arc<dyn PollStore>,
+    /// The process's poll cache, in front of the store (`catalog.store()`).
     catalog: PollCatalog,
     guard: Arc<dyn DedupGuard>,
     log: Arc<dyn VoteAppender>,
@@ -136,7 +135,6 @@ impl PollService {
         events: Arc<dyn PollEvents>,
     ) -> Self {
         Self {
-            store: catalog.store().clone(),
             catalog,
             guard,
             log,
@@ -151,7 +149,8 @@ impl PollService {
         let secret = secret.iter().map(|b| format!("{b:02x}")).collect();
         let new = draft.check(now_millis(), secret)?;
         let poll = self
-            .store
+            .catalog
+            .store()
             .create_poll(new)
             .await
             .map_err(Unavailable::from)?;
@@ -170,12 +169,12 @@ impl PollService {
 
     /// The poll with its counts as stored now; `None`: no such poll.
     pub async fn get(&self, id: PollId) -> Result<Option<Poll>, Unavailable> {
-        Ok(self.store.get_poll(id).await?)
+        Ok(self.catalog.store().get_poll(id).await?)
     }
 
     /// A page of polls, newest first.
     pub async fn list(&self, page: PollPage) -> Result<Vec<Poll>, Unavailable> {
-        Ok(self.store.list_polls(page).await?)
+        Ok(self.catalog.store().list_polls(page).await?)
     }
 
     /// A page of the poll's ledger: the ballots after row `after`, at most `limit`.
@@ -185,7 +184,7 @@ impl PollService {
         after: i64,
         limit: i64,
     ) -> Result<Vec<LedgerRow>, Unavailable> {
-        Ok(self.store.ledger(poll, after, limit).await?)
+        Ok(self.catalog.store().ledger(poll, after, limit).await?)
     }
 
     /// Whether the poll exists, from the cache when it is known.
@@ -266,7 +265,7 @@ impl PollService {
     /// marker, appended behind every vote already in the log, makes its aggregator publish
     /// the final counts once those are flushed. `None`: no such poll.
     pub async fn close(&self, id: PollId) -> Result<Option<Poll>, Unavailable> {
-        let Some((poll, newly)) = self.store.close_poll(id, now_millis()).await? else {
+        let Some((poll, newly)) = self.catalog.store().close_poll(id, now_millis()).await? else {
             return Ok(None);
         };
         self.catalog.remember(&poll);
@@ -284,7 +283,11 @@ impl PollService {
     pub async fn close_due_polls(&self, lost_after: Duration) -> Result<usize, Unavailable> {
         let now = now_millis();
         let unsealed_before = now - lost_after.as_millis() as i64;
-        let due = self.store.polls_to_seal(now, unsealed_before).await?;
+        let due = self
+            .catalog
+            .store()
+            .polls_to_seal(now, unsealed_before)
+            .await?;
         for (poll_id, closed_at) in &due {
             self.log
                 .append(LogEntry::closed(*poll_id, *closed_at))
