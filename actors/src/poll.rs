@@ -6,7 +6,7 @@
 //! by the vote path and again by the aggregator for records other producers wrote), closing
 //! ([`PollRules::is_closed_at`]), changing a ballot ([`PollRules::allows_change`], applied
 //! by the ledger rule in [`crate::ballot`]) and hiding the counts
-//! ([`PollRules::results_visible`]).
+//! ([`Poll::results_visible_at`] and [`PollRules::hides_updates`]).
 
 use std::ops::RangeInclusive;
 
@@ -111,15 +111,16 @@ impl Poll {
         PollRules::of(self)
     }
 
-    /// Whether the poll refuses votes at `now`: closed, or past its closing time. (The rule
-    /// is [`closed_at`]'s; no [`PollRules`] is built, so listing polls copies no options.)
+    /// Whether the poll refuses votes at `now`: closed, or past its closing time (the same
+    /// rule as [`PollRules::is_closed_at`], without building the rules, so that listing
+    /// polls copies no options).
     pub fn is_closed_at(&self, now: UnixMillis) -> bool {
         closed_at(self.closed, self.settings.closes_at, now)
     }
 
     /// Whether its counts may be shown at `now`.
     pub fn results_visible_at(&self, now: UnixMillis) -> bool {
-        results_visible(self.settings.hide_results, self.is_closed_at(now))
+        !self.settings.hide_results || self.is_closed_at(now)
     }
 }
 
@@ -335,11 +336,6 @@ impl PollRules {
         self.allow_change
     }
 
-    /// Whether its counts may be shown at `now`, to anyone.
-    pub fn results_visible(&self, closed: bool, now: UnixMillis) -> bool {
-        results_visible(self.hide_results, self.is_closed_at(closed, now))
-    }
-
     /// Whether the counts stay hidden from subscribers until the final update. Why `closed_at`
     /// and `published_after`: once the final counts have had `published_after` to go out (or
     /// be re-sent by the scheduler, with every count), the results are public, and a vote
@@ -362,11 +358,6 @@ impl PollRules {
 /// The closing rule: closed by its flag, or from its closing time on.
 fn closed_at(closed: bool, closes_at: Option<UnixMillis>, now: UnixMillis) -> bool {
     closed || closes_at.is_some_and(|at| now >= at)
-}
-
-/// The hidden-results rule: counts are shown unless hidden, and once the poll is closed.
-fn results_visible(hide_results: bool, closed: bool) -> bool {
-    !hide_results || closed
 }
 
 /// Whether an option appears twice in `choices`. Ballots are short (at most
