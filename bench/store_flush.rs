@@ -28,7 +28,11 @@ async fn main() {
     let (polls, rounds, per_poll) = (arg(1, 2000), arg(2, 10), arg(3, 5));
     let dir = tempfile::tempdir().expect("a temporary directory");
     let url = format!("sqlite://{}", dir.path().join("flush.db").display());
-    let store = Arc::new(SqliteStore::open(&url).await.expect("the store opens"));
+    let store = Arc::new(
+        SqliteStore::open(&url, &pollcast::background::Background::new())
+            .await
+            .expect("the store opens"),
+    );
     let mut ids = Vec::with_capacity(polls);
     for i in 0..polls {
         let poll = NewPoll {

@@ -1,11 +1,13 @@
 //! pollcast: a live-polling vote service. Votes arrive over HTTP, are counted exactly once,
 //! and the counts reach WebSocket subscribers within seconds.
 //!
-//! The core (domain, ports, actor tree) is the `pollcast-actors` crate; this crate holds what
-//! touches the outside world: [`config`], [`adapters`], the [`http`] API, the vote path
-//! ([`voting`]), and [`startup`], where everything is wired together.
+//! The core (domain, ports, the vote path's `PollService`, the actor tree) is the
+//! `pollcast-actors` crate; this crate holds what touches the outside world: [`config`],
+//! [`adapters`], the [`http`] API, [`startup`], where everything is wired together, and
+//! [`background`], where every task outside the actor tree runs and stops.
 
 pub mod adapters;
+pub mod background;
 pub mod config;
 pub mod fdlimit;
 pub mod http;

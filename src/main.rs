@@ -77,7 +77,10 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if let Some(Command::Migrate) = cli.command {
-        return match pollcast::startup::open_store(&settings).await {
+        let background = pollcast::background::Background::new();
+        let migrated = pollcast::startup::open_store(&settings, &background).await;
+        background.stop_all().await;
+        return match migrated {
             Ok(_) => {
                 tracing::info!("migrations applied");
                 ExitCode::SUCCESS

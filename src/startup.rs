@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::background::{Background, Stage};
+
 use crate::adapters::{
     FileVoteLog, KafkaCountsBus, KafkaSourceFactory, KafkaVoteLog, MemoryGuard, PgPoolSettings,
     PostgresStore, RedisGuard, RedisGuardSettings, SqliteStore, WebhookDispatcher, ensure_topics,
@@ -37,12 +39,9 @@ pub struct Application {
     admin_addr: Option<SocketAddr>,
     root: ActorRef<RootMsg>,
     tree: JoinHandle<()>,
-    /// The closing scheduler, and what stops it.
-    closer: JoinHandle<()>,
-    closer_stop: CancellationToken,
-    /// Webhook deliveries, and what stops them.
-    webhooks: Arc<WebhookDispatcher>,
-    webhooks_stop: CancellationToken,
+    /// Every task outside the tree: the closing scheduler, webhook deliveries, the store's
+    /// and the log's writers, sweepers, the poll cache's refresher.
+    background: Background,
 }
 
 /// How the application stopped.
@@ -70,8 +69,12 @@ pub struct Backends {
     pub guard: Arc<dyn DedupGuard>,
 }
 
-/// Opens the store named by `store.url` and applies its migrations.
-pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn PollStore>> {
+/// Opens the store named by `store.url` and applies its migrations; its background work (the
+/// SQLite writer) runs in `background`.
+pub async fn open_store(
+    settings: &Settings,
+    background: &Background,
+) -> anyhow::Result<Arc<dyn PollStore>> {
     let store = &settings.store;
     match &store.url {
         StoreUrl::Postgres(url) => {
@@ -90,7 +93,7 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn PollStore
             Ok(Arc::new(postgres))
         }
         StoreUrl::Sqlite(url) => {
-            let sqlite = SqliteStore::open(url)
+            let sqlite = SqliteStore::open(url, background)
                 .await
                 .with_context(|| format!("opening store {url}"))?;
             Ok(Arc::new(sqlite))
@@ -131,14 +134,17 @@ fn rate_limits(settings: &Settings) -> RateLimits {
     RateLimits::new(r.per_ip, r.per_user, r.client_ip_header.clone())
 }
 
-/// Opens every adapter chosen in `settings`.
-pub async fn open_backends(settings: &Settings) -> anyhow::Result<Backends> {
-    let store = open_store(settings).await?;
+/// Opens every adapter chosen in `settings`, their background work running in `background`.
+pub async fn open_backends(
+    settings: &Settings,
+    background: &Background,
+) -> anyhow::Result<Backends> {
+    let store = open_store(settings, background).await?;
     let mut embedded_log = None;
     let (appender, source, bus): (Arc<dyn VoteAppender>, Arc<dyn VoteSourceFactory>, _) =
         match &settings.log {
             LogSettings::Embedded(file) => {
-                let log = FileVoteLog::open(&file.path, file.segment_bytes)
+                let log = FileVoteLog::open(&file.path, file.segment_bytes, background)
                     .with_context(|| format!("opening vote log {}", file.path.display()))?;
                 let source = log.source_factory();
                 embedded_log = Some(log.clone());
@@ -162,6 +168,13 @@ pub async fn open_backends(settings: &Settings) -> anyhow::Result<Backends> {
     let guard: Arc<dyn DedupGuard> = match &settings.dedup.guard {
         GuardSettings::Memory => {
             let guard = MemoryGuard::new(ttl);
+            let swept = guard.clone();
+            background.every(
+                Stage::Upkeep,
+                "duplicate guard sweep",
+                MemoryGuard::SWEEP_EVERY,
+                move || swept.sweep(),
+            );
             let since = now_millis() - ttl.as_millis() as i64;
             let mut voters = store
                 .voters_since(since)
@@ -207,13 +220,26 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // Before the backends, which take descriptors too.
         crate::fdlimit::prepare(&settings);
+        let background = Background::new();
+        // Why stop it on every early return: a half-built application must not leave its
+        // writers behind.
+        match Self::start(settings, background.clone()).await {
+            Ok(app) => Ok(app),
+            Err(e) => {
+                background.stop_all().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(settings: Settings, background: Background) -> anyhow::Result<Self> {
         let Backends {
             store,
             appender,
             source,
             bus,
             guard,
-        } = open_backends(&settings).await?;
+        } = open_backends(&settings, &background).await?;
         let http = &settings.http;
         let tls = http
             .tls
@@ -233,18 +259,27 @@ impl Application {
         let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let hub = BroadcastHub::new();
         let faults = FaultHooks::default();
-        let webhooks_stop = CancellationToken::new();
         // The process's one poll cache: the vote path's, and the webhooks' (which skip polls
-        // it knows to have none). Its refresher ends by itself when the cache is dropped,
-        // after the API, the closer and the webhooks.
+        // it knows to have none).
         let (catalog, catalog_refresher) = PollCatalog::new(store.clone());
-        tokio::spawn(catalog_refresher);
-        let webhooks =
-            WebhookDispatcher::start(catalog.clone(), &settings.webhooks, webhooks_stop.clone());
-        let events: Arc<dyn PollEvents> = webhooks.clone();
+        background.spawn_until_stopped(Stage::Upkeep, "poll cache refresher", catalog_refresher);
+        let events: Arc<dyn PollEvents> =
+            WebhookDispatcher::start(catalog.clone(), &settings.webhooks, &background);
         let polls = PollService::new(catalog, guard.clone(), appender.clone(), events.clone());
-        let closer_stop = CancellationToken::new();
-        let closer = crate::lifecycle::spawn_closer(polls.clone(), closer_stop.clone());
+        let closing = polls.clone();
+        background.spawn(Stage::Intake, "closing scheduler", |stop| {
+            crate::lifecycle::run_closer(closing, stop)
+        });
+        let limits = rate_limits(&settings);
+        if limits.is_limiting() {
+            let swept = limits.clone();
+            background.every(
+                Stage::Upkeep,
+                "rate limit sweep",
+                RateLimits::SWEEP_EVERY,
+                move || swept.sweep(),
+            );
+        }
         let ctx = ApiContext {
             polls,
             readiness: Readiness::new(store.clone(), guard, appender, source.clone()),
@@ -253,7 +288,7 @@ impl Application {
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             metrics: crate::metrics::install(),
-            limits: rate_limits(&settings),
+            limits,
             voter_tokens: voter_tokens(&settings),
             settings: ApiSettings {
                 admin_token: admin_token(&settings),
@@ -310,10 +345,7 @@ impl Application {
             admin_addr,
             root,
             tree,
-            closer,
-            closer_stop,
-            webhooks,
-            webhooks_stop,
+            background,
         })
     }
 
@@ -336,31 +368,27 @@ impl Application {
         let Self {
             root,
             mut tree,
-            closer,
-            closer_stop,
-            webhooks,
-            webhooks_stop,
+            background,
             ..
         } = self;
-        // Why a guard: whatever way this returns, webhook deliveries stop.
-        let stop_webhooks = webhooks_stop.drop_guard();
-        // Why stop the scheduler first: a close marker must not be appended behind the
-        // final commit; a poll due during shutdown is closed by the next start.
-        let stop_closer = closer_stop.drop_guard();
         tokio::select! {
-            _ = &mut tree => return Err(Stopped::TreeFailed),
+            _ = &mut tree => {
+                background.stop_all().await;
+                return Err(Stopped::TreeFailed);
+            }
             _ = shutdown => {}
         }
-        drop(stop_closer);
-        let _ = closer.await;
+        // Why the scheduler first: a close marker must not be appended behind the final
+        // commit; a poll due during shutdown is closed by the next start.
+        background.stop(Stage::Intake).await;
         tracing::info!("shutting down: no new votes, flushing and committing");
         let timeout = SHUTDOWN_TIMEOUT.as_millis() as u64;
         let drained = call_t!(root, RootMsg::Shutdown, timeout);
         root.stop(None);
         let _ = tree.await;
-        // After the tree: its final flush may publish closed polls' final counts.
-        drop(stop_webhooks);
-        webhooks.stopped().await;
+        // After the tree: its final flush may publish closed polls' final counts to the
+        // webhooks, and the writers answer what the tree queued.
+        background.stop_all().await;
         match drained {
             Ok(()) => {
                 tracing::info!("stopped cleanly");

@@ -1,7 +1,7 @@
 //! The embedded [`DedupGuard`]: an in-process map of claims with expiry.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,9 +9,6 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use pollcast_actors::{Claim, DedupGuard, GuardError, OptionId, PollId, Vote, Voter};
 use tokio::time::Instant;
-
-/// How often expired claims are swept out.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// What a claim remembers: fingerprints of the vote id and of the ballot it was made for,
 /// to tell a retry from a duplicate and from a vote id reused for another ballot; the attempt
@@ -74,23 +71,24 @@ fn millis_since(epoch: Instant) -> u64 {
 }
 
 impl MemoryGuard {
-    /// An empty guard whose claims expire after `ttl`; sweeps expired claims in the
-    /// background for as long as the guard lives.
+    /// How often start-up sweeps expired claims out.
+    pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+    /// An empty guard whose claims expire after `ttl`. Expired claims stay in memory until
+    /// [`MemoryGuard::sweep`], which start-up runs every
+    /// [`MemoryGuard::SWEEP_EVERY`].
     pub fn new(ttl: Duration) -> Self {
-        let claims = Arc::new(Claims::new());
-        let weak: Weak<Claims> = Arc::downgrade(&claims);
-        let epoch = Instant::now();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SWEEP_EVERY);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(claims) = weak.upgrade() else { return };
-                let now = millis_since(epoch);
-                claims.retain(|_, held| held.expires > now);
-            }
-        });
-        Self { claims, ttl, epoch }
+        Self {
+            claims: Arc::new(Claims::new()),
+            ttl,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Drops the expired claims (an expired claim already counts as absent; this frees it).
+    pub fn sweep(&self) {
+        let now = millis_since(self.epoch);
+        self.claims.retain(|_, held| held.expires > now);
     }
 
     /// When a claim made at `now` (milliseconds since the epoch) expires.
@@ -305,6 +303,22 @@ mod tests {
         assert_eq!(
             guard.claim(&vote(1, "u", "c", &[1]), 3).await.unwrap(),
             Claim::Taken
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_frees_expired_claims_and_keeps_live_ones() {
+        let guard = MemoryGuard::new(Duration::from_secs(5));
+        guard.claim(&vote(1, "old", "a", &[1]), 1).await.unwrap();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        guard.claim(&vote(1, "new", "b", &[1]), 2).await.unwrap();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        guard.sweep();
+        assert_eq!(guard.claims.len(), 1);
+        assert_eq!(
+            guard.claim(&vote(1, "new", "c", &[1]), 3).await.unwrap(),
+            Claim::Taken,
+            "the live claim survives the sweep"
         );
     }
 

@@ -18,9 +18,6 @@ use super::connection::PeerAddr;
 use super::error::ApiError;
 use crate::config::Rate;
 
-/// How often idle keys are forgotten.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
-
 /// The limiter's quota for a configured rate.
 fn quota(rate: Rate) -> Quota {
     Quota::per_second(rate.per_second).allow_burst(rate.burst)
@@ -35,45 +32,37 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    /// Limiters for the given rates (`None`: no limit), sweeping idle keys in the background.
+    /// How often start-up has idle keys forgotten ([`RateLimits::sweep`]).
+    pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+    /// Limiters for the given rates (`None`: no limit).
     pub fn new(
         per_ip: Option<Rate>,
         per_user: Option<Rate>,
         client_ip_header: Option<HeaderName>,
     ) -> Self {
-        let limits = Self {
+        Self {
             per_ip: per_ip.map(|r| Arc::new(RateLimiter::keyed(quota(r)))),
             per_user: per_user.map(|r| Arc::new(RateLimiter::keyed(quota(r)))),
             client_ip_header,
-        };
-        let (ips, users) = (
-            limits.per_ip.as_ref().map(Arc::downgrade),
-            limits.per_user.as_ref().map(Arc::downgrade),
-        );
-        if ips.is_some() || users.is_some() {
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(SWEEP_EVERY);
-                loop {
-                    tick.tick().await;
-                    let (ip, user) = (
-                        ips.as_ref().map(|w| w.upgrade()),
-                        users.as_ref().map(|w| w.upgrade()),
-                    );
-                    if matches!((&ip, &user), (None | Some(None), None | Some(None))) {
-                        return; // the server is gone
-                    }
-                    if let Some(Some(l)) = ip {
-                        l.retain_recent();
-                        l.shrink_to_fit();
-                    }
-                    if let Some(Some(l)) = user {
-                        l.retain_recent();
-                        l.shrink_to_fit();
-                    }
-                }
-            });
         }
-        limits
+    }
+
+    /// Whether any limit is configured (else there is nothing to sweep).
+    pub fn is_limiting(&self) -> bool {
+        self.per_ip.is_some() || self.per_user.is_some()
+    }
+
+    /// Forgets the keys whose limit has fully recovered, and gives their memory back.
+    pub fn sweep(&self) {
+        if let Some(limiter) = &self.per_ip {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        if let Some(limiter) = &self.per_user {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
     }
 
     /// Counts one vote of `user`; refuses it when the user is over the limit.
@@ -217,5 +206,36 @@ fn forwarded_header(name: Option<HeaderName>) -> warp::filters::BoxedFilter<(Opt
             })
             .boxed(),
         None => warp::any().map(|| None).boxed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(per_second: u32, burst: u32) -> Rate {
+        Rate {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_sweep_forgets_only_the_users_whose_limit_has_recovered() {
+        // 1,000 a second: a key used once is back to full after a millisecond.
+        let limits = RateLimits::new(None, Some(rate(1000, 1)), None);
+        let users = limits.per_user.clone().unwrap();
+        limits.check_user("early").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        limits.sweep();
+        assert_eq!(users.len(), 0, "a recovered key is forgotten");
+
+        let slow = RateLimits::new(None, Some(rate(1, 1)), None);
+        slow.check_user("busy").unwrap();
+        slow.sweep();
+        assert!(
+            slow.check_user("busy").is_err(),
+            "its limit is still in force"
+        );
     }
 }

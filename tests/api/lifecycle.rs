@@ -156,7 +156,9 @@ async fn a_poll_closed_by_another_process_soon_refuses_votes_here(backend: Backe
     }
     // Another process's close reaches this one only through the store.
     let settings = pollcast::Settings::parse(app.env.settings()).unwrap();
-    let store = pollcast::startup::open_store(&settings).await.unwrap();
+    let store = pollcast::startup::open_store(&settings, &pollcast::background::Background::new())
+        .await
+        .unwrap();
     store.close_poll(closing, now_millis()).await.unwrap();
     assert_eq!(
         store

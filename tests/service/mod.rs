@@ -57,7 +57,11 @@ impl VoteAppender for ScriptedLog {
 async fn intake_with(log: Arc<ScriptedLog>) -> (tempfile::TempDir, PollService, PollId) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let store = Arc::new(SqliteStore::open(&url).await.unwrap());
+    let store = Arc::new(
+        SqliteStore::open(&url, &pollcast::background::Background::new())
+            .await
+            .unwrap(),
+    );
     let poll = NewPoll {
         question: "Q".into(),
         options: vec!["A".into(), "B".into()],

@@ -28,7 +28,11 @@ async fn sqlite() -> Store {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     Store {
-        store: Arc::new(SqliteStore::open(&url).await.unwrap()),
+        store: Arc::new(
+            SqliteStore::open(&url, &pollcast::background::Background::new())
+                .await
+                .unwrap(),
+        ),
         _dir: Some(dir),
     }
 }

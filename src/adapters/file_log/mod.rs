@@ -42,6 +42,7 @@ use self::segment::{segment_path, segments, sync_dir, valid_length, zeros_at};
 use self::source::FileSourceFactory;
 use self::tail::{SharedTail, TAIL_RECORDS, Tail};
 use self::writer::{Append, Writer};
+use crate::background::Background;
 
 /// Appends queued before callers wait (backpressure on the HTTP handlers).
 const QUEUE: usize = 64 * 1024;
@@ -57,9 +58,10 @@ pub struct FileVoteLog {
 
 impl FileVoteLog {
     /// Opens the log in `dir` (created if missing), repairing a torn tail, and starts its
-    /// writer thread. Segments roll over at `segment_bytes`.
-    pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, LogError> {
-        Self::open_with_tail(dir, segment_bytes, TAIL_RECORDS)
+    /// writer thread in `background`'s `Storage` stage. Segments roll over at
+    /// `segment_bytes`.
+    pub fn open(dir: &Path, segment_bytes: u64, background: &Background) -> Result<Self, LogError> {
+        Self::open_with_tail(dir, segment_bytes, TAIL_RECORDS, background)
     }
 
     /// [`FileVoteLog::open`], keeping `tail_records` durable entries in memory for the
@@ -68,6 +70,7 @@ impl FileVoteLog {
         dir: &Path,
         segment_bytes: u64,
         tail_records: usize,
+        background: &Background,
     ) -> Result<Self, LogError> {
         let io_err = |what| move |e| LogError::new(what, e);
         fs::create_dir_all(dir).map_err(io_err("create the log directory"))?;
@@ -110,7 +113,7 @@ impl FileVoteLog {
             durable_tx,
             tail.clone(),
         )
-        .spawn(rx)
+        .spawn(rx, background)
         .map_err(io_err("start the log writer"))?;
         Ok(Self {
             dir: dir.to_owned(),
@@ -207,7 +210,7 @@ mod tests {
     /// with `tail` entries kept in memory.
     pub(super) async fn log_of_200_votes(tail: usize) -> (tempfile::TempDir, FileVoteLog) {
         let dir = tempfile::tempdir().unwrap();
-        let log = FileVoteLog::open_with_tail(dir.path(), 4096, tail).unwrap();
+        let log = FileVoteLog::open_with_tail(dir.path(), 4096, tail, &Background::new()).unwrap();
         for i in 0..200 {
             log.append(vote(&format!("user-{i}"))).await.unwrap();
         }
@@ -216,7 +219,7 @@ mod tests {
 
     /// A log in `dir` in one large segment, holding votes of `u0` to `u{n-1}`.
     pub(super) async fn log_of_votes(dir: &Path, n: usize) -> FileVoteLog {
-        let log = FileVoteLog::open(dir, 1 << 20).unwrap();
+        let log = FileVoteLog::open(dir, 1 << 20, &Background::new()).unwrap();
         for i in 0..n {
             log.append(vote(&format!("u{i}"))).await.unwrap();
         }
@@ -248,13 +251,13 @@ mod tests {
     async fn a_torn_tail_is_cut_off_on_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+            let log = FileVoteLog::open(dir.path(), 1 << 20, &Background::new()).unwrap();
             log.append(vote("whole")).await.unwrap();
         }
         let path = segment_path(dir.path(), 0);
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         file.write_all(&[42, 0, 0, 0, 1, 2]).unwrap();
-        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+        let log = FileVoteLog::open(dir.path(), 1 << 20, &Background::new()).unwrap();
         log.append(vote("after")).await.unwrap();
         let mut source = log.source_factory().open().await.unwrap();
         let users: Vec<_> = read_all(&mut source)
@@ -269,7 +272,7 @@ mod tests {
     async fn a_record_torn_inside_the_zero_filled_space_is_cut_off_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let end = {
-            let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+            let log = FileVoteLog::open(dir.path(), 1 << 20, &Background::new()).unwrap();
             log.append(vote("whole")).await.unwrap();
             *log.durable_end.borrow()
         };
@@ -280,7 +283,7 @@ mod tests {
             .unwrap();
         file.write_all_at(&[200, 0, 0, 0, 9, 9, 9, 9, b'{', b'"'], end)
             .unwrap();
-        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+        let log = FileVoteLog::open(dir.path(), 1 << 20, &Background::new()).unwrap();
         log.append(vote("after")).await.unwrap();
         let mut source = log.source_factory().open().await.unwrap();
         let records = read_all(&mut source).await;

@@ -154,6 +154,7 @@ mod tests {
     use crate::adapters::file_log::tests::{
         assert_contiguous, log_of_200_votes, log_of_votes, read_all, user_of, vote,
     };
+    use crate::background::Background;
     use pollcast_actors::VoteAppender;
 
     #[tokio::test]
@@ -172,7 +173,7 @@ mod tests {
     #[tokio::test]
     async fn a_reader_behind_the_tail_reads_the_files_until_it_catches_up() {
         let dir = tempfile::tempdir().unwrap();
-        let log = FileVoteLog::open_with_tail(dir.path(), 4096, 8).unwrap();
+        let log = FileVoteLog::open_with_tail(dir.path(), 4096, 8, &Background::new()).unwrap();
         for i in 0..100 {
             log.append(vote(&format!("u{i}"))).await.unwrap();
         }
@@ -210,7 +211,7 @@ mod tests {
             let records = read_all(&mut source).await;
             source.commit(&[(0, records[4].next_offset)]).await.unwrap();
         }
-        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+        let log = FileVoteLog::open(dir.path(), 1 << 20, &Background::new()).unwrap();
         let mut source = log.source_factory().open().await.unwrap();
         let records = read_all(&mut source).await;
         assert_eq!(records.len(), 5);

@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 
 use pollcast_actors::{LogEntry, LogRecord, Offset};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::segment::{encode_into, segment_path, sync_dir, write_zeros};
 use super::tail::{SharedTail, lock};
+use crate::background::{Background, Stage};
 
 /// Appends written together at most (bounds the latency of a group commit).
 const GROUP_MAX: usize = 4096;
@@ -66,20 +68,33 @@ impl Writer {
         }
     }
 
-    /// Starts the writer thread, which takes `appends` until every sender is gone.
-    pub(super) fn spawn(self, appends: mpsc::Receiver<Append>) -> io::Result<()> {
-        std::thread::Builder::new()
-            .name("vote-log-writer".into())
-            .spawn(move || self.run(appends))
-            .map(drop)
+    /// Starts the writer thread in `background`'s `Storage` stage. It takes `appends` until
+    /// every sender is gone or the stage stops, and writes every append queued before that.
+    pub(super) fn spawn(
+        self,
+        appends: mpsc::Receiver<Append>,
+        background: &Background,
+    ) -> io::Result<()> {
+        background.spawn_thread(Stage::Storage, "vote-log-writer", move |stop| {
+            self.run(appends, stop)
+        })
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Append>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Append>, stop: CancellationToken) {
+        // Why a runtime of its own: to wait for an append or the stop at once, on this
+        // thread, without a timer or I/O driver.
+        let waiter = match tokio::runtime::Builder::new_current_thread().build() {
+            Ok(waiter) => waiter,
+            Err(e) => {
+                tracing::error!(error = %e, "the vote log writer could not start; votes refused");
+                return;
+            }
+        };
         let mut group = Vec::with_capacity(GROUP_MAX);
         let mut lengths = Vec::with_capacity(GROUP_MAX);
         let mut answers = Vec::with_capacity(GROUP_MAX);
         let mut buf = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
+        while let Some(first) = next_append(&waiter, &mut rx, &stop) {
             group.push(first);
             while group.len() < GROUP_MAX {
                 match rx.try_recv() {
@@ -187,9 +202,34 @@ impl Writer {
     }
 }
 
+/// The next append, waiting for one; `None` once every sender is gone, or once `stop` is
+/// cancelled and what was queued before is taken (an append whose caller waits must still
+/// be written and answered).
+fn next_append(
+    waiter: &tokio::runtime::Runtime,
+    rx: &mut mpsc::Receiver<Append>,
+    stop: &CancellationToken,
+) -> Option<Append> {
+    if !stop.is_cancelled() {
+        let woke = waiter.block_on(async {
+            tokio::select! {
+                biased;
+                next = rx.recv() => Some(next),
+                () = stop.cancelled() => None,
+            }
+        });
+        if let Some(next) = woke {
+            return next;
+        }
+    }
+    rx.close();
+    rx.try_recv().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
+    use std::time::Duration;
 
     use super::*;
     use crate::adapters::file_log::FileVoteLog;
@@ -205,10 +245,45 @@ mod tests {
             on_disk >= PREALLOCATE,
             "{on_disk} bytes: zeros written ahead"
         );
-        let log = FileVoteLog::open(dir.path(), 1 << 20).unwrap();
+        let log = FileVoteLog::open(dir.path(), 1 << 20, &Background::new()).unwrap();
         log.append(vote("u3")).await.unwrap();
         let mut source = log.source_factory().open().await.unwrap();
         let users: Vec<_> = read_all(&mut source).await.iter().map(user_of).collect();
         assert_eq!(users, ["u0", "u1", "u2", "u3"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_the_writer_writes_every_acknowledged_append_and_refuses_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let background = Background::new();
+        let log = FileVoteLog::open(dir.path(), 1 << 20, &background).unwrap();
+        let appends: Vec<_> = (0..500)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { (i, log.append(vote(&format!("u{i}"))).await) })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        tokio::time::timeout(Duration::from_secs(10), background.stop(Stage::Storage))
+            .await
+            .expect("the writer stops once its queue is written");
+        let mut acknowledged = Vec::new();
+        for append in appends {
+            if let (i, Ok(())) = append.await.unwrap() {
+                acknowledged.push(format!("u{i}"));
+            }
+        }
+        let refused = log.append(vote("late")).await.unwrap_err();
+        assert!(refused.to_string().contains("stopped"), "{refused}");
+        drop(log);
+        let reopened = FileVoteLog::open(dir.path(), 1 << 20, &Background::new()).unwrap();
+        let mut source = reopened.source_factory().open().await.unwrap();
+        let mut written: Vec<_> = read_all(&mut source).await.iter().map(user_of).collect();
+        written.sort();
+        acknowledged.sort();
+        assert_eq!(
+            written, acknowledged,
+            "on disk exactly what was acknowledged"
+        );
     }
 }

@@ -24,6 +24,8 @@ mod writer;
 
 use writer::{FlushJob, GROUP_MAX, group_commit};
 
+use crate::background::{Background, Stage};
+
 /// A [`PollStore`] in one SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -39,8 +41,9 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating it and its directory if missing) and migrates the database at `url`.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
+    /// Opens (creating it and its directory if missing) and migrates the database at `url`,
+    /// and starts its group-committing writer in `background`'s `Storage` stage.
+    pub async fn open(url: &str, background: &Background) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(err("parse store.url"))?
             .create_if_missing(true)
@@ -76,7 +79,10 @@ impl SqliteStore {
             .await
             .map_err(err("open the database for reading"))?;
         let (flushes, jobs) = mpsc::channel(GROUP_MAX);
-        tokio::spawn(group_commit(writer.clone(), jobs));
+        let pool = writer.clone();
+        background.spawn(Stage::Storage, "sqlite writer", |stop| {
+            group_commit(pool, jobs, stop)
+        });
         Ok(Self {
             writer,
             readers,
@@ -281,7 +287,7 @@ mod tests {
     async fn flushes_committed_together_fail_alone() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = SqliteStore::open(&url).await.unwrap();
+        let store = SqliteStore::open(&url, &Background::new()).await.unwrap();
         let poll = store
             .create_poll(NewPoll {
                 question: "Q".into(),
@@ -326,7 +332,7 @@ mod tests {
     ) -> (tempfile::TempDir, SqliteStore, Vec<PollId>) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = SqliteStore::open(&url).await.unwrap();
+        let store = SqliteStore::open(&url, &Background::new()).await.unwrap();
         let mut polls = Vec::new();
         for _ in 0..n {
             let poll = store

@@ -12,6 +12,7 @@ use pollcast_actors::{FlushOutcome, OptionId, PollId, StoreError, Vote};
 use sqlx::sqlite::SqlitePool;
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::SqliteStore;
 use super::statements::*;
@@ -30,10 +31,28 @@ pub(super) struct FlushJob {
 
 /// The embedded store's writer: applies every flush waiting at that moment in one
 /// transaction, so 10,000 active polls cost one fsync per group, not 10,000 per flush
-/// interval.
-pub(super) async fn group_commit(writer: SqlitePool, mut jobs: mpsc::Receiver<FlushJob>) {
+/// interval. Runs until every store handle is gone or `stop` is cancelled; either way it
+/// answers every flush already queued first.
+pub(super) async fn group_commit(
+    writer: SqlitePool,
+    mut jobs: mpsc::Receiver<FlushJob>,
+    stop: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(GROUP_MAX);
-    while jobs.recv_many(&mut batch, GROUP_MAX).await > 0 {
+    loop {
+        let taken = tokio::select! {
+            biased;
+            taken = jobs.recv_many(&mut batch, GROUP_MAX) => taken,
+            // Why close rather than return: flushes already queued were promised an answer;
+            // once closed, `recv_many` hands them over and then returns 0.
+            () = stop.cancelled(), if !jobs.is_closed() => {
+                jobs.close();
+                continue;
+            }
+        };
+        if taken == 0 {
+            return;
+        }
         let results = match commit_group(&writer, &batch).await {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
             // Why one by one then: a failure is rare (the aggregators validated the votes),

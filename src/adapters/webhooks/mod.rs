@@ -49,10 +49,10 @@ use pollcast_actors::domain::now_millis;
 use pollcast_actors::service::PollCatalog;
 use pollcast_actors::{CountsUpdate, Poll, PollEvents, PollId};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use self::delivery::{Shared, count_delivery};
 use self::worker::Notice;
+use crate::background::{Background, Stage};
 use crate::config::WebhookSettings;
 
 /// A full queue drops events by the thousand under overload; one warning this often says so.
@@ -67,41 +67,29 @@ pub struct WebhookDispatcher {
     catalog: PollCatalog,
     dropped_since_warning: AtomicU64,
     last_drop_warning: AtomicI64,
-    done: CancellationToken,
 }
 
 impl WebhookDispatcher {
-    /// Starts the dispatcher's worker. Polls' webhooks not learnt from
-    /// [`PollEvents::opened`] are looked up in the catalog's store once, and the catalog
-    /// remembers the polls that have none. Cancelling `shutdown` stops taking events;
-    /// deliveries under way then get a few seconds to finish.
+    /// Starts the dispatcher's worker in `background`'s `Delivery` stage. Polls' webhooks
+    /// not learnt from [`PollEvents::opened`] are looked up in the catalog's store once, and
+    /// the catalog remembers the polls that have none. When the stage stops, the worker takes
+    /// no more events; deliveries under way then get a few seconds to finish.
     pub fn start(
         catalog: PollCatalog,
         settings: &WebhookSettings,
-        shutdown: CancellationToken,
+        background: &Background,
     ) -> Arc<Self> {
         let (queue, notices) = mpsc::channel(settings.queue_capacity.get());
-        let done = CancellationToken::new();
-        worker::spawn(
-            catalog.clone(),
-            Shared::new(settings),
-            notices,
-            shutdown,
-            done.clone(),
-        );
+        let (worker, resolved) = worker::Worker::new(catalog.clone(), Shared::new(settings));
+        background.spawn(Stage::Delivery, "webhook deliveries", |stop| {
+            worker.run(notices, resolved, stop)
+        });
         Arc::new(Self {
             queue,
             catalog,
             dropped_since_warning: AtomicU64::new(0),
             last_drop_warning: AtomicI64::new(0),
-            done,
         })
-    }
-
-    /// Resolves once the dispatcher has stopped: shutdown was requested and the deliveries
-    /// under way finished or their grace ran out.
-    pub async fn stopped(&self) {
-        self.done.cancelled().await;
     }
 
     fn enqueue(&self, notice: Notice) {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::background::{Background, Stage};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -19,7 +20,6 @@ use pollcast_actors::{
 };
 use serde_json::{Value, json};
 use tokio::time::{Instant, sleep};
-use tokio_util::sync::CancellationToken;
 
 use super::WebhookDispatcher;
 use super::delivery::USER_AGENT;
@@ -280,7 +280,7 @@ fn dispatcher(settings: WebhookSettings) -> Arc<WebhookDispatcher> {
     WebhookDispatcher::start(
         PollCatalog::unrefreshed(Arc::new(FakeStore::default())),
         &settings,
-        CancellationToken::new(),
+        &Background::new(),
     )
 }
 
@@ -445,7 +445,7 @@ async fn a_polls_webhook_is_looked_up_once_and_the_answer_kept() {
         (2, poll(2, None, false)),
     ]);
     let catalog = PollCatalog::unrefreshed(store.clone());
-    let hooks = WebhookDispatcher::start(catalog.clone(), &settings(), CancellationToken::new());
+    let hooks = WebhookDispatcher::start(catalog.clone(), &settings(), &Background::new());
     for seq in 1..=3 {
         hooks.flushed(&update(1, seq, None));
         hooks.flushed(&update(2, seq, None));
@@ -507,15 +507,15 @@ async fn a_full_queue_drops_events_without_waiting() {
 #[tokio::test]
 async fn shutdown_sends_what_was_queued_then_stops() {
     let receiver = Receiver::start(1).await;
-    let shutdown = CancellationToken::new();
+    let background = Background::new();
     let hooks = WebhookDispatcher::start(
         PollCatalog::unrefreshed(Arc::new(FakeStore::default())),
         &settings(),
-        shutdown.clone(),
+        &background,
     );
     hooks.opened(&poll(1, Some(target(&receiver.url, None)), false));
-    shutdown.cancel();
-    tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), hooks.stopped())
+    let stopped = background.stop(Stage::Delivery);
+    tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), stopped)
         .await
         .expect("stops within the grace");
     // Queued before the shutdown, and retried within the grace.

@@ -36,30 +36,11 @@ impl Notice {
     }
 }
 
-/// Starts the worker on `notices`; it cancels `done` once it has stopped.
-pub(super) fn spawn(
-    catalog: PollCatalog,
-    shared: Shared,
-    notices: mpsc::Receiver<Notice>,
-    shutdown: CancellationToken,
-    done: CancellationToken,
-) {
-    let (resolved_tx, resolved) = mpsc::unbounded_channel();
-    let worker = Worker {
-        shared: Arc::new(shared),
-        polls: HashMap::new(),
-        timers: BinaryHeap::new(),
-        resolved_tx,
-        catalog,
-    };
-    tokio::spawn(worker.run(notices, resolved, shutdown, done));
-}
-
 /// A poll and what the store said of it.
-type Lookup = (PollId, Result<Option<Poll>, StoreError>);
+pub(super) type Lookup = (PollId, Result<Option<Poll>, StoreError>);
 
 /// The single task that turns notices into deliveries.
-struct Worker {
+pub(super) struct Worker {
     shared: Arc<Shared>,
     /// Open polls with a webhook, and polls being looked up.
     polls: HashMap<PollId, PollState>,
@@ -71,12 +52,29 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(
+    /// A worker, and where its store lookups answer (for [`Worker::run`]).
+    pub(super) fn new(
+        catalog: PollCatalog,
+        shared: Shared,
+    ) -> (Self, mpsc::UnboundedReceiver<Lookup>) {
+        let (resolved_tx, resolved) = mpsc::unbounded_channel();
+        let worker = Self {
+            shared: Arc::new(shared),
+            polls: HashMap::new(),
+            timers: BinaryHeap::new(),
+            resolved_tx,
+            catalog,
+        };
+        (worker, resolved)
+    }
+
+    /// Turns `notices` into deliveries until `shutdown` is cancelled or every sender is
+    /// gone, then sends what was queued (see [`Worker::drain`]).
+    pub(super) async fn run(
         mut self,
         mut notices: mpsc::Receiver<Notice>,
         mut resolved: mpsc::UnboundedReceiver<Lookup>,
         shutdown: CancellationToken,
-        done: CancellationToken,
     ) {
         loop {
             let wake = self.timers.peek().map(|Reverse((at, _))| *at);
@@ -96,7 +94,6 @@ impl Worker {
             }
         }
         self.drain(notices, resolved).await;
-        done.cancel();
     }
 
     /// Shutdown: takes no more notices, sends what was already queued, and gives the
