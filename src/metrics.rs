@@ -87,6 +87,20 @@ fn describe() {
         "The process's open-file limit (soft RLIMIT_NOFILE) after start-up raised it"
     );
     describe_counter!(
+        "pollcast_log_syncs_total",
+        "fdatasync calls of the embedded vote log's writer (one per group of appends)"
+    );
+    describe_counter!(
+        "pollcast_kafka_produce_requests_total",
+        "Produce requests sent to the Kafka brokers, by producer (votes, counts), from \
+         librdkafka's statistics (every second)"
+    );
+    describe_counter!(
+        "pollcast_kafka_produced_records_total",
+        "Records sent to the Kafka brokers, by producer (votes, counts), from librdkafka's \
+         statistics (every second)"
+    );
+    describe_counter!(
         "pollcast_actor_restarts_total",
         "Actors restarted by their supervisor, by kind"
     );
@@ -121,6 +135,7 @@ fn register() {
         "pollcast_websocket_clients_dropped_total",
         "pollcast_rate_limited_total",
         "pollcast_connections_timed_out_total",
+        "pollcast_log_syncs_total",
     ] {
         counter!(name).absolute(0);
     }

@@ -157,7 +157,10 @@ impl Writer {
                 Some(to) => write_zeros(&self.file, data_end, to),
                 None => Ok(()),
             })
-            .and_then(|_| self.file.sync_data());
+            .and_then(|_| {
+                metrics::counter!("pollcast_log_syncs_total").increment(1);
+                self.file.sync_data()
+            });
         if let Err(e) = written {
             // Leave no partial group behind: the callers are told it failed.
             let _ = self.file.set_len(at);

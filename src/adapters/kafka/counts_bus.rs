@@ -11,6 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
 use super::kafka_err;
+use super::produce_stats::{ProduceStats, STATISTICS_INTERVAL_MS};
 use crate::config::KafkaSection;
 
 /// `poll-updates` record: the WebSocket counts message plus every option's count.
@@ -41,7 +42,7 @@ struct SeedStatsRecord {
 
 /// Count updates shared between processes through `poll-updates`.
 pub struct KafkaCountsBus {
-    producer: FutureProducer,
+    producer: FutureProducer<ProduceStats>,
     settings: KafkaSection,
 }
 
@@ -49,8 +50,12 @@ impl KafkaCountsBus {
     /// A producer of updates; subscribers are created by [`CountsBus::subscribe`].
     pub fn new(settings: &KafkaSection) -> Result<Self, LogError> {
         let producer = settings
-            .producer_config(&[("linger.ms", "0"), ("message.timeout.ms", "5000")])
-            .create()
+            .producer_config(&[
+                ("linger.ms", "0"),
+                ("message.timeout.ms", "5000"),
+                ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
+            ])
+            .create_with_context(ProduceStats::new("counts"))
             .map_err(kafka_err("create the counts producer"))?;
         Ok(Self {
             producer,

@@ -23,6 +23,7 @@
 //! | `consumer.rs` | [`KafkaSourceFactory`]: the ingest actor's group consumer of `raw-votes` |
 //! | `consumer_thread.rs` | the thread that polls that consumer when the actor asks |
 //! | `rebalance.rs` | its rebalance callbacks: revocations handed to the actor |
+//! | `produce_stats.rs` | produce requests and records per producer, from librdkafka's statistics |
 //! | `counts_bus.rs` | [`KafkaCountsBus`]: `poll-updates`, counts shared between processes |
 //! | `client_config.rs` | librdkafka properties: pollcast's defaults, then the operator's |
 //! | `topics.rs` | [`ensure_topics`]: creates missing topics at startup |
@@ -31,6 +32,7 @@ mod client_config;
 mod consumer;
 mod consumer_thread;
 mod counts_bus;
+mod produce_stats;
 mod producer;
 mod rebalance;
 mod topics;

@@ -13,6 +13,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
 use super::kafka_err;
+use super::produce_stats::{ProduceStats, STATISTICS_INTERVAL_MS};
+
+/// The `producer` label of this producer's metrics.
+const PRODUCER: &str = "votes";
 use crate::config::KafkaSection;
 
 /// The producing side of `raw-votes`.
@@ -20,7 +24,7 @@ use crate::config::KafkaSection;
 pub struct KafkaVoteLog {
     /// Replaced after a fatal error: an idempotent producer that hit one (e.g. fenced after
     /// an outage) refuses every later message, and only a new instance recovers.
-    producer: Arc<RwLock<FutureProducer>>,
+    producer: Arc<RwLock<FutureProducer<ProduceStats>>>,
     config: ClientConfig,
     topic: String,
     timeout: Duration,
@@ -35,9 +39,10 @@ impl KafkaVoteLog {
             ("acks", "all"),
             ("linger.ms", "1"),
             ("message.timeout.ms", &timeout_ms),
+            ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
         ]);
         let producer = config
-            .create()
+            .create_with_context(ProduceStats::new(PRODUCER))
             .map_err(kafka_err("create the Kafka producer"))?;
         Ok(Self {
             producer: Arc::new(RwLock::new(producer)),
@@ -47,13 +52,13 @@ impl KafkaVoteLog {
         })
     }
 
-    fn producer(&self) -> FutureProducer {
+    fn producer(&self) -> FutureProducer<ProduceStats> {
         self.producer.read().expect("not poisoned").clone()
     }
 
     /// Replaces `failed` if `error` shows it can never produce again (and nobody replaced it
     /// yet): librdkafka's fatal state, or a broker that no longer accepts its producer id.
-    fn recover_from_fatal(&self, failed: &FutureProducer, error: &KafkaError) {
+    fn recover_from_fatal(&self, failed: &FutureProducer<ProduceStats>, error: &KafkaError) {
         let identity_lost = matches!(
             error.rdkafka_error_code(),
             Some(
@@ -73,7 +78,7 @@ impl KafkaVoteLog {
         if current.client().native_ptr() != failed.client().native_ptr() {
             return; // already replaced
         }
-        match self.config.create::<FutureProducer>() {
+        match self.config.create_with_context(ProduceStats::new(PRODUCER)) {
             Ok(fresh) => {
                 tracing::warn!(%code, %reason, "Kafka producer hit a fatal error; replaced it");
                 *current = fresh;

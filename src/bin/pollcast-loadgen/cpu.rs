@@ -1,16 +1,52 @@
 //! Where the CPU went during the load: this load generator's, the server's (`--server-pid`,
-//! same machine) and the machine's idle share, from Linux's `/proc`.
+//! same machine), named other processes' (`--watch-pid redis=PID`: the server's dependencies)
+//! and the machine's idle share, from Linux's `/proc`.
 //!
 //! Why a load generator reports this: on a shared machine the load generator and the server
 //! compete for the same cores, so a throughput figure alone cannot say whether the server,
 //! the load or waiting (idle cores) set it. Elsewhere than Linux the figures are absent.
 
+use std::collections::BTreeMap;
 use std::fs;
 
 use serde::{Deserialize, Serialize};
 
+/// Processes to watch beside the server: a name, and the processes whose CPU it adds up
+/// (Postgres, for one, is a process per connection).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watched {
+    pub name: String,
+    pub pids: Vec<u32>,
+}
+
+impl std::str::FromStr for Watched {
+    type Err = String;
+
+    /// `NAME=PID[,PID...]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, pids) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}': expected NAME=PID[,PID...]"))?;
+        if name.is_empty() {
+            return Err(format!("'{s}': the name is empty"));
+        }
+        let pids = pids
+            .split(',')
+            .map(|pid| {
+                pid.trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("'{s}': '{pid}' is not a process id"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name: name.to_owned(),
+            pids,
+        })
+    }
+}
+
 /// One reading of the counters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CpuSample {
     /// This process's user + system time, in clock ticks.
     own: Option<u64>,
@@ -18,6 +54,8 @@ pub struct CpuSample {
     server: Option<u64>,
     /// The machine's (idle, total) time over all cores, in clock ticks.
     machine: Option<(u64, u64)>,
+    /// Each watched name's processes, in clock ticks (those still running).
+    watched: Vec<(String, u64)>,
 }
 
 /// CPU use between two samples.
@@ -35,6 +73,12 @@ pub struct CpuUse {
     pub server_us_per_vote: Option<f64>,
     /// Share of the machine's CPU time (all cores) that was idle, 0 to 1.
     pub machine_idle: Option<f64>,
+    /// CPU seconds of each watched name (`--watch-pid`).
+    #[serde(default)]
+    pub watched_cpu_s: BTreeMap<String, f64>,
+    /// CPU per accepted vote of each watched name, in microseconds.
+    #[serde(default)]
+    pub watched_us_per_vote: BTreeMap<String, f64>,
 }
 
 /// User + system ticks of a process: fields 14 and 15 of `/proc/<pid>/stat`, counted after
@@ -73,11 +117,21 @@ fn ticks_per_second() -> f64 {
 
 impl CpuSample {
     /// Reads the counters now; `server_pid` is the server's process id on this machine.
-    pub fn now(server_pid: Option<u32>) -> Self {
+    pub fn now(server_pid: Option<u32>, watched: &[Watched]) -> Self {
         Self {
             own: process_ticks("self"),
             server: server_pid.and_then(|pid| process_ticks(&pid.to_string())),
             machine: machine_ticks(),
+            watched: watched
+                .iter()
+                .map(|w| {
+                    let ticks = w
+                        .pids
+                        .iter()
+                        .filter_map(|pid| process_ticks(&pid.to_string()));
+                    (w.name.clone(), ticks.sum())
+                })
+                .collect(),
         }
     }
 
@@ -88,6 +142,14 @@ impl CpuSample {
         let per_vote = |s: Option<f64>| s.filter(|_| votes > 0).map(|s| s * 1e6 / votes as f64);
         let loadgen = seconds(self.own, later.own);
         let server = seconds(self.server, later.server);
+        let watched: BTreeMap<String, f64> = self
+            .watched
+            .iter()
+            .zip(&later.watched)
+            .filter_map(|((name, before), (_, after))| {
+                Some((name.clone(), seconds(Some(*before), Some(*after))?))
+            })
+            .collect();
         let machine_idle = match (self.machine, later.machine) {
             (Some((idle0, total0)), Some((idle1, total1))) if total1 > total0 => {
                 Some((idle1 - idle0) as f64 / (total1 - total0) as f64)
@@ -101,8 +163,23 @@ impl CpuSample {
             loadgen_us_per_vote: per_vote(loadgen),
             server_us_per_vote: per_vote(server),
             machine_idle,
+            // Why per name and not per process: a process that exits between the samples
+            // (a Postgres backend) drops out of both, and its ticks are not counted at all.
+            watched_cpu_s: watched.clone(),
+            watched_us_per_vote: per_vote_each(&watched, per_vote),
         }
     }
+}
+
+/// Each name's CPU seconds as microseconds per vote.
+fn per_vote_each(
+    seconds: &BTreeMap<String, f64>,
+    per_vote: impl Fn(Option<f64>) -> Option<f64>,
+) -> BTreeMap<String, f64> {
+    seconds
+        .iter()
+        .filter_map(|(name, s)| Some((name.clone(), per_vote(Some(*s))?)))
+        .collect()
 }
 
 impl CpuUse {
@@ -121,6 +198,13 @@ impl CpuUse {
                 .map(|s| s * 1e6 / accepted as f64)
         };
         let idle: Vec<f64> = all.iter().filter_map(|c| c.machine_idle).collect();
+        // Like the server's: each load generator watched the same processes over about the
+        // same time, so the largest reading stands for each.
+        let mut watched = BTreeMap::<String, f64>::new();
+        for (name, s) in all.iter().flat_map(|c| &c.watched_cpu_s) {
+            let most = watched.entry(name.clone()).or_insert(*s);
+            *most = most.max(*s);
+        }
         Self {
             cores: all.iter().map(|c| c.cores).max().unwrap_or(1),
             loadgen_cpu_s: loadgen,
@@ -128,6 +212,8 @@ impl CpuUse {
             loadgen_us_per_vote: per_vote(loadgen),
             server_us_per_vote: per_vote(server),
             machine_idle: (!idle.is_empty()).then(|| idle.iter().sum::<f64>() / idle.len() as f64),
+            watched_us_per_vote: per_vote_each(&watched, per_vote),
+            watched_cpu_s: watched,
         }
     }
 }
@@ -139,7 +225,11 @@ mod tests {
     #[test]
     fn own_cpu_time_grows_while_working() {
         let me = Some(std::process::id());
-        let before = CpuSample::now(me);
+        let watched = [Watched {
+            name: "me".into(),
+            pids: vec![std::process::id(), u32::MAX],
+        }];
+        let before = CpuSample::now(me, &watched);
         // Spin until 100 ms of CPU are counted, not for 100 ms of wall time: on a loaded
         // machine the thread may get only part of a core.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -148,7 +238,7 @@ mod tests {
             for _ in 0..1_000_000 {
                 x = x.wrapping_mul(31).wrapping_add(1);
             }
-            let used = before.until(&CpuSample::now(me), 1000);
+            let used = before.until(&CpuSample::now(me, &watched), 1000);
             if used.loadgen_cpu_s.expect("Linux /proc") >= 0.1 {
                 break used;
             }
@@ -165,6 +255,13 @@ mod tests {
             "same process: {own} s and {server} s"
         );
         assert!(used.loadgen_us_per_vote.unwrap() >= 50.0);
+        let watched = used.watched_us_per_vote["me"];
+        let own = used.loadgen_us_per_vote.unwrap();
+        assert!(
+            (watched - own).abs() <= 20.0,
+            "the watched process is this one (and no process {}): {watched} and {own} us",
+            u32::MAX
+        );
         let idle = used.machine_idle.expect("Linux /proc/stat");
         assert!((0.0..=1.0).contains(&idle));
     }
@@ -175,5 +272,15 @@ mod tests {
         assert_eq!(parse_process_ticks(stat), Some(100));
         assert_eq!(parse_process_ticks("4242 (short) S 1 2"), None);
         assert!(process_ticks("0").is_none(), "no process 0 in /proc");
+    }
+
+    #[test]
+    fn watched_processes_are_named_with_their_ids() {
+        let w: Watched = "postgres=10,11, 12".parse().unwrap();
+        assert_eq!(w.name, "postgres");
+        assert_eq!(w.pids, [10, 11, 12]);
+        assert!("redis".parse::<Watched>().is_err());
+        assert!("=1".parse::<Watched>().is_err());
+        assert!("redis=x".parse::<Watched>().is_err());
     }
 }

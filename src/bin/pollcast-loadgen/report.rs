@@ -399,6 +399,9 @@ impl Report {
             figure(c.machine_idle.map(|i| i * 100.0), " %"),
             c.cores
         );
+        for (name, us) in &c.watched_us_per_vote {
+            println!("cpu          {name} {us:.1} us per vote");
+        }
         if let Some(r) = &self.retry {
             println!(
                 "retries      first attempts failed: {} 5xx, {} unanswered, {} not sent (connection \

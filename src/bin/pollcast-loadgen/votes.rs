@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::client::Connection;
-use crate::cpu::CpuSample;
+use crate::cpu::{CpuSample, Watched};
 use crate::net::{Target, check_capacity, pick_at};
 use crate::probe::Probe;
 use crate::report::{Latency, Report, Retries, Verification, histogram};
@@ -85,6 +85,11 @@ pub struct VoteArgs {
     /// is reported beside the load generator's (Linux).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Other processes on this machine whose CPU per vote to report, `NAME=PID[,PID...]`
+    /// (repeatable; the PIDs of one name add up): the server's dependencies, say
+    /// `redis=812` or `postgres=900,901,902`.
+    #[arg(long = "watch-pid", value_name = "NAME=PID[,PID...]")]
+    watch_pids: Vec<Watched>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -401,7 +406,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         });
         bar
     });
-    let cpu_before = CpuSample::now(args.server_pid);
+    let cpu_before = CpuSample::now(args.server_pid, &args.watch_pids);
     let shared_targets: Arc<[Target]> = targets.clone().into();
     let workers: Vec<_> = (0..args.connections.max(1))
         .map(|i| {
@@ -418,7 +423,10 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         latencies.add(&h).expect("same bounds");
     }
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = cpu_before.until(&CpuSample::now(args.server_pid), total.accepted);
+    let cpu = cpu_before.until(
+        &CpuSample::now(args.server_pid, &args.watch_pids),
+        total.accepted,
+    );
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
