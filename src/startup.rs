@@ -199,12 +199,15 @@ pub async fn open_backends(
             url,
             key_prefix,
             timeout,
-        } => Arc::new(RedisGuard::connect(RedisGuardSettings {
-            url: url.expose().to_owned(),
-            key_prefix: key_prefix.clone(),
-            ttl,
-            timeout: *timeout,
-        })?),
+        } => Arc::new(RedisGuard::connect(
+            RedisGuardSettings {
+                url: url.expose().to_owned(),
+                key_prefix: key_prefix.clone(),
+                ttl,
+                timeout: *timeout,
+            },
+            background,
+        )?),
     };
     Ok(Backends {
         store,

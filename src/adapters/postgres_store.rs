@@ -1,6 +1,6 @@
 //! The production [`PollStore`]: Postgres through sqlx, schema in `migrations/postgres`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use pollcast_actors::ballot;
 use pollcast_actors::domain::{UnixMillis, now_millis};
 use pollcast_actors::{
-    FlushOutcome, LedgerRow, NewPoll, OptionCount, Poll, PollId, PollOption, PollPage, PollStore,
-    StoreError, Vote, Voter,
+    FlushOutcome, LedgerRow, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollPage,
+    PollStore, StoreError, Vote, Voter,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Row};
@@ -136,6 +136,175 @@ impl PostgresStore {
 
 sql_common::same_in_both_dialects!(PostgresStore, PgConnection);
 
+/// A flush's two ways (see `apply_votes`), and the statements they share.
+impl PostgresStore {
+    /// The fast path for a poll whose ballots cannot change, when every vote of the flush is
+    /// new: [`ballot::plan`] then comes down to "insert each, count each", which the insert
+    /// itself can check (`ON CONFLICT DO NOTHING` on the ledger's two unique keys takes
+    /// every row only if no vote was a repeat or a replay). So no ledger read: a probe per
+    /// voter, a fifth of Postgres's work per vote (docs/BENCHMARKS.md, "Fast paths"). `None`,
+    /// with nothing written, when some vote was not new; the store contract's random
+    /// histories check both ways against the rule.
+    async fn apply_first_ballots(
+        &self,
+        poll: PollId,
+        votes: &[Vote],
+    ) -> Result<Option<FlushOutcome>, StoreError> {
+        let mut tx = self.writer.begin().await.map_err(err("begin flush"))?;
+        Self::lock_poll(&mut tx, poll).await?;
+        let rows = votes.iter().map(|v| (v, true));
+        let inserted = Self::insert_ballots(&mut tx, poll, rows, " ON CONFLICT DO NOTHING").await?;
+        if inserted != votes.len() as u64 {
+            tx.rollback().await.map_err(err("roll back flush"))?;
+            return Ok(None);
+        }
+        let mut deltas = BTreeMap::new();
+        for choice in votes.iter().flat_map(|v| &v.choices) {
+            *deltas.entry(*choice).or_insert(0) += 1;
+        }
+        let (seq, all) = Self::count_in(&mut tx, poll, &deltas, inserted as i64).await?;
+        tx.commit().await.map_err(err("commit flush"))?;
+        Ok(Some(sql_common::outcome(&deltas, inserted, seq, all)))
+    }
+
+    /// Reads the flush's voters' ballots from the ledger and applies [`ballot::plan`].
+    async fn apply_by_plan(
+        &self,
+        poll: PollId,
+        allow_change: bool,
+        votes: &[Vote],
+    ) -> Result<FlushOutcome, StoreError> {
+        let mut tx = self.writer.begin().await.map_err(err("begin flush"))?;
+        Self::lock_poll(&mut tx, poll).await?;
+        let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
+            "SELECT user_id, vote_id, choices, current FROM votes \
+             WHERE poll_id = $1 AND user_id = ANY($2)",
+        )
+        .bind(poll)
+        .bind(sql_common::voters_of(votes))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err("read ballots"))?;
+        let plan = ballot::plan(allow_change, &sql_common::ledger_view(rows), votes);
+        let (seq, all) = if plan.is_empty() {
+            let seq = sqlx::query_scalar("SELECT version FROM polls WHERE id = $1")
+                .bind(poll)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err("read poll version"))?;
+            (seq, Self::counts(&mut tx, poll).await?)
+        } else {
+            if !plan.replaced.is_empty() {
+                // Why first: the partial unique index allows one current ballot per voter.
+                sqlx::query(
+                    "UPDATE votes SET current = FALSE \
+                     WHERE poll_id = $1 AND user_id = ANY($2) AND current",
+                )
+                .bind(poll)
+                .bind(&plan.replaced)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("replace ballots"))?;
+            }
+            let rows = plan.inserts.iter().map(|i| (i.vote, i.current));
+            Self::insert_ballots(&mut tx, poll, rows, "").await?;
+            Self::count_in(&mut tx, poll, &plan.deltas, plan.new_voters).await?
+        };
+        tx.commit().await.map_err(err("commit flush"))?;
+        sql_common::report_reused(plan.reused.iter().map(|v| (poll, *v)));
+        Ok(sql_common::outcome(
+            &plan.deltas,
+            plan.inserts.len() as u64,
+            seq,
+            all,
+        ))
+    }
+
+    /// Why FOR UPDATE: during a partition hand-over two processes may flush the same poll
+    /// for a moment; the ledger reads and writes that follow must not race. A poll that does
+    /// not exist fails the flush here.
+    async fn lock_poll(tx: &mut PgConnection, poll: PollId) -> Result<(), StoreError> {
+        sqlx::query("SELECT id FROM polls WHERE id = $1 FOR UPDATE")
+            .bind(poll)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("lock poll"))?;
+        Ok(())
+    }
+
+    /// Inserts `(vote, current)` ledger rows in one set-based statement (the whole batch is
+    /// one round trip), `on_conflict` appended; the number of rows inserted.
+    async fn insert_ballots<'a>(
+        tx: &mut PgConnection,
+        poll: PollId,
+        rows: impl ExactSizeIterator<Item = (&'a Vote, bool)>,
+        on_conflict: &str,
+    ) -> Result<u64, StoreError> {
+        let now = now_millis();
+        let mut users = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut choices = Vec::with_capacity(rows.len());
+        let mut times = Vec::with_capacity(rows.len());
+        let mut current = Vec::with_capacity(rows.len());
+        for (vote, is_current) in rows {
+            users.push(vote.user_id.as_str());
+            ids.push(vote.ledger_id());
+            choices.push(ballot::encode_choices(&vote.choices));
+            times.push(vote.voted_at.unwrap_or(now));
+            current.push(is_current);
+        }
+        let sql = format!(
+            "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) \
+             SELECT $1, u, i, c, t, k \
+             FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BOOLEAN[]) \
+             AS v(u, i, c, t, k){on_conflict}"
+        );
+        let done = sqlx::query(&sql)
+            .bind(poll)
+            .bind(&users)
+            .bind(&ids)
+            .bind(&choices)
+            .bind(&times)
+            .bind(&current)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("insert votes into the ledger"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Adds `deltas` to the counts and `new_voters` to the poll's voters, bumping its
+    /// version; the new version and every count.
+    async fn count_in(
+        tx: &mut PgConnection,
+        poll: PollId,
+        deltas: &BTreeMap<OptionId, i64>,
+        new_voters: i64,
+    ) -> Result<(i64, Vec<OptionCount>), StoreError> {
+        let (options, deltas): (Vec<i64>, Vec<i64>) = deltas.iter().map(|(k, v)| (*k, *v)).unzip();
+        sqlx::query(
+            "UPDATE poll_options SET votes = votes + d.n \
+             FROM UNNEST($2::BIGINT[], $3::BIGINT[]) AS d(id, n) \
+             WHERE poll_options.poll_id = $1 AND poll_options.id = d.id",
+        )
+        .bind(poll)
+        .bind(&options)
+        .bind(&deltas)
+        .execute(&mut *tx)
+        .await
+        .map_err(err("update counts"))?;
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE polls SET version = version + 1, voters = voters + $2 WHERE id = $1 \
+             RETURNING version",
+        )
+        .bind(poll)
+        .bind(new_voters)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err("bump poll version"))?;
+        Ok((seq, Self::counts(&mut *tx, poll).await?))
+    }
+}
+
 #[async_trait]
 impl PollStore for PostgresStore {
     async fn create_poll(&self, poll: NewPoll) -> Result<Poll, StoreError> {
@@ -210,113 +379,12 @@ impl PollStore for PostgresStore {
         allow_change: bool,
         votes: Arc<[Vote]>,
     ) -> Result<FlushOutcome, StoreError> {
-        let now = now_millis();
-        let mut tx = self.writer.begin().await.map_err(err("begin flush"))?;
-        // Why FOR UPDATE: during a partition hand-over two processes may flush the same poll
-        // for a moment; the ledger reads below must not race. A poll that does not exist
-        // fails the flush here.
-        sqlx::query("SELECT id FROM polls WHERE id = $1 FOR UPDATE")
-            .bind(poll)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(err("lock poll"))?;
-        let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
-            "SELECT user_id, vote_id, choices, current FROM votes \
-             WHERE poll_id = $1 AND user_id = ANY($2)",
-        )
-        .bind(poll)
-        .bind(sql_common::voters_of(&votes))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err("read ballots"))?;
-        let plan = ballot::plan(allow_change, &sql_common::ledger_view(rows), &votes);
-        if plan.is_empty() {
-            let seq = sqlx::query_scalar("SELECT version FROM polls WHERE id = $1")
-                .bind(poll)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(err("read poll version"))?;
-            let all = Self::counts(&mut tx, poll).await?;
-            tx.commit().await.map_err(err("commit flush"))?;
-            sql_common::report_reused(plan.reused.iter().map(|v| (poll, *v)));
-            return Ok(sql_common::outcome(
-                &plan.deltas,
-                plan.inserts.len() as u64,
-                seq,
-                all,
-            ));
+        if !allow_change && let Some(outcome) = self.apply_first_ballots(poll, &votes).await? {
+            return Ok(outcome);
         }
-        if !plan.replaced.is_empty() {
-            // Why first: the partial unique index allows one current ballot per voter.
-            sqlx::query(
-                "UPDATE votes SET current = FALSE \
-                 WHERE poll_id = $1 AND user_id = ANY($2) AND current",
-            )
-            .bind(poll)
-            .bind(&plan.replaced)
-            .execute(&mut *tx)
-            .await
-            .map_err(err("replace ballots"))?;
-        }
-        let mut users = Vec::with_capacity(plan.inserts.len());
-        let mut ids = Vec::with_capacity(plan.inserts.len());
-        let mut choices = Vec::with_capacity(plan.inserts.len());
-        let mut times = Vec::with_capacity(plan.inserts.len());
-        let mut current = Vec::with_capacity(plan.inserts.len());
-        for insert in &plan.inserts {
-            users.push(insert.vote.user_id.as_str());
-            ids.push(insert.vote.ledger_id());
-            choices.push(ballot::encode_choices(&insert.vote.choices));
-            times.push(insert.vote.voted_at.unwrap_or(now));
-            current.push(insert.current);
-        }
-        // One set-based INSERT: the whole batch is one round trip.
-        sqlx::query(
-            "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) \
-             SELECT $1, u, i, c, t, k \
-             FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BOOLEAN[]) \
-             AS v(u, i, c, t, k)",
-        )
-        .bind(poll)
-        .bind(&users)
-        .bind(&ids)
-        .bind(&choices)
-        .bind(&times)
-        .bind(&current)
-        .execute(&mut *tx)
-        .await
-        .map_err(err("insert votes into the ledger"))?;
-        let (options, deltas): (Vec<i64>, Vec<i64>) =
-            plan.deltas.iter().map(|(k, v)| (*k, *v)).unzip();
-        sqlx::query(
-            "UPDATE poll_options SET votes = votes + d.n \
-             FROM UNNEST($2::BIGINT[], $3::BIGINT[]) AS d(id, n) \
-             WHERE poll_options.poll_id = $1 AND poll_options.id = d.id",
-        )
-        .bind(poll)
-        .bind(&options)
-        .bind(&deltas)
-        .execute(&mut *tx)
-        .await
-        .map_err(err("update counts"))?;
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE polls SET version = version + 1, voters = voters + $2 WHERE id = $1 \
-             RETURNING version",
-        )
-        .bind(poll)
-        .bind(plan.new_voters)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(err("bump poll version"))?;
-        let all = Self::counts(&mut tx, poll).await?;
-        tx.commit().await.map_err(err("commit flush"))?;
-        sql_common::report_reused(plan.reused.iter().map(|v| (poll, *v)));
-        Ok(sql_common::outcome(
-            &plan.deltas,
-            plan.inserts.len() as u64,
-            seq,
-            all,
-        ))
+        // A poll whose ballots may change, or a flush with a repeat or a replay in it: read
+        // the ledger and let the ballot rule decide.
+        self.apply_by_plan(poll, allow_change, &votes).await
     }
 
     async fn seal_poll(&self, poll: PollId) -> Result<Option<FlushOutcome>, StoreError> {

@@ -6,27 +6,33 @@
 //! compete for the same cores, so a throughput figure alone cannot say whether the server,
 //! the load or waiting (idle cores) set it. Elsewhere than Linux the figures are absent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 
 use serde::{Deserialize, Serialize};
 
-/// Processes to watch beside the server: a name, and the processes whose CPU it adds up
-/// (Postgres, for one, is a process per connection).
+/// Processes to watch beside the server: a name, and the processes whose CPU it adds up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Watched {
     pub name: String,
     pub pids: Vec<u32>,
+    /// Their children too, found afresh at each sample: Postgres forks a process per
+    /// connection, and a pool opens some during the load.
+    pub children: bool,
 }
 
 impl std::str::FromStr for Watched {
     type Err = String;
 
-    /// `NAME=PID[,PID...]`.
+    /// `NAME=PID[,PID...]`, or `NAME=PID+` for a process and its children.
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, pids) = s
             .split_once('=')
-            .ok_or_else(|| format!("'{s}': expected NAME=PID[,PID...]"))?;
+            .ok_or_else(|| format!("'{s}': expected NAME=PID[,PID...] or NAME=PID+"))?;
+        let (pids, children) = match pids.strip_suffix('+') {
+            Some(parent) => (parent, true),
+            None => (pids, false),
+        };
         if name.is_empty() {
             return Err(format!("'{s}': the name is empty"));
         }
@@ -41,6 +47,7 @@ impl std::str::FromStr for Watched {
         Ok(Self {
             name: name.to_owned(),
             pids,
+            children,
         })
     }
 }
@@ -54,8 +61,8 @@ pub struct CpuSample {
     server: Option<u64>,
     /// The machine's (idle, total) time over all cores, in clock ticks.
     machine: Option<(u64, u64)>,
-    /// Each watched name's processes, in clock ticks (those still running).
-    watched: Vec<(String, u64)>,
+    /// Each watched name's processes and their clock ticks (those running then).
+    watched: Vec<(String, HashMap<u32, u64>)>,
 }
 
 /// CPU use between two samples.
@@ -96,6 +103,28 @@ fn parse_process_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The processes whose parent is one of `parents` (field 4 of `/proc/<pid>/stat`).
+fn children_of(parents: &[u32]) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| parent_of(&stat))
+                .is_some_and(|parent| parents.contains(&parent))
+        })
+        .collect()
+}
+
+/// The parent's process id in a `/proc/<pid>/stat` line.
+fn parent_of(stat: &str) -> Option<u32> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// (idle + iowait, total) ticks over all cores, from the first line of `/proc/stat`.
 fn machine_ticks() -> Option<(u64, u64)> {
     let stat = fs::read_to_string("/proc/stat").ok()?;
@@ -125,11 +154,14 @@ impl CpuSample {
             watched: watched
                 .iter()
                 .map(|w| {
-                    let ticks = w
-                        .pids
-                        .iter()
-                        .filter_map(|pid| process_ticks(&pid.to_string()));
-                    (w.name.clone(), ticks.sum())
+                    let mut pids = w.pids.clone();
+                    if w.children {
+                        pids.extend(children_of(&w.pids));
+                    }
+                    let ticks = pids
+                        .into_iter()
+                        .filter_map(|pid| Some((pid, process_ticks(&pid.to_string())?)));
+                    (w.name.clone(), ticks.collect())
                 })
                 .collect(),
         }
@@ -142,12 +174,18 @@ impl CpuSample {
         let per_vote = |s: Option<f64>| s.filter(|_| votes > 0).map(|s| s * 1e6 / votes as f64);
         let loadgen = seconds(self.own, later.own);
         let server = seconds(self.server, later.server);
+        // Why per process: one that started between the samples (a new Postgres backend)
+        // counts from zero; one that exited is absent from the later one and not counted.
         let watched: BTreeMap<String, f64> = self
             .watched
             .iter()
             .zip(&later.watched)
-            .filter_map(|((name, before), (_, after))| {
-                Some((name.clone(), seconds(Some(*before), Some(*after))?))
+            .map(|((name, before), (_, after))| {
+                let ticks: u64 = after
+                    .iter()
+                    .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+                    .sum();
+                (name.clone(), ticks as f64 / hz)
             })
             .collect();
         let machine_idle = match (self.machine, later.machine) {
@@ -163,8 +201,6 @@ impl CpuSample {
             loadgen_us_per_vote: per_vote(loadgen),
             server_us_per_vote: per_vote(server),
             machine_idle,
-            // Why per name and not per process: a process that exits between the samples
-            // (a Postgres backend) drops out of both, and its ticks are not counted at all.
             watched_cpu_s: watched.clone(),
             watched_us_per_vote: per_vote_each(&watched, per_vote),
         }
@@ -228,6 +264,7 @@ mod tests {
         let watched = [Watched {
             name: "me".into(),
             pids: vec![std::process::id(), u32::MAX],
+            children: false,
         }];
         let before = CpuSample::now(me, &watched);
         // Spin until 100 ms of CPU are counted, not for 100 ms of wall time: on a loaded
@@ -282,5 +319,24 @@ mod tests {
         assert!("redis".parse::<Watched>().is_err());
         assert!("=1".parse::<Watched>().is_err());
         assert!("redis=x".parse::<Watched>().is_err());
+        let tree: Watched = "postgres=7+".parse().unwrap();
+        assert_eq!((tree.pids, tree.children), (vec![7], true));
+    }
+
+    #[test]
+    fn a_child_process_is_found_under_its_parent() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let found = children_of(&[std::process::id()]);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            found.contains(&child.id()),
+            "{found:?} holds {}",
+            child.id()
+        );
+        assert_eq!(parent_of("9 (a) b) S 4242 1"), Some(4242));
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! One multiplexed connection shared by every request, re-established by the connection
 //! manager when Redis comes back; every command is bounded by a timeout so a dead Redis turns
-//! into a prompt 503 rather than hung requests.
+//! into a prompt 503 rather than hung requests. Claims made at the same time go to Redis
+//! together, in one pipeline (`claims.rs`).
 
 use std::future::Future;
 use std::sync::LazyLock;
@@ -18,6 +19,11 @@ use async_trait::async_trait;
 use pollcast_actors::ballot;
 use pollcast_actors::{Claim, DedupGuard, GuardError, PollId, Vote};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use self::claims::Claims;
+use crate::background::Background;
+
+mod claims;
 
 /// Connection and key settings (from `[dedup]` in config.toml).
 #[derive(Debug, Clone)]
@@ -36,15 +42,18 @@ pub struct RedisGuardSettings {
 #[derive(Clone)]
 pub struct RedisGuard {
     conn: ConnectionManager,
+    claims: Claims,
     key_prefix: String,
-    ttl_secs: u64,
     timeout: Duration,
 }
 
 impl RedisGuard {
     /// Prepares the connection; it is opened on first use, so pollcast starts (and reports
-    /// not-ready) while Redis is down.
-    pub fn connect(settings: RedisGuardSettings) -> Result<Self, GuardError> {
+    /// not-ready) while Redis is down. The task that pipelines claims runs in `background`.
+    pub fn connect(
+        settings: RedisGuardSettings,
+        background: &Background,
+    ) -> Result<Self, GuardError> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| GuardError::new("parse dedup.redis_url", e))?;
         let config = ConnectionManagerConfig::new()
@@ -54,10 +63,11 @@ impl RedisGuard {
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| GuardError::new("configure the Redis connection", e))?;
+        let ttl_secs = settings.ttl.as_secs().max(1);
         Ok(Self {
+            claims: Claims::start(conn.clone(), ttl_secs, settings.timeout, background),
             conn,
             key_prefix: settings.key_prefix,
-            ttl_secs: settings.ttl.as_secs().max(1),
             timeout: settings.timeout,
         })
     }
@@ -153,17 +163,10 @@ impl DedupGuard for RedisGuard {
         // Three rounds are plenty: each needs another request of the same vote in between.
         let mut claim = Claim::Taken;
         for _ in 0..3 {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(&key)
-                .arg(&value)
-                .arg("NX")
-                .arg("GET")
-                .arg("EX")
-                .arg(self.ttl_secs);
             // SET NX GET (Redis 7) sets the key only if it is absent and answers with the
             // value it found: nil when this attempt claimed it, else the claim that holds it.
             // One atomic step, where the seed app raced a GET against a later SET.
-            let Some(held) = self.run::<Option<String>>("claim", &cmd).await? else {
+            let Some(held) = self.claims.set(key.clone(), value.clone()).await? else {
                 return Ok(Claim::Fresh);
             };
             claim = classify(&held, vote.ledger_id(), &ballot);
@@ -219,12 +222,15 @@ mod tests {
             "pollcast-test:guard:{}:",
             pollcast_actors::ids::random_id("")
         );
-        RedisGuard::connect(RedisGuardSettings {
-            url,
-            key_prefix: prefix,
-            ttl: Duration::from_secs(60),
-            timeout: Duration::from_secs(5),
-        })
+        RedisGuard::connect(
+            RedisGuardSettings {
+                url,
+                key_prefix: prefix,
+                ttl: Duration::from_secs(60),
+                timeout: Duration::from_secs(5),
+            },
+            &Background::new(),
+        )
         .unwrap()
     }
 
@@ -326,5 +332,58 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(held, "a", "left as the older version wrote it");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_made_together_ride_in_few_pipelines_and_each_gets_its_own_answer() {
+        let guard = guard();
+        // Two votes of each of 200 users, all at once: one of each pair wins.
+        let claims: Vec<_> = (0..400)
+            .map(|i| {
+                let guard = guard.clone();
+                let (user, id) = (format!("u{}", i % 200), format!("v{i}"));
+                tokio::spawn(async move { guard.claim(&vote(&user, &id, &[1]), i).await })
+            })
+            .collect();
+        let mut fresh = 0;
+        for claim in claims {
+            match claim.await.unwrap().unwrap() {
+                Claim::Fresh => fresh += 1,
+                Claim::Taken => {}
+                other => panic!("two different vote ids: {other:?}"),
+            }
+        }
+        assert_eq!(fresh, 200, "one claim per user");
+        let pipelines = guard.claims.pipelines();
+        assert!(
+            pipelines < 100,
+            "400 claims made at once went in {pipelines} pipelines"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_guard_answers_what_was_queued_and_refuses_later_claims() {
+        let background = Background::new();
+        let url = std::env::var("POLLCAST_TEST_REDIS").unwrap();
+        let guard = RedisGuard::connect(
+            RedisGuardSettings {
+                url,
+                key_prefix: format!(
+                    "pollcast-test:guard:{}:",
+                    pollcast_actors::ids::random_id("")
+                ),
+                ttl: Duration::from_secs(60),
+                timeout: Duration::from_secs(5),
+            },
+            &background,
+        )
+        .unwrap();
+        assert_eq!(
+            guard.claim(&vote("u", "a", &[1]), 1).await.unwrap(),
+            Claim::Fresh
+        );
+        background.stop_all().await;
+        let refused = guard.claim(&vote("w", "b", &[1]), 2).await.unwrap_err();
+        assert!(refused.to_string().contains("stopped"), "{refused}");
     }
 }
