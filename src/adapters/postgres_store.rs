@@ -139,12 +139,14 @@ sql_common::same_in_both_dialects!(PostgresStore, PgConnection);
 /// A flush's two ways (see `apply_votes`), and the statements they share.
 impl PostgresStore {
     /// The fast path for a poll whose ballots cannot change, when every vote of the flush is
-    /// new: [`ballot::plan`] then comes down to "insert each, count each", which the insert
-    /// itself can check (`ON CONFLICT DO NOTHING` on the ledger's two unique keys takes
-    /// every row only if no vote was a repeat or a replay). So no ledger read: a probe per
-    /// voter, a fifth of Postgres's work per vote (docs/BENCHMARKS.md, "Fast paths"). `None`,
-    /// with nothing written, when some vote was not new; the store contract's random
-    /// histories check both ways against the rule.
+    /// new: [`ballot::plan`] then comes down to "insert each, count each", and the ledger's
+    /// two unique keys can tell whether that holds: a plain insert of the whole flush fails
+    /// on the first vote that was a repeat or a replay. So no ledger read, a probe per
+    /// voter (docs/BENCHMARKS.md, "Fast paths"). `None`, with nothing written, when some vote
+    /// was not new. Why not `ON CONFLICT DO NOTHING`: Postgres inserts each row
+    /// speculatively then, with a WAL record more per vote, which cost more than the read
+    /// saved (measured there too). The store contract's random histories check both ways
+    /// against the rule.
     async fn apply_first_ballots(
         &self,
         poll: PollId,
@@ -153,11 +155,14 @@ impl PostgresStore {
         let mut tx = self.writer.begin().await.map_err(err("begin flush"))?;
         Self::lock_poll(&mut tx, poll).await?;
         let rows = votes.iter().map(|v| (v, true));
-        let inserted = Self::insert_ballots(&mut tx, poll, rows, " ON CONFLICT DO NOTHING").await?;
-        if inserted != votes.len() as u64 {
-            tx.rollback().await.map_err(err("roll back flush"))?;
-            return Ok(None);
-        }
+        let inserted = match Self::insert_ballots(&mut tx, poll, rows).await {
+            Ok(inserted) => inserted,
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                tx.rollback().await.map_err(err("roll back flush"))?;
+                return Ok(None);
+            }
+            Err(e) => return Err(err("insert votes into the ledger")(e)),
+        };
         let mut deltas = BTreeMap::new();
         for choice in votes.iter().flat_map(|v| &v.choices) {
             *deltas.entry(*choice).or_insert(0) += 1;
@@ -207,7 +212,9 @@ impl PostgresStore {
                 .map_err(err("replace ballots"))?;
             }
             let rows = plan.inserts.iter().map(|i| (i.vote, i.current));
-            Self::insert_ballots(&mut tx, poll, rows, "").await?;
+            Self::insert_ballots(&mut tx, poll, rows)
+                .await
+                .map_err(err("insert votes into the ledger"))?;
             Self::count_in(&mut tx, poll, &plan.deltas, plan.new_voters).await?
         };
         tx.commit().await.map_err(err("commit flush"))?;
@@ -233,13 +240,12 @@ impl PostgresStore {
     }
 
     /// Inserts `(vote, current)` ledger rows in one set-based statement (the whole batch is
-    /// one round trip), `on_conflict` appended; the number of rows inserted.
+    /// one round trip); the number of rows inserted.
     async fn insert_ballots<'a>(
         tx: &mut PgConnection,
         poll: PollId,
         rows: impl ExactSizeIterator<Item = (&'a Vote, bool)>,
-        on_conflict: &str,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<u64, sqlx::Error> {
         let now = now_millis();
         let mut users = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
@@ -253,22 +259,20 @@ impl PostgresStore {
             times.push(vote.voted_at.unwrap_or(now));
             current.push(is_current);
         }
-        let sql = format!(
+        let done = sqlx::query(
             "INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) \
              SELECT $1, u, i, c, t, k \
              FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BOOLEAN[]) \
-             AS v(u, i, c, t, k){on_conflict}"
-        );
-        let done = sqlx::query(&sql)
-            .bind(poll)
-            .bind(&users)
-            .bind(&ids)
-            .bind(&choices)
-            .bind(&times)
-            .bind(&current)
-            .execute(&mut *tx)
-            .await
-            .map_err(err("insert votes into the ledger"))?;
+             AS v(u, i, c, t, k)",
+        )
+        .bind(poll)
+        .bind(&users)
+        .bind(&ids)
+        .bind(&choices)
+        .bind(&times)
+        .bind(&current)
+        .execute(&mut *tx)
+        .await?;
         Ok(done.rows_affected())
     }
 
