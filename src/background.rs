@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -151,6 +152,25 @@ impl Background {
     }
 }
 
+/// A writer's next batch: up to `max` queued items into `batch`, waiting for the first.
+/// Once `stop` is cancelled the queue is closed, and what was queued before is still handed
+/// over (its senders were promised an answer); 0 means the writer is done: stopped and
+/// drained, or every sender gone.
+pub async fn next_batch<T>(
+    queue: &mut mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    stop: &CancellationToken,
+) -> usize {
+    loop {
+        tokio::select! {
+            biased;
+            taken = queue.recv_many(batch, max) => return taken,
+            () = stop.cancelled(), if !queue.is_closed() => queue.close(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -241,6 +261,23 @@ mod tests {
         background.stop_all().await;
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert_eq!(ticks.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_writer_takes_what_was_queued_then_is_done() {
+        let (tx, mut queue) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        let mut batch = Vec::new();
+        tx.send(1).await.unwrap();
+        assert_eq!(next_batch(&mut queue, &mut batch, 8, &stop).await, 1);
+        tx.send(2).await.unwrap();
+        tx.send(3).await.unwrap();
+        stop.cancel();
+        batch.clear();
+        assert_eq!(next_batch(&mut queue, &mut batch, 8, &stop).await, 2);
+        assert_eq!(batch, [2, 3]);
+        assert!(tx.send(4).await.is_err(), "closed once stopped");
+        assert_eq!(next_batch(&mut queue, &mut batch, 8, &stop).await, 0);
     }
 
     #[tokio::test]

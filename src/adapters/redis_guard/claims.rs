@@ -17,7 +17,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::background::{Background, Stage};
+use crate::background::{Background, Stage, next_batch};
 
 /// Claims in one pipeline, at most: bounds a pipeline's size on both sides.
 const PIPELINE_MAX: usize = 512;
@@ -113,20 +113,7 @@ impl Claims {
 impl Sender {
     async fn run(mut self, mut pending: mpsc::Receiver<Pending>, stop: CancellationToken) {
         let mut batch = Vec::with_capacity(PIPELINE_MAX);
-        loop {
-            let taken = tokio::select! {
-                biased;
-                taken = pending.recv_many(&mut batch, PIPELINE_MAX) => taken,
-                // Why close rather than return: queued claims were promised an answer; once
-                // closed, `recv_many` hands them over and then returns 0.
-                () = stop.cancelled(), if !pending.is_closed() => {
-                    pending.close();
-                    continue;
-                }
-            };
-            if taken == 0 {
-                return;
-            }
+        while next_batch(&mut pending, &mut batch, PIPELINE_MAX, &stop).await > 0 {
             let answers = self.send(&batch).await;
             for (claim, answer) in batch.drain(..).zip(answers) {
                 let _ = claim.answer.send(answer);

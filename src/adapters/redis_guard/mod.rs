@@ -216,6 +216,11 @@ mod tests {
     /// A guard on the test Redis (`POLLCAST_TEST_REDIS`, set by `scripts/test`), under a key
     /// prefix of its own.
     fn guard() -> RedisGuard {
+        guard_in(&Background::new())
+    }
+
+    /// [`guard`], its pipelining task in `background`.
+    fn guard_in(background: &Background) -> RedisGuard {
         let url = std::env::var("POLLCAST_TEST_REDIS")
             .expect("POLLCAST_TEST_REDIS must name the test Redis (scripts/test sets it)");
         let prefix = format!(
@@ -229,7 +234,7 @@ mod tests {
                 ttl: Duration::from_secs(60),
                 timeout: Duration::from_secs(5),
             },
-            &Background::new(),
+            background,
         )
         .unwrap()
     }
@@ -364,20 +369,7 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_guard_answers_what_was_queued_and_refuses_later_claims() {
         let background = Background::new();
-        let url = std::env::var("POLLCAST_TEST_REDIS").unwrap();
-        let guard = RedisGuard::connect(
-            RedisGuardSettings {
-                url,
-                key_prefix: format!(
-                    "pollcast-test:guard:{}:",
-                    pollcast_actors::ids::random_id("")
-                ),
-                ttl: Duration::from_secs(60),
-                timeout: Duration::from_secs(5),
-            },
-            &background,
-        )
-        .unwrap();
+        let guard = guard_in(&background);
         assert_eq!(
             guard.claim(&vote("u", "a", &[1]), 1).await.unwrap(),
             Claim::Fresh

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::SqliteStore;
 use super::statements::*;
 use crate::adapters::sql_common::{self, err};
+use crate::background::next_batch;
 
 /// Flushes waiting for the group commit, at most, per transaction.
 pub(super) const GROUP_MAX: usize = 512;
@@ -39,20 +40,7 @@ pub(super) async fn group_commit(
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(GROUP_MAX);
-    loop {
-        let taken = tokio::select! {
-            biased;
-            taken = jobs.recv_many(&mut batch, GROUP_MAX) => taken,
-            // Why close rather than return: flushes already queued were promised an answer;
-            // once closed, `recv_many` hands them over and then returns 0.
-            () = stop.cancelled(), if !jobs.is_closed() => {
-                jobs.close();
-                continue;
-            }
-        };
-        if taken == 0 {
-            return;
-        }
+    while next_batch(&mut jobs, &mut batch, GROUP_MAX, &stop).await > 0 {
         let results = match commit_group(&writer, &batch).await {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
             // Why one by one then: a failure is rare (the aggregators validated the votes),
