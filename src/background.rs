@@ -163,6 +163,11 @@ pub async fn next_batch<T>(
     stop: &CancellationToken,
 ) -> usize {
     loop {
+        // Why close before taking: a queue that never runs dry must not keep a stopped
+        // writer going.
+        if stop.is_cancelled() {
+            queue.close();
+        }
         tokio::select! {
             biased;
             taken = queue.recv_many(batch, max) => return taken,
