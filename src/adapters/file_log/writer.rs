@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::segment::{encode_into, segment_path, sync_dir, write_zeros};
 use super::tail::{SharedTail, lock};
-use crate::background::{Background, Stage};
+use crate::background::{Background, Stage, next_batch};
 
 /// Appends written together at most (bounds the latency of a group commit).
 const GROUP_MAX: usize = 4096;
@@ -94,14 +94,9 @@ impl Writer {
         let mut lengths = Vec::with_capacity(GROUP_MAX);
         let mut answers = Vec::with_capacity(GROUP_MAX);
         let mut buf = Vec::new();
-        while let Some(first) = next_append(&waiter, &mut rx, &stop) {
-            group.push(first);
-            while group.len() < GROUP_MAX {
-                match rx.try_recv() {
-                    Ok(next) => group.push(next),
-                    Err(_) => break,
-                }
-            }
+        // Every append waiting at that moment, up to GROUP_MAX; after the stop, those queued
+        // before it (their callers wait for an answer).
+        while waiter.block_on(next_batch(&mut rx, &mut group, GROUP_MAX, &stop)) > 0 {
             // Why encode here rather than in the handlers: straight into the group's
             // buffer, with no record of its own to allocate and copy per vote.
             buf.clear();
@@ -203,30 +198,6 @@ impl Writer {
         self.allocated = 0;
         Ok(())
     }
-}
-
-/// The next append, waiting for one; `None` once every sender is gone, or once `stop` is
-/// cancelled and what was queued before is taken (an append whose caller waits must still
-/// be written and answered).
-fn next_append(
-    waiter: &tokio::runtime::Runtime,
-    rx: &mut mpsc::Receiver<Append>,
-    stop: &CancellationToken,
-) -> Option<Append> {
-    if !stop.is_cancelled() {
-        let woke = waiter.block_on(async {
-            tokio::select! {
-                biased;
-                next = rx.recv() => Some(next),
-                () = stop.cancelled() => None,
-            }
-        });
-        if let Some(next) = woke {
-            return next;
-        }
-    }
-    rx.close();
-    rx.try_recv().ok()
 }
 
 #[cfg(test)]

@@ -6,9 +6,7 @@
 //! in flight is sent at once, alone; only those that arrive while a pipeline is out wait, and
 //! they would have waited behind it on the one connection anyway.
 
-#[cfg(test)]
 use std::sync::Arc;
-#[cfg(test)]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -47,7 +45,7 @@ struct Sender {
     conn: ConnectionManager,
     ttl_secs: u64,
     timeout: Duration,
-    #[cfg(test)]
+    /// Pipelines sent, shared with [`Claims`] for the tests.
     pipelines: Arc<AtomicU64>,
 }
 
@@ -61,13 +59,11 @@ impl Claims {
         background: &Background,
     ) -> Self {
         let (queue, pending) = mpsc::channel(PIPELINE_MAX * 4);
-        #[cfg(test)]
         let pipelines = Arc::new(AtomicU64::new(0));
         let sender = Sender {
             conn,
             ttl_secs,
             timeout,
-            #[cfg(test)]
             pipelines: pipelines.clone(),
         };
         background.spawn(Stage::Storage, "redis claims", |stop| {
@@ -135,7 +131,6 @@ impl Sender {
                 .arg("EX")
                 .arg(self.ttl_secs);
         }
-        #[cfg(test)]
         self.pipelines.fetch_add(1, Ordering::Relaxed);
         let sent = pipe.query_async::<Vec<redis::RedisResult<Option<String>>>>(&mut self.conn);
         match tokio::time::timeout(self.timeout, sent).await {

@@ -94,9 +94,14 @@ fn process_ticks(pid: &str) -> Option<u64> {
     parse_process_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// The fields of a `/proc/<pid>/stat` line after the parenthesised command name (which may
+/// itself hold spaces and parentheses): the state first.
+fn fields_after_name(stat: &str) -> Option<Vec<&str>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace().collect())
+}
+
 fn parse_process_ticks(stat: &str) -> Option<u64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let fields = fields_after_name(stat)?;
     // After the name, field 3 (state) comes first: utime is field 14, stime 15.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
@@ -121,8 +126,7 @@ fn children_of(parents: &[u32]) -> Vec<u32> {
 
 /// The parent's process id in a `/proc/<pid>/stat` line.
 fn parent_of(stat: &str) -> Option<u32> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(1)?.parse().ok()
+    fields_after_name(stat)?.get(1)?.parse().ok()
 }
 
 /// (idle + iowait, total) ticks over all cores, from the first line of `/proc/stat`.
