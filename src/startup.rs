@@ -330,6 +330,7 @@ impl Application {
             events,
             ingest: IngestSettings {
                 idle_timeout: settings.aggregator.idle_timeout,
+                max_unflushed: settings.aggregator.max_unflushed_votes,
                 ..IngestSettings::default()
             },
             restart: settings.supervision,

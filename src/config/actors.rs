@@ -16,6 +16,9 @@ pub struct RawAggregator {
     /// A poll with this many buffered votes is flushed at once, before its interval is up:
     /// a big flush holds the store's writer, and other polls' flushes wait behind it.
     pub flush_max_votes: usize,
+    /// Reading the vote log pauses while this many votes read from it wait for a flush:
+    /// what bounds memory while a backlog (after an outage or a restart) is counted.
+    pub max_unflushed_votes: usize,
     /// A poll's aggregator is stopped after this long without votes (and started again,
     /// from the store, at its next vote).
     pub idle_timeout_secs: u64,
@@ -30,6 +33,7 @@ impl Default for RawAggregator {
         Self {
             flush_interval_ms: 2000,
             flush_max_votes: 20_000,
+            max_unflushed_votes: 500_000,
             idle_timeout_secs: 300,
             close_grace_ms: 3000,
         }
@@ -43,6 +47,8 @@ pub struct AggregatorSettings {
     pub flush_interval: Duration,
     /// Buffered votes that make a flush at once (1 to 1,000,000).
     pub flush_max_votes: usize,
+    /// Votes read from the log and not yet flushed that pause reading (1 to 10,000,000).
+    pub max_unflushed_votes: usize,
     /// An aggregator without votes for this long stops (positive).
     pub idle_timeout: Duration,
     /// How long final counts wait for late votes (at most 60 s).
@@ -64,6 +70,12 @@ impl RawAggregator {
                 "must be between 1 and 1000000",
             ));
         }
+        if !(1..=10_000_000).contains(&self.max_unflushed_votes) {
+            return Err(ConfigError::invalid(
+                "aggregator.max_unflushed_votes",
+                "must be between 1 and 10000000",
+            ));
+        }
         if self.close_grace_ms > 60_000 {
             return Err(ConfigError::invalid(
                 "aggregator.close_grace_ms",
@@ -79,6 +91,7 @@ impl RawAggregator {
         Ok(AggregatorSettings {
             flush_interval: Duration::from_millis(self.flush_interval_ms),
             flush_max_votes: self.flush_max_votes,
+            max_unflushed_votes: self.max_unflushed_votes,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             close_grace: Duration::from_millis(self.close_grace_ms),
         })

@@ -36,6 +36,11 @@ fn bad_values_stop_startup_naming_the_key() {
             "soon",
             "flush_interval_ms",
         ),
+        (
+            "POLLCAST__AGGREGATOR__MAX_UNFLUSHED_VOTES",
+            "0",
+            "aggregator.max_unflushed_votes",
+        ),
         ("POLLCAST__HTTP__ADDR", "localhost", "http.addr"),
         ("POLLCAST__STORE__URL", "mysql://x", "store.url"),
         ("POLLCAST__LOG__KIND", "carrier-pigeon", "carrier-pigeon"),

@@ -2,7 +2,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use nix::sys::signal::Signal;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{Api, Backend, ServerProcess, TestEnv};
 
@@ -154,9 +157,123 @@ async fn sigterm_flushes_commits_and_exits_zero(backend: Backend) {
     assert_eq!(env.ledger(poll).await.len(), 25, "flushed before exiting");
 }
 
+/// Why these settings: no flush before the kill, so every vote waits in the log.
+const HOLD_IN_THE_LOG: [(&str, &str); 2] = [
+    ("POLLCAST__AGGREGATOR__FLUSH_INTERVAL_MS", "60000"),
+    ("POLLCAST__AGGREGATOR__FLUSH_MAX_VOTES", "1000000"),
+];
+
+/// A backlog many times the read window waits in the log after a crash: the restarted
+/// process reads no more than the window at a time, counts every vote once, and a viewer
+/// watching meanwhile sees the counts only move forward.
+async fn a_backlog_larger_than_the_read_window_is_counted_exactly_while_a_viewer_watches(
+    backend: Backend,
+) {
+    const VOTES: usize = 2_400;
+    const WINDOW: usize = 150;
+    let env = TestEnv::new(backend).await;
+    let server = ServerProcess::start(&env, &HOLD_IN_THE_LOG);
+    server.api.wait_ready().await;
+    let poll = server.api.create_poll(&["A", "B", "C"]).await;
+    let sends: Vec<_> = (0..16)
+        .map(|worker| {
+            let api = server.api.clone();
+            tokio::spawn(async move {
+                for i in (worker..VOTES).step_by(16) {
+                    let (status, body) = api.vote(poll, (i % 3 + 1) as i64, &format!("u{i}")).await;
+                    assert_eq!(status, 202, "{body}");
+                }
+            })
+        })
+        .collect();
+    for send in sends {
+        send.await.unwrap();
+    }
+    server.signal(Signal::SIGKILL);
+    drop(server);
+    assert!(env.ledger(poll).await.is_empty(), "killed before any flush");
+
+    let window = WINDOW.to_string();
+    let restarted = ServerProcess::start(
+        &env,
+        &[
+            ("POLLCAST__AGGREGATOR__MAX_UNFLUSHED_VOTES", &window),
+            ("POLLCAST__AGGREGATOR__FLUSH_INTERVAL_MS", "100"),
+        ],
+    );
+    restarted.api.wait_ready().await;
+    let url = format!("ws://{}/ws/polls/{poll}", restarted.api.addr);
+    let (mut viewer, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade");
+
+    // Until the viewer sees every vote; meanwhile, what waits for a flush stays within the
+    // window, and no count ever goes down.
+    let (mut shown, mut seq) = (std::collections::BTreeMap::<i64, i64>::new(), -1);
+    let (mut updates, mut most_waiting) = (0, 0.0_f64);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while shown.values().sum::<i64>() < VOTES as i64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the viewer saw {} of {VOTES} votes",
+            shown.values().sum::<i64>()
+        );
+        let waiting =
+            crate::api::metrics::sample_of(&restarted.api, "pollcast_votes_pending_flush").await;
+        most_waiting = most_waiting.max(waiting.unwrap_or(0.0));
+        let Ok(Some(Ok(Message::Text(text)))) =
+            tokio::time::timeout(Duration::from_millis(50), viewer.next()).await
+        else {
+            continue;
+        };
+        let frame: Value = serde_json::from_str(&text).unwrap();
+        let at = frame["seq"].as_i64().unwrap();
+        assert!(at > seq, "seq {at} after {seq}: {frame}");
+        seq = at;
+        let counts: Vec<(i64, i64)> = match frame["type"].as_str() {
+            Some("snapshot") => frame["poll"]["options"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| (o["id"].as_i64().unwrap(), o["votes"].as_i64().unwrap()))
+                .collect(),
+            Some("counts") => frame["counts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    (
+                        c["optionId"].as_i64().unwrap(),
+                        c["newCount"].as_i64().unwrap(),
+                    )
+                })
+                .collect(),
+            _ => continue,
+        };
+        updates += 1;
+        for (option, count) in counts {
+            let before = shown.insert(option, count).unwrap_or(0);
+            assert!(
+                count >= before,
+                "option {option} went from {before} to {count}"
+            );
+        }
+    }
+    assert!(
+        most_waiting <= WINDOW as f64,
+        "{most_waiting} votes waited for a flush with a window of {WINDOW}"
+    );
+    let counted = env.ledger(poll).await;
+    assert_eq!(counted.len(), VOTES, "each vote counted once");
+    let expected: std::collections::BTreeMap<i64, i64> =
+        (1..=3).map(|o| (o, (VOTES / 3) as i64)).collect();
+    assert_eq!(shown, expected, "after {updates} updates");
+}
+
 crate::contract_tests!(
     sigkill_under_load_loses_and_double_counts_nothing,
     sigterm_flushes_commits_and_exits_zero,
+    a_backlog_larger_than_the_read_window_is_counted_exactly_while_a_viewer_watches,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

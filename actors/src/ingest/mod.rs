@@ -147,14 +147,17 @@ impl IngestActor {
             myself.send_after(state.settings.poll_wait, || IngestMsg::ReadLog);
             return Ok(());
         }
-        let event = state
-            .source
-            .poll(state.settings.batch_max, state.settings.poll_wait)
-            .await;
+        // Why no more than the room left: then `max_unflushed` bounds the votes held in
+        // memory, not that plus a read.
+        let asked = state
+            .settings
+            .batch_max
+            .min(state.settings.max_unflushed - state.unflushed);
+        let event = state.source.poll(asked, state.settings.poll_wait).await;
         match event {
             Ok(SourceEvent::Records(records)) => {
                 // A read that did not fill up has drained what was fetched of its partitions.
-                let caught_up: HashSet<Partition> = if records.len() < state.settings.batch_max {
+                let caught_up: HashSet<Partition> = if records.len() < asked {
                     records.iter().map(|r| r.partition).collect()
                 } else {
                     HashSet::new()
