@@ -57,7 +57,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Send votes (and optionally watch with WebSocket subscribers).
-    Votes(votes::VoteArgs),
+    Votes(Box<votes::VoteArgs>),
     /// Merge the JSON reports (`votes --json`) of load generators run at the same time.
     Merge(MergeArgs),
 }
@@ -97,7 +97,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Votes(args) => votes::run(args).await,
+        Command::Votes(args) => votes::run(*args).await,
         Command::Merge(args) => merge(args),
     };
     match result {

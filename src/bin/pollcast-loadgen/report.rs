@@ -150,12 +150,38 @@ impl Retries {
     }
 }
 
+/// How many subscribers' screens ended showing their poll's final counts (`--verify`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalCounts {
+    /// Subscribers compared (every one started, live at the end or not).
+    pub checked: usize,
+    /// Those whose screen showed every option at its final count.
+    pub shown: usize,
+}
+
+impl FinalCounts {
+    /// Compares one subscriber's screen with its poll's final counts (`None`: unknown, so
+    /// not shown).
+    pub fn tally(&mut self, screen: &BTreeMap<i64, i64>, finals: Option<&BTreeMap<i64, i64>>) {
+        self.checked += 1;
+        let shows = finals.is_some_and(|finals| {
+            finals
+                .iter()
+                .all(|(option, count)| screen.get(option).copied().unwrap_or(0) == *count)
+        });
+        self.shown += usize::from(shows);
+    }
+}
+
 /// What the subscribers saw.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Fanout {
     pub subscribers: usize,
     /// Subscribers that connected and got their snapshot.
     pub connected: usize,
+    /// From the first connect until every subscriber had its snapshot (or gave up).
+    #[serde(default)]
+    pub connect_ms: Option<u64>,
     /// Of those, by target (`host:port`) and by source address (`any` without
     /// `--source-addrs`).
     #[serde(default)]
@@ -164,6 +190,12 @@ pub struct Fanout {
     pub by_source: BTreeMap<String, usize>,
     /// Delay from the server's flush to receipt, per message and subscriber.
     pub delay: Latency,
+    /// The same, by the target (`host:port`) the message came from.
+    #[serde(default)]
+    pub delay_by_target: BTreeMap<String, Latency>,
+    /// With `--verify`: subscribers whose screen ended at the final counts.
+    #[serde(default)]
+    pub final_counts: Option<FinalCounts>,
     /// Updates a subscriber never received (gaps in seq), over all subscribers.
     pub missed_updates: u64,
     /// Counts messages received, over all subscribers.
@@ -293,12 +325,30 @@ impl Report {
                 .filter_map(|f| f.reconnect_delay.as_ref())
                 .collect();
             let live: Option<Vec<usize>> = fanouts.iter().map(|f| f.live_at_end).collect();
+            let mut delay_by_target = BTreeMap::new();
+            let hosts: std::collections::BTreeSet<&String> = fanouts
+                .iter()
+                .flat_map(|f| f.delay_by_target.keys())
+                .collect();
+            for host in hosts {
+                let of_host = fanouts.iter().filter_map(|f| f.delay_by_target.get(host));
+                delay_by_target.insert(host.clone(), Latency::merge(of_host)?);
+            }
+            let finals: Option<Vec<&FinalCounts>> =
+                fanouts.iter().map(|f| f.final_counts.as_ref()).collect();
             Some(Fanout {
                 subscribers: fanouts.iter().map(|f| f.subscribers).sum(),
                 connected: fanouts.iter().map(|f| f.connected).sum(),
+                // They connected at the same time: all were in once the slowest was.
+                connect_ms: fanouts.iter().filter_map(|f| f.connect_ms).max(),
                 by_target,
                 by_source,
                 delay: Latency::merge(fanouts.iter().map(|f| &f.delay))?,
+                delay_by_target,
+                final_counts: finals.map(|all| FinalCounts {
+                    checked: all.iter().map(|f| f.checked).sum(),
+                    shown: all.iter().map(|f| f.shown).sum(),
+                }),
                 missed_updates: fanouts.iter().map(|f| f.missed_updates).sum(),
                 messages: fanouts.iter().map(|f| f.messages).sum(),
                 backwards: fanouts.iter().map(|f| f.backwards).sum(),
@@ -441,6 +491,21 @@ impl Report {
                 f.delay.max_ms,
                 f.missed_updates
             );
+            if let Some(ms) = f.connect_ms {
+                println!("             all connected in {:.1} s", ms as f64 / 1000.0);
+            }
+            for (host, l) in &f.delay_by_target {
+                println!(
+                    "             from {host}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} messages)",
+                    l.p50_ms, l.p99_ms, l.max_ms, l.samples
+                );
+            }
+            if let Some(c) = &f.final_counts {
+                println!(
+                    "             {} of {} subscribers ended showing the final counts",
+                    c.shown, c.checked
+                );
+            }
             if f.backwards > 0 || f.disconnects > 0 {
                 println!(
                     "             {} went backwards; {} disconnects, {} reconnects (p99 {} ms), {} live at the end",

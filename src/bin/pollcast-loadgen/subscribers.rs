@@ -30,13 +30,18 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::net::{Target, pick_at};
-use crate::report::{Fanout, Latency, histogram};
+use hdrhistogram::Histogram;
+
+use crate::report::{Fanout, FinalCounts, Latency, histogram};
 use crate::retry::Backoff;
 use crate::stalls::Stalls;
 
 /// tungstenite's read buffer, which it zero-fills at every read: the server's messages
 /// are a few hundred bytes, and a longer one is still read whole.
 const READ_BUFFER: usize = 4 * 1024;
+
+/// Each watched poll's final counts, by option.
+pub type Finals = BTreeMap<i64, BTreeMap<i64, i64>>;
 
 /// Which polls the subscribers watch (`--watch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -135,8 +140,9 @@ impl Screen {
 /// What one subscriber saw, kept by itself and added up at the end.
 #[derive(Default)]
 struct Tally {
-    /// Delay from the server's flush to receipt of each counts message, in milliseconds.
-    delays_ms: Vec<u64>,
+    /// Delay from the server's flush to receipt of each counts message, in milliseconds,
+    /// with the target (its index) it came from.
+    delays_ms: Vec<(usize, u64)>,
     missed: u64,
     /// Messages or snapshots that showed an option lower than the screen had.
     backwards: u64,
@@ -147,12 +153,15 @@ struct Tally {
     reconnect_ms: Vec<u64>,
     /// Whether it still had its socket when told to stop.
     live: bool,
+    /// Its poll, and what its screen showed of it at the end.
+    poll: i64,
+    screen: BTreeMap<i64, i64>,
 }
 
 impl Tally {
-    fn counts(&mut self, frame: &Frame, last_seq: &mut Option<i64>) {
+    fn counts(&mut self, frame: &Frame, last_seq: &mut Option<i64>, target: usize) {
         let delay_ms = now_ms() - frame.flushed_at.unwrap_or(0);
-        self.delays_ms.push(delay_ms.max(0) as u64);
+        self.delays_ms.push((target, delay_ms.max(0) as u64));
         let seq = frame.seq.unwrap_or(0);
         if let Some(last) = *last_seq
             && seq > last + 1
@@ -167,6 +176,10 @@ impl Tally {
 pub struct Subscribers {
     count: usize,
     connected: usize,
+    /// From the first connect until the last subscriber had its snapshot (or gave up).
+    connect_time: Duration,
+    /// The targets' `host:port`, by index.
+    hosts: Vec<String>,
     /// Subscribers that got their snapshot, by target (`host:port`) and by source address.
     by_target: BTreeMap<String, usize>,
     by_source: BTreeMap<String, usize>,
@@ -216,7 +229,10 @@ async fn subscribe(
     ready: mpsc::Sender<Option<usize>>,
     mut stop: watch::Receiver<bool>,
 ) -> Tally {
-    let mut tally = Tally::default();
+    let mut tally = Tally {
+        poll: s.poll,
+        ..Tally::default()
+    };
     let mut ready = Some(ready);
     let mut screen = Screen::default();
     let mut last_seq = None;
@@ -231,6 +247,7 @@ async fn subscribe(
                     msg = socket.next() => msg,
                     _ = stop.changed() => {
                         tally.live = live;
+                        tally.screen = screen.counts;
                         return tally;
                     }
                 };
@@ -260,7 +277,7 @@ async fn subscribe(
                         }
                     }
                     "counts" => {
-                        tally.counts(&frame, &mut last_seq);
+                        tally.counts(&frame, &mut last_seq, s.at);
                         // An older message than the screen's is ignored, as a client does.
                         if let Some(back) = screen.counts(frame.seq, &frame.counts) {
                             tally.backwards += u64::from(back);
@@ -278,6 +295,7 @@ async fn subscribe(
             if let Some(ready) = ready.take() {
                 let _ = ready.send(None).await;
             }
+            tally.screen = screen.counts;
             return tally;
         }
         if live {
@@ -286,7 +304,10 @@ async fn subscribe(
         }
         tokio::select! {
             _ = tokio::time::sleep(Backoff::SUBSCRIBERS.delay(retry)) => {}
-            _ = stop.changed() => return tally,
+            _ = stop.changed() => {
+                tally.screen = screen.counts;
+                return tally;
+            }
         }
         retry += 1;
         s.at = (s.at + 1) % s.targets.len();
@@ -311,6 +332,7 @@ impl Subscribers {
             Watch::First => &polls[..1],
             Watch::All => polls,
         };
+        let began = Instant::now();
         let shared: Arc<[Target]> = targets.to_vec().into();
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::with_capacity(count);
@@ -341,7 +363,11 @@ impl Subscribers {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // Why it grows with the count: tens of thousands of handshakes and snapshots take
+        // the servers a while on a small machine.
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(60)
+            + Duration::from_millis(count as u64);
         let mut connected = 0;
         let (mut by_target, mut by_source) = (BTreeMap::new(), BTreeMap::new());
         for (source, mut ready) in waiting {
@@ -358,6 +384,8 @@ impl Subscribers {
         Ok(Self {
             count,
             connected,
+            connect_time: began.elapsed(),
+            hosts: targets.iter().map(|t| t.host.clone()).collect(),
             by_target,
             by_source,
             stop,
@@ -366,11 +394,25 @@ impl Subscribers {
         })
     }
 
-    /// Lets the last updates arrive, disconnects, and reports.
-    pub async fn finish(self, linger: Duration) -> Fanout {
+    /// Subscribers that got their first snapshot.
+    pub fn connected(&self) -> usize {
+        self.connected
+    }
+
+    /// From the first connect until the last subscriber had its snapshot (or gave up).
+    pub fn connect_time(&self) -> Duration {
+        self.connect_time
+    }
+
+    /// Lets the last updates arrive, disconnects, and reports. With `finals` (each watched
+    /// poll's final counts by option, read once they settled), also how many subscribers'
+    /// screens ended showing them.
+    pub async fn finish(self, linger: Duration, finals: Option<&Finals>) -> Fanout {
         tokio::time::sleep(linger).await;
         let _ = self.stop.send(true);
         let (mut delays, mut reconnect_delays) = (histogram(), histogram());
+        let mut by_target: Vec<Histogram<u64>> = self.hosts.iter().map(|_| histogram()).collect();
+        let mut shown = finals.map(|_| FinalCounts::default());
         let (mut messages, mut missed, mut backwards) = (0, 0, 0);
         let (mut disconnects, mut reconnects, mut live) = (0, 0, 0);
         for task in self.tasks {
@@ -382,19 +424,33 @@ impl Subscribers {
             disconnects += tally.disconnects;
             reconnects += tally.reconnects;
             live += usize::from(tally.live);
-            for ms in tally.delays_ms {
+            if let (Some(shown), Some(finals)) = (shown.as_mut(), finals) {
+                shown.tally(&tally.screen, finals.get(&tally.poll));
+            }
+            for (target, ms) in tally.delays_ms {
                 let _ = delays.record(ms * 1000);
+                let _ = by_target[target].record(ms * 1000);
             }
             for ms in tally.reconnect_ms {
                 let _ = reconnect_delays.record(ms.max(1) * 1000);
             }
         }
+        let delay_by_target = self
+            .hosts
+            .into_iter()
+            .zip(&by_target)
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(host, h)| (host, Latency::of(h)))
+            .collect();
         Fanout {
             subscribers: self.count,
             connected: self.connected,
+            connect_ms: Some(self.connect_time.as_millis() as u64),
             by_target: self.by_target,
             by_source: self.by_source,
             delay: Latency::of(&delays),
+            delay_by_target,
+            final_counts: shown,
             missed_updates: missed,
             messages,
             backwards,
@@ -468,7 +524,7 @@ mod tests {
                 .unwrap();
         // The first reconnect waits 250 to 500 ms.
         tokio::time::sleep(Duration::from_millis(1_500)).await;
-        subscribers.finish(Duration::ZERO).await
+        subscribers.finish(Duration::ZERO, None).await
     }
 
     #[tokio::test]

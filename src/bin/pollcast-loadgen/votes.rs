@@ -19,7 +19,7 @@ use crate::probe::Probe;
 use crate::report::{Latency, Report, Retries, Verification, histogram};
 use crate::retry::{Answer, Backoff, Failure, Route, Sent, send_vote};
 use crate::stalls::Stalls;
-use crate::subscribers::{Subscribers, Watch};
+use crate::subscribers::{Finals, Subscribers, Watch};
 
 /// Options of `pollcast-loadgen votes`.
 #[derive(Debug, clap::Args)]
@@ -37,9 +37,19 @@ pub struct VoteArgs {
     /// Admin token, to create the polls.
     #[arg(long, env = "POLLCAST_ADMIN_TOKEN")]
     token: Option<String>,
-    /// Concurrent HTTP/1.1 keep-alive connections, one request in flight on each.
+    /// Concurrent HTTP/1.1 keep-alive connections, one request in flight on each. 0: no
+    /// votes, only `--subscribers`, who watch for `--duration` or until SIGINT or SIGTERM
+    /// (one of several load generators holding an audience while another votes).
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// Votes per second over all connections, evenly paced (unset: each connection sends
+    /// its next vote as soon as the last is answered).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Once every subscriber has its snapshot, write this file (JSON: `connected`,
+    /// `connect_ms`): for a script that starts the votes when a large audience is in.
+    #[arg(long)]
+    ready_file: Option<std::path::PathBuf>,
     /// How long to send (ignored with --count).
     #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
     duration: Duration,
@@ -109,6 +119,8 @@ struct Shared {
     run: String,
     /// `--retries`: with any, votes carry a voteId and fail over to the next target.
     retries: u32,
+    /// `--rate`: the time between two votes of one connection.
+    pace: Option<Duration>,
     stalls: Arc<Stalls>,
 }
 
@@ -178,7 +190,16 @@ async fn worker(mut route: Route, shared: Arc<Shared>) -> (WorkerStats, Histogra
         return (stats, latencies);
     }
     let p = shared.polls.len() as u64;
+    // Why a random start: connections that all began at once would send in bursts.
+    let mut next_at = shared
+        .pace
+        .map(|pace| Instant::now() + pace.mul_f64(rand::random::<f64>()));
     loop {
+        if let (Some(at), Some(pace)) = (next_at.as_mut(), shared.pace) {
+            tokio::time::sleep_until((*at).into()).await;
+            // A connection that fell behind catches up by one vote at most, not in a burst.
+            *at = (*at + pace).max(Instant::now());
+        }
         let n = shared.next.fetch_add(1, Ordering::Relaxed);
         if shared.limit.is_some_and(|l| n >= l) || Instant::now() >= shared.deadline {
             break;
@@ -301,7 +322,68 @@ async fn settle(
     }
 }
 
+/// Each poll's counts by option, as the server shows them now.
+async fn read_finals(setup: &Connection, polls: &[i64]) -> anyhow::Result<Finals> {
+    let mut conn = setup.reopen().await?;
+    let mut finals = Finals::new();
+    for &poll in polls {
+        let (status, body) = conn
+            .json(Method::GET, &format!("/polls/{poll}"), None, Value::Null)
+            .await?;
+        if status != StatusCode::OK {
+            bail!("GET /polls/{poll} answered {status}");
+        }
+        let options = body["options"].as_array().context("a poll's options")?;
+        let counts = options
+            .iter()
+            .filter_map(|o| Some((o["id"].as_i64()?, o["votes"].as_i64()?)))
+            .collect();
+        finals.insert(poll, counts);
+    }
+    Ok(finals)
+}
+
+/// Until SIGINT or SIGTERM.
+async fn told_to_stop() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Writes `path` whole or not at all (a script waits for it to appear).
+fn write_ready(path: &std::path::Path, subscribers: &Subscribers) -> anyhow::Result<()> {
+    let text = json!({
+        "connected": subscribers.connected(),
+        "connect_ms": subscribers.connect_time().as_millis() as u64,
+    });
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text.to_string())
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
+}
+
 pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
+    if args.connections == 0 && args.subscribers == 0 {
+        bail!("--connections 0 sends no votes: it needs --subscribers to watch");
+    }
+    let pace = match args.rate {
+        None => None,
+        Some(rate) if rate > 0.0 && rate.is_finite() && args.connections > 0 => {
+            Some(Duration::from_secs_f64(args.connections as f64 / rate))
+        }
+        Some(rate) => {
+            bail!("--rate {rate}: a rate is votes per second above 0, over at least one connection")
+        }
+    };
     let mut targets = Vec::with_capacity(args.url.len());
     for url in &args.url {
         targets.push(Target::resolve(url).await?);
@@ -355,6 +437,9 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
             .await?,
         ),
     };
+    if let (Some(path), Some(subscribers)) = (&args.ready_file, &subscribers) {
+        write_ready(path, subscribers)?;
+    }
 
     let started = Instant::now();
     let started_unix_ms = std::time::SystemTime::now()
@@ -378,6 +463,7 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         duplicate_ratio: args.duplicate_ratio,
         run: format!("lg{:x}", rand::random::<u32>()),
         retries: args.retries,
+        pace,
         stalls: stalls.clone(),
     });
     stalls.start();
@@ -408,7 +494,13 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
     });
     let cpu_before = CpuSample::now(args.server_pid, &args.watch_pids);
     let shared_targets: Arc<[Target]> = targets.clone().into();
-    let workers: Vec<_> = (0..args.connections.max(1))
+    if args.connections == 0 {
+        tokio::select! {
+            _ = tokio::time::sleep(args.duration) => {}
+            _ = told_to_stop() => {}
+        }
+    }
+    let workers: Vec<_> = (0..args.connections)
         .map(|i| {
             let (home, source) = pick_at(i, targets.len(), &sources);
             let route = Route::new(shared_targets.clone(), home, source, args.retries > 0);
@@ -457,7 +549,21 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
         None
     };
     let fanout = match subscribers {
-        Some(s) => Some(s.finish(Duration::from_secs(3)).await),
+        Some(s) => {
+            // Why settle again: a watcher that sent no votes has not waited for the counts.
+            let finals = if args.verify {
+                let mut readers = Readers::open(&setup, &polls).await?;
+                settle(&mut readers, 0, Instant::now()).await?;
+                let watched = match args.watch {
+                    Watch::First => &polls[..1],
+                    Watch::All => &polls[..],
+                };
+                Some(read_finals(&setup, watched).await?)
+            } else {
+                None
+            };
+            Some(s.finish(Duration::from_secs(3), finals.as_ref()).await)
+        }
         None => None,
     };
     let visibility = match probe {
