@@ -249,13 +249,13 @@ impl Application {
             .as_ref()
             .map(|files| load_tls(&files.cert, &files.key))
             .transpose()?;
-        let listener = std::net::TcpListener::bind(http.addr)
+        let listener = crate::http::listen(http.addr)
             .with_context(|| format!("binding http.addr {}", http.addr))?;
         let addr = listener.local_addr()?;
         let admin = http
             .admin_addr
             .map(|admin| {
-                std::net::TcpListener::bind(admin)
+                crate::http::listen(admin)
                     .with_context(|| format!("binding http.admin_addr {}", admin))
             })
             .transpose()?;

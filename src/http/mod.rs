@@ -35,7 +35,7 @@ use warp::{Filter, Rejection, Reply};
 
 pub use connection::PeerAddr;
 pub use health::Readiness;
-pub use server::{ConnectionLimits, HttpServer, load_tls};
+pub use server::{ConnectionLimits, HttpServer, listen, load_tls};
 
 use crate::config::{Origin, Secret};
 use error::ApiError;

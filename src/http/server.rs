@@ -236,6 +236,26 @@ impl Server for HttpServer {
     }
 }
 
+/// Connections the kernel holds for a listener before it accepts them (Linux caps it at
+/// `net.core.somaxconn`, 4096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listening socket. Why not `std::net::TcpListener::bind`: its queue holds 128
+/// connections. When a process of a cluster dies, its viewers reconnect to the others by the
+/// thousand within a second, and a handshake that finds the queue full is dropped: its
+/// client tries again only a second later, then two, then four.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std does: a restarted process can bind its port while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
+}
+
 fn tokio_listener(listener: TcpListener) -> std::io::Result<tokio::net::TcpListener> {
     listener.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(listener)
@@ -596,6 +616,23 @@ mod tests {
         let mut backoff = AcceptBackoff::new();
         assert_eq!(backoff.failed(&os_error(libc::ECONNABORTED)), None);
         assert_eq!(backoff.pause, ACCEPT_BACKOFF_MIN);
+    }
+
+    /// Why it matters: a process that has not accepted yet (busy, or just started) still
+    /// completes the handshakes of a reconnect storm instead of dropping them.
+    #[tokio::test]
+    async fn the_listen_queue_holds_a_burst_of_connections_not_yet_accepted() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Nothing accepts: every connection waits in the queue. A std listener's queue
+        // holds 128 (129 on Linux); the rest would time out.
+        let waiting: Vec<_> = (0..600)
+            .map(|i| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                    .unwrap_or_else(|e| panic!("connection {i} was not queued: {e}"))
+            })
+            .collect();
+        assert_eq!(waiting.len(), 600);
     }
 
     #[test]
