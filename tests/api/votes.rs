@@ -227,6 +227,37 @@ async fn a_poll_with_flush_max_votes_waiting_is_flushed_before_its_interval(back
     );
 }
 
+/// A backlog over many polls (after an outage, a restart) fills the read window while each
+/// poll holds less than `flush_max_votes`: they are flushed at once, not at their interval.
+async fn a_full_read_window_flushes_its_polls_before_their_interval(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.aggregator.flush_interval_ms = 60_000;
+        s.aggregator.flush_max_votes = 1_000;
+        s.aggregator.max_unflushed_votes = 20;
+    })
+    .await;
+    let polls = [
+        app.api.create_poll(&["A", "B"]).await,
+        app.api.create_poll(&["A", "B"]).await,
+    ];
+    for i in 0..20 {
+        let poll = polls[i % 2];
+        assert_eq!(app.api.vote(poll, 1, &format!("u{i}")).await.0, 202);
+    }
+    // Well before the 60 s interval, and each poll far below its size cap: only the full
+    // window can have flushed them.
+    for poll in polls {
+        app.api.wait_for_total(poll, 10, SETTLE).await;
+    }
+    assert_eq!(app.api.vote(polls[0], 2, "window-not-full").await.0, 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        app.api.poll(polls[0]).await["totalVotes"],
+        10,
+        "one vote waits for the interval"
+    );
+}
+
 async fn an_idle_polls_aggregator_is_retired_and_its_next_votes_still_count(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| s.aggregator.idle_timeout_secs = 1).await;
     let poll = app.api.create_poll(&["A", "B"]).await;
@@ -286,5 +317,6 @@ crate::contract_tests!(
     chunked_bodies_are_read_and_limited_like_any_other,
     an_idle_polls_aggregator_is_retired_and_its_next_votes_still_count,
     a_poll_with_flush_max_votes_waiting_is_flushed_before_its_interval,
+    a_full_read_window_flushes_its_polls_before_their_interval,
     votes_accepted_before_a_graceful_shutdown_are_counted_after_restart,
 );

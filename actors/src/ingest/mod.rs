@@ -104,6 +104,9 @@ pub struct IngestState {
     gaps: HashMap<Partition, Offset>,
     next_seq: RouteSeq,
     unflushed: usize,
+    /// Reading is paused by a full window (`max_unflushed`); its aggregators were told to
+    /// flush.
+    window_full: bool,
     draining: bool,
     commit_ticker: Option<JoinHandle<()>>,
 }
@@ -144,9 +147,26 @@ impl IngestActor {
     ) -> Result<(), ActorProcessingErr> {
         if state.unflushed >= state.settings.max_unflushed {
             // Backpressure: the store is behind; let flushes catch up before reading more.
+            if !state.window_full {
+                state.window_full = true;
+                // Why flush now: with a backlog spread over many polls, each holds less
+                // than `flush_max_votes` and would wait for its flush interval, while
+                // reading waits for them: counting the backlog would go by ticks, not by
+                // what the store can take.
+                for route in state.routes.values() {
+                    if let Some(target) = route
+                        .target
+                        .as_ref()
+                        .filter(|_| !route.in_flight.is_empty())
+                    {
+                        let _ = target.cast(AggregatorMsg::Tick);
+                    }
+                }
+            }
             myself.send_after(state.settings.poll_wait, || IngestMsg::ReadLog);
             return Ok(());
         }
+        state.window_full = false;
         // Why no more than the room left: then `max_unflushed` bounds the votes held in
         // memory, not that plus a read.
         let asked = state
@@ -504,6 +524,7 @@ impl Actor for IngestActor {
             gaps: HashMap::new(),
             next_seq: 0,
             unflushed: 0,
+            window_full: false,
             draining: false,
             commit_ticker: Some(commit_ticker),
         })
@@ -620,6 +641,7 @@ mod tests {
             settings: IngestSettings::default(),
             aggregators: None,
             unflushed: route.in_flight.len(),
+            window_full: false,
             routes: HashMap::from([(7, route)]),
             partitions: HashMap::from([(0, partition)]),
             catching_up: HashSet::new(),
