@@ -109,6 +109,89 @@ async fn loadgen_duplicates_get_409_and_subscribers_see_every_update() {
     assert_eq!(report["fanout"]["missed_updates"], 0);
 }
 
+/// A large audience is held by load generators that only watch, while another votes: each
+/// says when all its viewers are in, holds them until SIGTERM, and then reports how many
+/// ended showing the poll's final counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewers_only_load_generator_holds_its_audience_until_sigterm_and_checks_every_screen() {
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let poll = app.api.create_poll(&["A", "B", "C"]).await.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready.json");
+    let watcher = votes_command(
+        &format!("http://{}", app.api.addr),
+        &[
+            "--poll-ids",
+            &poll,
+            "--connections",
+            "0",
+            "--subscribers",
+            "20",
+            "--verify",
+            "--duration",
+            "300s",
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("loadgen runs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the viewers never said they were in"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let said: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    assert_eq!(said["connected"], 20, "{said}");
+
+    let votes = loadgen(
+        &app,
+        &[
+            "--poll-ids",
+            &poll,
+            "--count",
+            "150",
+            "--connections",
+            "3",
+            "--rate",
+            "300",
+            "--verify",
+        ],
+    );
+    assert_eq!(votes["accepted"], 150, "{votes}");
+    assert_eq!(votes["verification"]["exact"], true);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watcher.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let report = report_of(watcher.wait_with_output().unwrap());
+    let fanout = &report["fanout"];
+    assert_eq!(report["sent"], 0, "it only watched: {report}");
+    assert_eq!(fanout["connected"], 20);
+    assert_eq!(
+        fanout["final_counts"],
+        serde_json::json!({"checked": 20, "shown": 20}),
+        "every screen ended at the final counts: {fanout}"
+    );
+    assert_eq!(fanout["backwards"], 0);
+    let host = app.api.addr.to_string();
+    assert!(
+        fanout["delay_by_target"][&host]["samples"]
+            .as_u64()
+            .unwrap()
+            >= 20,
+        "{fanout}"
+    );
+    assert!(fanout["connect_ms"].as_u64().is_some(), "{fanout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_probe_times_votes_until_a_subscriber_sees_them_without_touching_the_verification() {
     let app = TestApp::spawn(Backend::Embedded).await;

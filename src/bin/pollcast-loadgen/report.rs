@@ -539,6 +539,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_screen_shows_the_final_counts_only_when_every_option_is_at_its_count() {
+        let finals: BTreeMap<i64, i64> = [(1, 3), (2, 0)].into();
+        let mut counts = FinalCounts::default();
+        counts.tally(&[(1, 3), (2, 0)].into(), Some(&finals));
+        // An option the screen never heard of is shown as 0.
+        counts.tally(&[(1, 3)].into(), Some(&finals));
+        counts.tally(&[(1, 2), (2, 0)].into(), Some(&finals));
+        counts.tally(&[(1, 3), (2, 0)].into(), None);
+        assert_eq!(
+            counts,
+            FinalCounts {
+                checked: 4,
+                shown: 2
+            }
+        );
+    }
+
+    #[test]
     fn latencies_merge_exactly_through_their_json() {
         let (mut a, mut b, mut both) = (histogram(), histogram(), histogram());
         for us in [150, 900, 1_200, 35_000] {
