@@ -19,6 +19,8 @@
 #   BENCH_ROLLING_RETRIES=8       most retries of one vote
 #   BENCH_LOG_DIR=DIR             keep the processes' logs and the reports there
 
+. scripts/lib/cluster.sh
+
 ROLL_SECS=${BENCH_ROLLING_SECONDS:-60}
 ROLL_LEAD=${BENCH_ROLLING_LEAD:-10}
 ROLL_PAUSE=${BENCH_ROLLING_PAUSE:-5}
@@ -26,64 +28,14 @@ ROLL_POLLS=${BENCH_ROLLING_POLLS:-12}
 ROLL_SUBSCRIBERS=${BENCH_ROLLING_SUBSCRIBERS:-300}
 ROLL_CONNECTIONS=${BENCH_ROLLING_CONNECTIONS:-32}
 ROLL_RETRIES=${BENCH_ROLLING_RETRIES:-8}
-ROLL_PROCESSES=3
-# Longest wait for a stopped process to exit, and for a started one to be ready.
+CLUSTER_PROCESSES=3
+# Longest wait for a stopped process to exit.
 ROLL_EXIT_DEADLINE=60
-ROLL_READY_DEADLINE=120
-
-now() { date +%s.%N; }
-
-# roll_start I: starts process I (again) on its port, with the shared config; ROLL_PID[I].
-roll_start() {
-  local i=$1
-  launch_pollcast "p$i" "${ROLL_PORT[$i]}" "${ROLL_ENV[@]}"
-  ROLL_PID[$i]=$SERVER_PID
-}
-
-# roll_ready I: waits until process I's /readyz answers 200, and keeps that answer.
-roll_ready() {
-  local i=$1 deadline=$((SECONDS + ROLL_READY_DEADLINE))
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    if curl -sf "http://127.0.0.1:${ROLL_PORT[$i]}/readyz" >"$OUT/ready-p$i.json" 2>/dev/null; then
-      return 0
-    fi
-    kill -0 "${ROLL_PID[$i]}" 2>/dev/null || fail "pollcast p$i exited at start: $(tail -5 "$OUT/p$i.log")"
-    sleep 0.05
-  done
-  fail "pollcast p$i was not ready within ${ROLL_READY_DEADLINE} s: $(tail -5 "$OUT/p$i.log")"
-}
-
-# The partitions process I lists on /readyz (a JSON array), or nothing.
-roll_partitions() {
-  curl -sf "http://127.0.0.1:${ROLL_PORT[$1]}/readyz" 2>/dev/null |
-    python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin).get("partitions") or []))' 2>/dev/null || true
-}
-
-# Waits until every process owns some partitions, and together all of them: the group has
-# settled, so the load starts on a cluster at rest.
-roll_wait_split() {
-  local deadline=$((SECONDS + ROLL_READY_DEADLINE)) owned i p
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    owned=()
-    for i in $(seq 1 "$ROLL_PROCESSES"); do
-      p=$(roll_partitions "$i")
-      [ -n "$p" ] && [ "$p" != "[]" ] || break
-      owned+=("$p")
-    done
-    if [ "${#owned[@]}" -eq "$ROLL_PROCESSES" ] &&
-      python3 -c 'import json,sys; sys.exit(0 if sum(len(json.loads(a)) for a in sys.argv[1:]) == 6 else 1)' "${owned[@]}"; then
-      say "the group has settled: partitions ${owned[*]}"
-      return 0
-    fi
-    sleep 0.2
-  done
-  fail "the three processes did not share the partitions within ${ROLL_READY_DEADLINE} s"
-}
 
 # roll_step I: SIGTERM to process I, wait for its exit, start its replacement, wait until
 # ready; appends the step's times to steps.tsv.
 roll_step() {
-  local i=$1 pid=${ROLL_PID[$1]} t_term t_exit t_start t_ready code watchdog
+  local i=$1 pid=${CLUSTER_PID[$1]} t_term t_exit t_start t_ready code watchdog
   say "step $i: SIGTERM to p$i (pid $pid)"
   t_term=$(now)
   kill -TERM "$pid"
@@ -96,8 +48,8 @@ roll_step() {
   kill "$watchdog" 2>/dev/null || true
   wait "$watchdog" 2>/dev/null || true
   t_start=$(now)
-  roll_start "$i"
-  roll_ready "$i"
+  cluster_start "$i"
+  cluster_ready "$i"
   t_ready=$(now)
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$t_term" "$t_exit" "$code" "$t_start" "$t_ready" \
     "$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])).get("partitions")))' "$OUT/ready-p$i.json")" \
@@ -114,7 +66,7 @@ run_rolling() {
   local db="pollcast_bench_${RUN}_rolling" urls='' i lg_pid lg_code=0 covered=yes
   psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qc "CREATE DATABASE $db"
   # The production shape, as shipped: no consumer properties.
-  ROLL_ENV=(
+  CLUSTER_ENV=(
     POLLCAST__STORE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db"
     POLLCAST__DEDUP__KIND=redis POLLCAST__DEDUP__REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT"
     POLLCAST__DEDUP__KEY_PREFIX="bench:$RUN:rolling:"
@@ -122,14 +74,14 @@ run_rolling() {
     POLLCAST__LOG__KAFKA__GROUP_ID="bench-$RUN-rolling"
     RUST_LOG="warn,pollcast=info,pollcast_actors=info"
   )
-  ROLL_PORT=() ROLL_PID=()
-  for i in $(seq 1 "$ROLL_PROCESSES"); do
-    ROLL_PORT[$i]=$(free_port)
-    urls+="${urls:+,}http://127.0.0.1:${ROLL_PORT[$i]}"
-    roll_start "$i"
+  CLUSTER_PORT=() CLUSTER_PID=()
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
+    CLUSTER_PORT[$i]=$(free_port)
+    urls+="${urls:+,}http://127.0.0.1:${CLUSTER_PORT[$i]}"
+    cluster_start "$i"
   done
-  for i in $(seq 1 "$ROLL_PROCESSES"); do roll_ready "$i"; done
-  roll_wait_split
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do cluster_ready "$i"; done
+  cluster_wait_split
 
   say "scenario rolling: ${ROLL_SECS} s of load on $urls, restarts from ${ROLL_LEAD} s"
   # What else kept the machine busy: these figures are times, and the cores are shared.
@@ -141,7 +93,7 @@ run_rolling() {
   lg_pid=$!
   PIDS+=("$lg_pid")
   sleep "$ROLL_LEAD"
-  for i in $(seq 1 "$ROLL_PROCESSES"); do
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
     kill -0 "$lg_pid" 2>/dev/null || covered=no
     roll_step "$i"
   done
@@ -151,9 +103,9 @@ run_rolling() {
   # The load generator ends by itself (its duration, then verification: at most a minute).
   wait "$lg_pid" || lg_code=$?
   [ "$lg_code" -le 1 ] || fail "the load generator failed ($lg_code): $(tail -5 "$OUT/loadgen.log")"
-  for i in $(seq 1 "$ROLL_PROCESSES"); do
-    kill -TERM "${ROLL_PID[$i]}" 2>/dev/null || true
-    wait "${ROLL_PID[$i]}" 2>/dev/null || true
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
+    kill -TERM "${CLUSTER_PID[$i]}" 2>/dev/null || true
+    wait "${CLUSTER_PID[$i]}" 2>/dev/null || true
   done
   stop_tansu
   if [ -n "${BENCH_LOG_DIR:-}" ]; then

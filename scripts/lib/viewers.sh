@@ -1,0 +1,177 @@
+# The large-audience scenario of scripts/bench (`scripts/bench viewers`), sourced by it after
+# its set-up: BIN, TOKEN, RUN, RUNS, PIDS, launch_pollcast and the services are its.
+#
+# Six production-shape pollcast processes (tansu, one Postgres database, Redis) in one
+# consumer group. WebSocket viewers of one poll are spread over all six by several load
+# generators (each holds its share of the sockets: a process may hold at most 20,000 open
+# files here), each from its own loopback source address. Once every viewer has its
+# snapshot, another load generator sends votes at a steady rate to all six. Then the
+# viewers are told to stop; each load generator waits for the counts to settle and checks
+# every one of its viewers' screens against the poll's final counts.
+#
+# Two phases, each on a fresh cluster:
+#   steady  BENCH_VIEWERS viewers, no fault;
+#   kill    BENCH_VIEWERS_KILL viewers; BENCH_VIEWERS_KILL_AT s into the votes the sixth
+#           process is killed with SIGKILL; its viewers come back on the others (backoff with
+#           jitter, as the live page does) and its votes are retried on them.
+# Why fewer viewers in the kill phase by default: five processes must then hold them all,
+# and 100,000 over five is 20,000 each, the open-file limit itself.
+#
+# Loopback only, bounded: every wait has a deadline.
+#
+#   BENCH_VIEWERS=100000 BENCH_VIEWERS_KILL=90000 BENCH_VIEWERS_WATCHERS=6
+#   BENCH_VIEWERS_RATE=1000 (votes/s)  BENCH_VIEWERS_SECONDS=30  BENCH_VIEWERS_KILL_AT=10
+#   BENCH_VIEWERS_PHASES="steady kill"
+#   BENCH_LOG_DIR=DIR             keep the processes' logs and the reports there
+
+. scripts/lib/cluster.sh
+
+VIEW_AUDIENCE=${BENCH_VIEWERS:-100000}
+VIEW_KILL_AUDIENCE=${BENCH_VIEWERS_KILL:-90000}
+VIEW_WATCHERS=${BENCH_VIEWERS_WATCHERS:-6}
+VIEW_RATE=${BENCH_VIEWERS_RATE:-1000}
+VIEW_SECS=${BENCH_VIEWERS_SECONDS:-30}
+VIEW_KILL_AT=${BENCH_VIEWERS_KILL_AT:-10}
+VIEW_PHASES=${BENCH_VIEWERS_PHASES:-steady kill}
+CLUSTER_PROCESSES=6
+# Longest wait for every viewer to have its snapshot, and for the viewers' final reports.
+VIEW_CONNECT_DEADLINE=600
+VIEW_REPORT_DEADLINE=180
+
+for v in "$VIEW_AUDIENCE" "$VIEW_KILL_AUDIENCE" "$VIEW_WATCHERS" "$VIEW_SECS" "$VIEW_KILL_AT"; do
+  case $v in '' | *[!0-9]* | 0) fail "BENCH_VIEWERS*: '$v' is not a positive whole number" ;; esac
+done
+for p in $VIEW_PHASES; do
+  case $p in steady | kill) ;; *) fail "BENCH_VIEWERS_PHASES: unknown phase '$p' (steady kill)" ;; esac
+done
+
+# proc_cpu_ticks PID: user + system CPU of a process, in clock ticks.
+proc_cpu_ticks() {
+  awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+# proc_rss_kb PID
+proc_rss_kb() { ps -o rss= -p "$1" 2>/dev/null | tr -d ' ' || echo 0; }
+
+# sample_servers FILE: a line per process: index, pid, RSS in KB, CPU ticks, open files.
+sample_servers() {
+  local i pid
+  : >"$1"
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
+    pid=${CLUSTER_PID[$i]}
+    printf '%s\t%s\t%s\t%s\t%s\n' "$i" "$pid" "$(proc_rss_kb "$pid")" "$(proc_cpu_ticks "$pid")" \
+      "$(ls "/proc/$pid/fd" 2>/dev/null | wc -l)" >>"$1"
+  done
+}
+
+# viewers_phase NAME AUDIENCE KILL(yes|no): one run on a fresh cluster.
+viewers_phase() {
+  local name=$1 audience=$2 kill=$3 db="pollcast_bench_${RUN}_viewers_$1" urls='' i w
+  local poll per lg_pid lg_code=0 t_launch t_connected t_kill='' deadline
+  OUT="$RUNS/viewers/$name"
+  mkdir -p "$OUT"
+  start_tansu
+  psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qc "CREATE DATABASE $db"
+  CLUSTER_ENV=(
+    POLLCAST__STORE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db"
+    POLLCAST__DEDUP__KIND=redis POLLCAST__DEDUP__REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT"
+    POLLCAST__DEDUP__KEY_PREFIX="bench:$RUN:viewers:$name:"
+    POLLCAST__LOG__KIND=kafka POLLCAST__LOG__KAFKA__BROKERS="127.0.0.1:$KAFKA_PORT"
+    POLLCAST__LOG__KAFKA__GROUP_ID="bench-$RUN-viewers-$name"
+  )
+  CLUSTER_PORT=() CLUSTER_PID=()
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
+    CLUSTER_PORT[$i]=$(free_port)
+    urls+="${urls:+,}http://127.0.0.1:${CLUSTER_PORT[$i]}"
+    cluster_start "$i"
+  done
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do cluster_ready "$i"; done
+  cluster_wait_split
+
+  poll=$(curl -sf -X POST "http://127.0.0.1:${CLUSTER_PORT[1]}/polls" \
+    -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+    -d '{"question":"viewers","options":["a","b","c","d"]}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])') ||
+    fail "creating the viewers' poll failed"
+  sample_servers "$OUT/servers-empty.tsv"
+
+  say "phase $name: $audience viewers of poll $poll over $CLUSTER_PROCESSES processes, from $VIEW_WATCHERS load generators"
+  per=$(((audience + VIEW_WATCHERS - 1) / VIEW_WATCHERS))
+  t_launch=$(now)
+  for w in $(seq 1 "$VIEW_WATCHERS"); do
+    # Each its own source address, and its own share of the open files.
+    (ulimit -n "$(ulimit -Hn)" && exec "$BIN/pollcast-loadgen" votes --url "$urls" --poll-ids "$poll" \
+      --connections 0 --subscribers "$per" --source-addrs "127.0.0.$((10 + w))" --reconnect --verify \
+      --duration 1800s --ready-file "$OUT/w$w.ready" --json --quiet >"$OUT/w$w.json" 2>"$OUT/w$w.log") &
+    VIEW_WATCHER_PID[$w]=$!
+    PIDS+=("$!")
+  done
+  deadline=$((SECONDS + VIEW_CONNECT_DEADLINE))
+  for w in $(seq 1 "$VIEW_WATCHERS"); do
+    while [ ! -f "$OUT/w$w.ready" ]; do
+      kill -0 "${VIEW_WATCHER_PID[$w]}" 2>/dev/null || fail "viewer load generator $w exited: $(tail -5 "$OUT/w$w.log")"
+      [ "$SECONDS" -lt "$deadline" ] || fail "viewers not connected within ${VIEW_CONNECT_DEADLINE} s"
+      sleep 0.2
+    done
+  done
+  t_connected=$(now)
+  say "phase $name: connected in $(python3 -c "print(round($t_connected - $t_launch, 1))") s; votes at $VIEW_RATE/s for ${VIEW_SECS} s"
+  # Why a pause: the last handshakes' buffers are freed and the heap settles before RSS is read.
+  sleep 3
+  sample_servers "$OUT/servers-connected.tsv"
+  cp /proc/loadavg "$OUT/loadavg-before"
+
+  "$BIN/pollcast-loadgen" votes --url "$urls" --poll-ids "$poll" --token "$TOKEN" --connections 12 \
+    --rate "$VIEW_RATE" --duration "${VIEW_SECS}s" --retries 8 --verify --json --quiet \
+    >"$OUT/votes.json" 2>"$OUT/votes.log" &
+  lg_pid=$!
+  PIDS+=("$lg_pid")
+  if [ "$kill" = yes ]; then
+    sleep "$VIEW_KILL_AT"
+    t_kill=$(now)
+    say "phase $name: SIGKILL to p$CLUSTER_PROCESSES (pid ${CLUSTER_PID[$CLUSTER_PROCESSES]})"
+    kill -KILL "${CLUSTER_PID[$CLUSTER_PROCESSES]}"
+  fi
+  wait "$lg_pid" || lg_code=$?
+  [ "$lg_code" -le 1 ] || fail "the vote load generator failed ($lg_code): $(tail -5 "$OUT/votes.log")"
+  sample_servers "$OUT/servers-voted.tsv"
+  cp /proc/loadavg "$OUT/loadavg-after"
+
+  for w in $(seq 1 "$VIEW_WATCHERS"); do kill -TERM "${VIEW_WATCHER_PID[$w]}" 2>/dev/null || true; done
+  for w in $(seq 1 "$VIEW_WATCHERS"); do
+    # Bounded: each settles the counts (a minute at most) and then reports.
+    (sleep "$VIEW_REPORT_DEADLINE" && kill -KILL "${VIEW_WATCHER_PID[$w]}" 2>/dev/null) &
+    local watchdog=$!
+    lg_code=0
+    wait "${VIEW_WATCHER_PID[$w]}" || lg_code=$?
+    kill "$watchdog" 2>/dev/null || true
+    [ "$lg_code" -le 1 ] || fail "viewer load generator $w failed ($lg_code): $(tail -5 "$OUT/w$w.log")"
+  done
+  "$BIN/pollcast-loadgen" merge "$OUT"/w*.json --json >"$OUT/viewers.json"
+
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
+    kill -TERM "${CLUSTER_PID[$i]}" 2>/dev/null || true
+    wait "${CLUSTER_PID[$i]}" 2>/dev/null || true
+  done
+  stop_tansu
+  printf '%s\n%s\n%s\n%s\n%s\n' "$audience" "$kill" "$t_launch" "$t_connected" "$t_kill" >"$OUT/phase"
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do echo "127.0.0.1:${CLUSTER_PORT[$i]}"; done >"$OUT/hosts"
+}
+
+run_viewers() {
+  local phase
+  for phase in $VIEW_PHASES; do
+    case $phase in
+      steady) viewers_phase steady "$VIEW_AUDIENCE" no ;;
+      kill) viewers_phase kill "$VIEW_KILL_AUDIENCE" yes ;;
+    esac
+  done
+  if [ -n "${BENCH_LOG_DIR:-}" ]; then
+    mkdir -p "$BENCH_LOG_DIR"
+    cp -r "$RUNS/viewers/." "$BENCH_LOG_DIR/"
+    say "logs and reports kept in $BENCH_LOG_DIR"
+  fi
+  mkdir -p bench
+  python3 scripts/lib/viewers_report.py "$RUNS/viewers" "$VIEW_RATE" "$VIEW_SECS" "$VIEW_KILL_AT" \
+    "$VIEW_WATCHERS" $VIEW_PHASES
+}

@@ -1,0 +1,164 @@
+"""The report of `scripts/bench viewers` (scripts/lib/viewers.sh): reads each phase's files,
+writes bench/results-viewers.json and prints the tables.
+
+Usage: viewers_report.py RUNS_DIR RATE SECONDS KILL_AT WATCHERS PHASE...
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+
+HZ = os.sysconf("SC_CLK_TCK")
+# Targets of the issue: every viewer ends with the final counts, fan-out p99 within 1 s,
+# at most 15 KB of server RSS per viewer.
+FANOUT_P99_MS = 1000
+RSS_KB_PER_VIEWER = 15
+
+
+def servers(path):
+    """index -> (pid, rss_kb, cpu_ticks, open_files), from a sample_servers file."""
+    rows = {}
+    for line in open(path):
+        i, pid, rss, ticks, files = line.split()
+        rows[int(i)] = (int(pid), int(rss or 0), int(ticks or 0), int(files or 0))
+    return rows
+
+
+def phase_summary(out, name, rate, seconds, kill_at):
+    audience, kill, t_launch, t_connected, t_kill = open(os.path.join(out, "phase")).read().split("\n")[:5]
+    hosts = open(os.path.join(out, "hosts")).read().split()
+    votes = json.load(open(os.path.join(out, "votes.json")))
+    viewers = json.load(open(os.path.join(out, "viewers.json")))
+    fan = viewers["fanout"]
+    empty = servers(os.path.join(out, "servers-empty.tsv"))
+    connected = servers(os.path.join(out, "servers-connected.tsv"))
+    voted = servers(os.path.join(out, "servers-voted.tsv"))
+    vote_secs = votes["seconds"]
+    processes = []
+    for i, host in enumerate(hosts, 1):
+        on = fan["by_target"].get(host, 0)
+        delay = fan.get("delay_by_target", {}).get(host)
+        rss_growth = connected[i][1] - empty[i][1]
+        killed = kill == "yes" and i == len(hosts)
+        cpu_s = None if killed else (voted[i][2] - connected[i][2]) / HZ
+        messages = delay["samples"] if delay else 0
+        processes.append({
+            "process": f"p{i}",
+            "viewers_at_start": on,
+            "open_files_connected": connected[i][3],
+            "rss_mb_empty": round(empty[i][1] / 1024, 1),
+            "rss_mb_connected": round(connected[i][1] / 1024, 1),
+            "rss_kb_per_viewer": round(rss_growth / on, 2) if on else None,
+            "killed": killed,
+            "cpu_share_of_a_core": round(cpu_s / vote_secs, 3) if cpu_s is not None else None,
+            "cpu_us_per_message": round(cpu_s * 1e6 / messages, 1) if cpu_s and messages else None,
+            "messages": messages,
+            "fanout_p50_ms": delay["p50_ms"] if delay else None,
+            "fanout_p99_ms": delay["p99_ms"] if delay else None,
+            "fanout_max_ms": delay["max_ms"] if delay else None,
+        })
+    verification = votes.get("verification") or {}
+    finals = fan.get("final_counts") or {}
+    reconnect = fan.get("reconnect_delay") or {}
+    per_viewer = [p["rss_kb_per_viewer"] for p in processes if p["rss_kb_per_viewer"] is not None]
+    summary = {
+        "viewers": int(audience),
+        "viewers_connected": fan["connected"],
+        "connect_all_s": round(float(t_connected) - float(t_launch), 1),
+        "fanout_p50_ms": fan["delay"]["p50_ms"],
+        "fanout_p99_ms": fan["delay"]["p99_ms"],
+        "fanout_max_ms": fan["delay"]["max_ms"],
+        "messages": fan["messages"],
+        "updates_missed": fan["missed_updates"],
+        "counts_went_backwards": fan["backwards"],
+        "viewers_ending_at_final_counts": finals.get("shown"),
+        "viewers_checked": finals.get("checked"),
+        "viewers_live_at_end": fan.get("live_at_end"),
+        "disconnects": fan.get("disconnects", 0),
+        "reconnects": fan.get("reconnects", 0),
+        "all_back_s": round(reconnect["max_ms"] / 1000, 2) if reconnect else None,
+        "reconnect_p99_ms": reconnect.get("p99_ms"),
+        "votes_accepted": votes["accepted"],
+        "votes_per_sec": round(votes["accepted_per_sec"]),
+        "vote_errors": votes["errors"],
+        "votes_left_after_retries": (votes.get("retry") or {}).get("unresolved"),
+        "vote_p50_ms": votes["latency"]["p50_ms"],
+        "vote_p99_ms": votes["latency"]["p99_ms"],
+        "vote_max_ms": votes["latency"]["max_ms"],
+        "counted_equals_accepted": verification.get("exact"),
+        "lost": verification.get("lost"),
+        "doubled": verification.get("doubled"),
+        "max_rss_kb_per_viewer": max(per_viewer) if per_viewer else None,
+        "loadavg_1m_before_after": [float(open(os.path.join(out, f)).read().split()[0])
+                                    for f in ("loadavg-before", "loadavg-after")],
+    }
+    met = (summary["viewers_connected"] == summary["viewers"]
+           and summary["viewers_ending_at_final_counts"] == summary["viewers_checked"]
+           and summary["counts_went_backwards"] == 0
+           and summary["fanout_p99_ms"] <= FANOUT_P99_MS
+           and (summary["max_rss_kb_per_viewer"] or 0) <= RSS_KB_PER_VIEWER
+           and summary["counted_equals_accepted"] is True)
+    if kill == "yes":
+        met = met and summary["viewers_live_at_end"] == summary["viewers_connected"]
+    return {"phase": name, "killed_at_s": kill_at if kill == "yes" else None, "target_met": met,
+            "summary": summary, "processes": processes, "votes": votes, "viewers": viewers}
+
+
+def main():
+    runs, rate, seconds, kill_at, watchers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+        int(sys.argv[4]), int(sys.argv[5])
+    phases = [phase_summary(os.path.join(runs, p), p, rate, seconds, kill_at) for p in sys.argv[6:]]
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}",
+        "command": "scripts/bench viewers",
+        "settings": {"processes": 6, "vote_rate_per_s": rate, "seconds": seconds,
+                     "viewer_load_generators": watchers, "kill_at_s": kill_at},
+        "phases": phases,
+    }
+    for p in phases:
+        # The raw reports are big (histograms); keep them out of the summary file's head.
+        p["votes"]["fanout"] = None
+    json.dump(result, open("bench/results-viewers.json", "w"), indent=2)
+
+    for p in phases:
+        s = p["summary"]
+        print(f"\nviewers, phase {p['phase']}: {s['viewers']} viewers over 6 processes, votes at {rate}/s "
+              f"for {seconds} s" + (f", p6 killed with SIGKILL {kill_at} s in" if p["killed_at_s"] else ""))
+        rows = [
+            ("viewers connected", f"{s['viewers_connected']} of {s['viewers']} in {s['connect_all_s']} s"),
+            ("fan-out flush→screen", f"p50 {s['fanout_p50_ms']:.0f} ms, p99 {s['fanout_p99_ms']:.0f} ms, "
+                                     f"max {s['fanout_max_ms']:.0f} ms ({s['messages']} messages)"),
+            ("updates missed (coalesced)", s["updates_missed"]),
+            ("counts went backwards", s["counts_went_backwards"]),
+            ("viewers ending at the final counts", f"{s['viewers_ending_at_final_counts']} of {s['viewers_checked']}"),
+            ("viewers live at the end", s["viewers_live_at_end"]),
+            ("votes", f"{s['votes_accepted']} accepted ({s['votes_per_sec']}/s), errors {s['vote_errors'] or 'none'}, "
+                      f"left after retries {s['votes_left_after_retries']}"),
+            ("vote latency", f"p50 {s['vote_p50_ms']:.1f} ms, p99 {s['vote_p99_ms']:.1f} ms, max {s['vote_max_ms']:.0f} ms"),
+            ("counted == accepted", f"{s['counted_equals_accepted']} (lost {s['lost']}, doubled {s['doubled']})"),
+        ]
+        if p["killed_at_s"]:
+            rows.append(("viewers reconnected", f"{s['reconnects']} of {s['disconnects']} disconnects; all back "
+                                                f"{s['all_back_s']} s after the kill (p99 {s['reconnect_p99_ms']} ms)"))
+        for k, v in rows:
+            print(f"  {k:<36} {v}")
+        fmt = "  {:<5} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9}"
+        print(fmt.format("proc", "viewers", "files", "RSS empty", "RSS full", "KB/viewer", "CPU/core",
+                         "us/message", "p99 ms", "max ms"))
+        for q in p["processes"]:
+            print(fmt.format(q["process"] + ("†" if q["killed"] else ""), q["viewers_at_start"],
+                             q["open_files_connected"], f"{q['rss_mb_empty']} MB", f"{q['rss_mb_connected']} MB",
+                             q["rss_kb_per_viewer"] if q["rss_kb_per_viewer"] is not None else "-",
+                             q["cpu_share_of_a_core"] if q["cpu_share_of_a_core"] is not None else "-",
+                             q["cpu_us_per_message"] if q["cpu_us_per_message"] is not None else "-",
+                             f"{q['fanout_p99_ms']:.0f}" if q["fanout_p99_ms"] is not None else "-",
+                             f"{q['fanout_max_ms']:.0f}" if q["fanout_max_ms"] is not None else "-"))
+        print(f"  targets (final counts on every screen, fan-out p99 <= {FANOUT_P99_MS} ms, "
+              f"<= {RSS_KB_PER_VIEWER} KB per viewer, exact counts): {'met' if p['target_met'] else 'NOT met'}")
+    print("\nwritten: bench/results-viewers.json")
+
+
+main()
