@@ -10,6 +10,19 @@ CLUSTER_PARTITIONS=6
 
 now() { date +%s.%N; }
 
+# wait_bounded PID SECONDS: waits for PID (a job of this shell) to end, killing it with
+# SIGKILL once SECONDS have passed; its exit code in WAITED_CODE. Why not a watchdog
+# subshell killed once PID is done: a subshell signalled just after it was forked can still
+# run this shell's TERM trap, and then its EXIT trap, whose cleanup removes the run's files.
+# Why `jobs -rp` and not `kill -0`: an ended job not yet waited for still answers kill -0.
+wait_bounded() {
+  local pid=$1 deadline=$((SECONDS + $2))
+  while [ "$SECONDS" -lt "$deadline" ] && jobs -rp | grep -qx "$pid"; do sleep 0.01; done
+  kill -KILL "$pid" 2>/dev/null || true
+  WAITED_CODE=0
+  wait "$pid" || WAITED_CODE=$?
+}
+
 # cluster_start I: starts process I (again) on its port, with the shared config; CLUSTER_PID[I].
 cluster_start() {
   local i=$1

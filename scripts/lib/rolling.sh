@@ -35,18 +35,14 @@ ROLL_EXIT_DEADLINE=60
 # roll_step I: SIGTERM to process I, wait for its exit, start its replacement, wait until
 # ready; appends the step's times to steps.tsv.
 roll_step() {
-  local i=$1 pid=${CLUSTER_PID[$1]} t_term t_exit t_start t_ready code watchdog
+  local i=$1 pid=${CLUSTER_PID[$1]} t_term t_exit t_start t_ready code
   say "step $i: SIGTERM to p$i (pid $pid)"
   t_term=$(now)
   kill -TERM "$pid"
   # Bounded: a process still running after the deadline is killed (and reported by its code).
-  (sleep "$ROLL_EXIT_DEADLINE" && kill -KILL "$pid" 2>/dev/null) &
-  watchdog=$!
-  code=0
-  wait "$pid" || code=$?
+  wait_bounded "$pid" "$ROLL_EXIT_DEADLINE"
+  code=$WAITED_CODE
   t_exit=$(now)
-  kill "$watchdog" 2>/dev/null || true
-  wait "$watchdog" 2>/dev/null || true
   t_start=$(now)
   cluster_start "$i"
   cluster_ready "$i"

@@ -140,11 +140,8 @@ viewers_phase() {
   for w in $(seq 1 "$VIEW_WATCHERS"); do kill -TERM "${VIEW_WATCHER_PID[$w]}" 2>/dev/null || true; done
   for w in $(seq 1 "$VIEW_WATCHERS"); do
     # Bounded: each settles the counts (a minute at most) and then reports.
-    (sleep "$VIEW_REPORT_DEADLINE" && kill -KILL "${VIEW_WATCHER_PID[$w]}" 2>/dev/null) &
-    local watchdog=$!
-    lg_code=0
-    wait "${VIEW_WATCHER_PID[$w]}" || lg_code=$?
-    kill "$watchdog" 2>/dev/null || true
+    wait_bounded "${VIEW_WATCHER_PID[$w]}" "$VIEW_REPORT_DEADLINE"
+    lg_code=$WAITED_CODE
     [ "$lg_code" -le 1 ] || fail "viewer load generator $w failed ($lg_code): $(tail -5 "$OUT/w$w.log")"
   done
   "$BIN/pollcast-loadgen" merge "$OUT"/w*.json --json >"$OUT/viewers.json"
