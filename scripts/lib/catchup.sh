@@ -17,7 +17,7 @@
 #   BENCH_CATCHUP_VOTES=1000000  BENCH_CATCHUP_CONNECTIONS=256
 #   BENCH_CATCHUP_VARIANTS="embedded:1 embedded:100 production:1 production:100:500000"
 #   BENCH_CATCHUP_VIEWERS=200    viewers, spread over the polls
-#   BENCH_LOG_DIR=DIR            keep the processes' logs and the reports there
+#   BENCH_LOG_DIR=DIR            keep the processes' logs and the reports there (also after a failure)
 
 CATCH_VOTES=${BENCH_CATCHUP_VOTES:-1000000}
 CATCH_CONNECTIONS=${BENCH_CATCHUP_CONNECTIONS:-256}
@@ -106,11 +106,6 @@ run_catchup() {
     IFS=: read -r shape polls votes <<<"$v"
     catchup_variant "$shape" "$polls" "${votes:-$CATCH_VOTES}"
   done
-  if [ -n "${BENCH_LOG_DIR:-}" ]; then
-    mkdir -p "$BENCH_LOG_DIR"
-    cp -r "$RUNS/catchup/." "$BENCH_LOG_DIR/"
-    say "logs and reports kept in $BENCH_LOG_DIR"
-  fi
   mkdir -p bench
   python3 scripts/lib/catchup.py report "$RUNS/catchup"
 }

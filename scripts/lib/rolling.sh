@@ -17,7 +17,7 @@
 #   BENCH_ROLLING_PAUSE=5         seconds between a replacement's ready and the next SIGTERM
 #   BENCH_ROLLING_POLLS=12  BENCH_ROLLING_SUBSCRIBERS=300  BENCH_ROLLING_CONNECTIONS=32
 #   BENCH_ROLLING_RETRIES=8       most retries of one vote
-#   BENCH_LOG_DIR=DIR             keep the processes' logs and the reports there
+#   BENCH_LOG_DIR=DIR             keep the processes' logs and the reports there (also after a failure)
 
 . scripts/lib/cluster.sh
 
@@ -104,11 +104,6 @@ run_rolling() {
     wait "${CLUSTER_PID[$i]}" 2>/dev/null || true
   done
   stop_tansu
-  if [ -n "${BENCH_LOG_DIR:-}" ]; then
-    mkdir -p "$BENCH_LOG_DIR"
-    cp -r "$OUT/." "$BENCH_LOG_DIR/"
-    say "logs and reports kept in $BENCH_LOG_DIR"
-  fi
 
   mkdir -p bench
   local met=0

@@ -22,7 +22,7 @@
 #   BENCH_VIEWERS=100000 BENCH_VIEWERS_KILL=90000 BENCH_VIEWERS_WATCHERS=6
 #   BENCH_VIEWERS_RATE=1000 (votes/s)  BENCH_VIEWERS_SECONDS=30  BENCH_VIEWERS_KILL_AT=10
 #   BENCH_VIEWERS_PHASES="steady kill"
-#   BENCH_LOG_DIR=DIR             keep the processes' logs and the reports there
+#   BENCH_LOG_DIR=DIR             keep the processes' logs and the reports there (also after a failure)
 
 . scripts/lib/cluster.sh
 
@@ -163,11 +163,6 @@ run_viewers() {
       kill) viewers_phase kill "$VIEW_KILL_AUDIENCE" yes ;;
     esac
   done
-  if [ -n "${BENCH_LOG_DIR:-}" ]; then
-    mkdir -p "$BENCH_LOG_DIR"
-    cp -r "$RUNS/viewers/." "$BENCH_LOG_DIR/"
-    say "logs and reports kept in $BENCH_LOG_DIR"
-  fi
   mkdir -p bench
   python3 scripts/lib/viewers_report.py "$RUNS/viewers" "$VIEW_RATE" "$VIEW_SECS" "$VIEW_KILL_AT" \
     "$VIEW_WATCHERS" $VIEW_PHASES

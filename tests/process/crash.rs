@@ -171,6 +171,7 @@ async fn a_backlog_larger_than_the_read_window_is_counted_exactly_while_a_viewer
 ) {
     const VOTES: usize = 2_400;
     const WINDOW: usize = 150;
+    const _: () = assert!(VOTES % WINDOW == 0);
     let env = TestEnv::new(backend).await;
     let server = ServerProcess::start(&env, &HOLD_IN_THE_LOG);
     server.api.wait_ready().await;
@@ -193,12 +194,14 @@ async fn a_backlog_larger_than_the_read_window_is_counted_exactly_while_a_viewer
     drop(server);
     assert!(env.ledger(poll).await.is_empty(), "killed before any flush");
 
+    // Why the interval stays at 60 s: then only full windows can flush the backlog (each a
+    // whole window, VOTES being a multiple of it), and the test sees them do it.
     let window = WINDOW.to_string();
     let restarted = ServerProcess::start(
         &env,
         &[
             ("POLLCAST__AGGREGATOR__MAX_UNFLUSHED_VOTES", &window),
-            ("POLLCAST__AGGREGATOR__FLUSH_INTERVAL_MS", "100"),
+            HOLD_IN_THE_LOG[0],
         ],
     );
     restarted.api.wait_ready().await;

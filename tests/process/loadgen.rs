@@ -109,6 +109,18 @@ async fn loadgen_duplicates_get_409_and_subscribers_see_every_update() {
     assert_eq!(report["fanout"]["missed_updates"], 0);
 }
 
+/// A child process killed when dropped.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A large audience is held by load generators that only watch, while another votes: each
 /// says when all its viewers are in, holds them until SIGTERM, and then reports how many
 /// ended showing the poll's final counts.
@@ -138,6 +150,8 @@ async fn a_viewers_only_load_generator_holds_its_audience_until_sigterm_and_chec
     .stderr(Stdio::piped())
     .spawn()
     .expect("loadgen runs");
+    // Killed if an assertion fails before the end, rather than watching for 300 s.
+    let watcher = KillOnDrop(Some(watcher));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ready.exists() {
         assert!(
@@ -166,6 +180,8 @@ async fn a_viewers_only_load_generator_holds_its_audience_until_sigterm_and_chec
     assert_eq!(votes["accepted"], 150, "{votes}");
     assert_eq!(votes["verification"]["exact"], true);
 
+    let mut watcher = watcher;
+    let watcher = watcher.0.take().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(watcher.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -174,7 +190,11 @@ async fn a_viewers_only_load_generator_holds_its_audience_until_sigterm_and_chec
     let report = report_of(watcher.wait_with_output().unwrap());
     let fanout = &report["fanout"];
     assert_eq!(report["sent"], 0, "it only watched: {report}");
-    assert_eq!(report["verification"], Value::Null, "no 202s to compare: {report}");
+    assert_eq!(
+        report["verification"],
+        Value::Null,
+        "no 202s to compare: {report}"
+    );
     assert_eq!(fanout["connected"], 20);
     assert_eq!(
         fanout["final_counts"],

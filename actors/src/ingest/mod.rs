@@ -104,8 +104,8 @@ pub struct IngestState {
     gaps: HashMap<Partition, Offset>,
     next_seq: RouteSeq,
     unflushed: usize,
-    /// Reading is paused by a full window (`max_unflushed`); its aggregators were told to
-    /// flush.
+    /// The window (`max_unflushed`) filled and its aggregators were told to flush; reading
+    /// waits until half of it is free.
     window_full: bool,
     draining: bool,
     commit_ticker: Option<JoinHandle<()>>,
@@ -145,28 +145,32 @@ impl IngestActor {
         myself: &ActorRef<IngestMsg>,
         state: &mut IngestState,
     ) -> Result<(), ActorProcessingErr> {
+        // Backpressure: the store is behind; flushes catch up before reading goes on.
+        if state.window_full && state.unflushed > state.settings.max_unflushed / 2 {
+            myself.send_after(state.settings.poll_wait, || IngestMsg::ReadLog);
+            return Ok(());
+        }
+        state.window_full = false;
         if state.unflushed >= state.settings.max_unflushed {
-            // Backpressure: the store is behind; let flushes catch up before reading more.
-            if !state.window_full {
-                state.window_full = true;
-                // Why flush now: with a backlog spread over many polls, each holds less
-                // than `flush_max_votes` and would wait for its flush interval, while
-                // reading waits for them: counting the backlog would go by ticks, not by
-                // what the store can take.
-                for route in state.routes.values() {
-                    if let Some(target) = route
-                        .target
-                        .as_ref()
-                        .filter(|_| !route.in_flight.is_empty())
-                    {
-                        let _ = target.cast(AggregatorMsg::Tick);
-                    }
+            state.window_full = true;
+            // Why flush now: with a backlog spread over many polls, each holds less than
+            // `flush_max_votes` and would wait for its flush interval while reading waits
+            // for them, so a backlog would be counted at the pace of the ticks, not of the
+            // store. Why reading resumes only once half the window is free: resumed at
+            // the first free vote, it would fill the window again with one small read and
+            // ask for the next round of flushes, each a handful of votes.
+            for route in state.routes.values() {
+                if let Some(target) = route
+                    .target
+                    .as_ref()
+                    .filter(|_| !route.in_flight.is_empty())
+                {
+                    let _ = target.cast(AggregatorMsg::Tick);
                 }
             }
             myself.send_after(state.settings.poll_wait, || IngestMsg::ReadLog);
             return Ok(());
         }
-        state.window_full = false;
         // Why no more than the room left: then `max_unflushed` bounds the votes held in
         // memory, not that plus a read.
         let asked = state

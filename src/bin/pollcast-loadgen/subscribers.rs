@@ -195,6 +195,17 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The target a subscriber whose server went away tries next: another one at random, as
+/// behind a load balancer. Why not the next in turn: all of a dead process's viewers would
+/// land on one survivor at once, which a real audience does not do, and which could take
+/// more sockets than that one process may open.
+fn next_target(at: usize, targets: usize) -> usize {
+    if targets < 2 {
+        return at;
+    }
+    (at + 1 + rand::random_range(0..targets - 1)) % targets
+}
+
 /// One subscriber's poll and servers.
 struct Subscriber {
     targets: Arc<[Target]>,
@@ -310,7 +321,7 @@ async fn subscribe(
             }
         }
         retry += 1;
-        s.at = (s.at + 1) % s.targets.len();
+        s.at = next_target(s.at, s.targets.len());
     }
 }
 
@@ -525,6 +536,22 @@ mod tests {
         // The first reconnect waits 250 to 500 ms.
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         subscribers.finish(Duration::ZERO, None).await
+    }
+
+    #[test]
+    fn a_subscriber_that_lost_its_server_tries_any_other_one() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let next = next_target(2, 4);
+            assert_ne!(next, 2);
+            seen.insert(next);
+        }
+        assert_eq!(
+            seen,
+            [0, 1, 3].into(),
+            "every other server, not only the next"
+        );
+        assert_eq!(next_target(0, 1), 0);
     }
 
     #[tokio::test]

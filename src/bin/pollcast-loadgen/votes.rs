@@ -343,18 +343,27 @@ async fn read_finals(setup: &Connection, polls: &[i64]) -> anyhow::Result<Finals
     Ok(finals)
 }
 
-/// Until SIGINT or SIGTERM.
-async fn told_to_stop() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGINT and SIGTERM, caught from when it is made. Why made before the subscribers
+/// connect: a script may signal as soon as the ready file appears, and a signal not yet
+/// caught would end the process without its report.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn catch() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+        })
+    }
+
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }
@@ -377,12 +386,16 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
     }
     let pace = match args.rate {
         None => None,
-        Some(rate) if rate > 0.0 && rate.is_finite() && args.connections > 0 => {
-            Some(Duration::from_secs_f64(args.connections as f64 / rate))
-        }
-        Some(rate) => {
-            bail!("--rate {rate}: a rate is votes per second above 0, over at least one connection")
-        }
+        Some(rate) => match Duration::try_from_secs_f64(args.connections as f64 / rate) {
+            Ok(pace) if rate > 0.0 && args.connections > 0 => Some(pace),
+            _ => bail!(
+                "--rate {rate}: a rate is votes per second above 0, over at least one connection"
+            ),
+        },
+    };
+    let mut stop_signals = match args.connections {
+        0 => Some(StopSignals::catch()?),
+        _ => None,
     };
     let mut targets = Vec::with_capacity(args.url.len());
     for url in &args.url {
@@ -494,10 +507,11 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
     });
     let cpu_before = CpuSample::now(args.server_pid, &args.watch_pids);
     let shared_targets: Arc<[Target]> = targets.clone().into();
-    if args.connections == 0 {
+    // A load generator that only watches: until its time is up or it is told to stop.
+    if let Some(signals) = stop_signals.as_mut() {
         tokio::select! {
             _ = tokio::time::sleep(args.duration) => {}
-            _ = told_to_stop() => {}
+            _ = signals.received() => {}
         }
     }
     let workers: Vec<_> = (0..args.connections)
