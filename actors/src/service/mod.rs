@@ -8,6 +8,7 @@
 //! append the vote durably to the log.
 
 mod catalog;
+mod coalesce;
 mod finish_on_drop;
 #[cfg(test)]
 mod memory_store;
@@ -23,6 +24,7 @@ use crate::{
 };
 
 pub use catalog::{PollCatalog, PollMeta};
+use coalesce::Coalesced;
 use finish_on_drop::FinishOnDrop;
 
 /// Why a vote was refused: the poll's rules, or the voter's earlier vote. Each is the
@@ -115,11 +117,17 @@ pub enum CreateError {
     Unavailable(#[from] Unavailable),
 }
 
+/// One read of a whole poll, as shared by the callers it serves.
+type PollRead = Result<Option<Poll>, Arc<StoreError>>;
+
 /// Everything pollcast does with polls; cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct PollService {
     /// The process's poll cache, in front of the store (`catalog.store()`).
     catalog: PollCatalog,
+    /// Reads of a whole poll (every WebSocket's first snapshot) that arrive together share
+    /// one store read: see `coalesce`.
+    reads: Arc<Coalesced<PollId, PollRead>>,
     guard: Arc<dyn DedupGuard>,
     log: Arc<dyn VoteAppender>,
     events: Arc<dyn PollEvents>,
@@ -136,6 +144,7 @@ impl PollService {
     ) -> Self {
         Self {
             catalog,
+            reads: Arc::new(Coalesced::new()),
             guard,
             log,
             events,
@@ -167,9 +176,15 @@ impl PollService {
         Ok(poll)
     }
 
-    /// The poll with its counts as stored now; `None`: no such poll.
+    /// The poll with its counts as stored now (read after this call began); `None`: no
+    /// such poll.
     pub async fn get(&self, id: PollId) -> Result<Option<Poll>, Unavailable> {
-        Ok(self.catalog.store().get_poll(id).await?)
+        let store = self.catalog.store();
+        let read = || async move { store.get_poll(id).await.map_err(Arc::new) };
+        self.reads.get(id, read).await.map_err(|shared| {
+            // Each caller gets its own error; the cause is the one read's, as text.
+            StoreError::new(shared.what, shared.source.to_string()).into()
+        })
     }
 
     /// A page of polls, newest first.
