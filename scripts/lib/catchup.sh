@@ -2,7 +2,8 @@
 # set-up: BIN, TOKEN, RUN, RUNS, PIDS, launch_pollcast and the services are its.
 #
 # How a backlog is made, without any test-only switch: one pollcast runs with flushes held
-# back (`aggregator.flush_interval_ms` 60000, `flush_max_votes` 1000000), takes
+# back (`aggregator.flush_interval_ms` 60000, `flush_max_votes` 1000000, a read window
+# larger than the backlog), takes
 # BENCH_CATCHUP_VOTES votes as fast as it answers (the rate at which one process accepts
 # votes), and is killed with SIGKILL before any flush: every vote is acknowledged and waits
 # in the log, none is counted. Then it is started again with the shipped settings, and
@@ -18,6 +19,8 @@
 #   BENCH_CATCHUP_VARIANTS="embedded:1 embedded:100 production:1 production:100:500000"
 #   BENCH_CATCHUP_VIEWERS=200    viewers, spread over the polls
 #   BENCH_LOG_DIR=DIR            keep the processes' logs and the reports there (also after a failure)
+
+. scripts/lib/cluster.sh
 
 CATCH_VOTES=${BENCH_CATCHUP_VOTES:-1000000}
 CATCH_CONNECTIONS=${BENCH_CATCHUP_CONNECTIONS:-256}
@@ -44,21 +47,15 @@ catchup_variant() {
   mkdir -p "$OUT"
   if [ "$shape" = production ]; then
     start_tansu
-    local db="pollcast_bench_${RUN}_${shape}_$polls"
-    psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qc "CREATE DATABASE $db"
-    env=(
-      POLLCAST__STORE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db"
-      POLLCAST__DEDUP__KIND=redis POLLCAST__DEDUP__REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT"
-      POLLCAST__DEDUP__KEY_PREFIX="bench:$RUN:$name:"
-      POLLCAST__LOG__KIND=kafka POLLCAST__LOG__KAFKA__BROKERS="127.0.0.1:$KAFKA_PORT"
-      POLLCAST__LOG__KAFKA__GROUP_ID="bench-$RUN-$name"
-    )
+    production_env "catchup_$polls"
+    env=("${PRODUCTION_ENV[@]}")
     watch=(redis="$(redis_pid)" tansu="$TANSU_PID" postgres="$(postmaster_pid)+")
   fi
   port=$(free_port)
   say "catch-up $name: filling the log with $votes votes, flushes held back"
+  # Why a read window larger than the fill: a full window flushes its polls at once.
   start_pollcast "$name" "$port" "${env[@]}" POLLCAST__AGGREGATOR__FLUSH_INTERVAL_MS=60000 \
-    POLLCAST__AGGREGATOR__FLUSH_MAX_VOTES=1000000
+    POLLCAST__AGGREGATOR__FLUSH_MAX_VOTES=1000000 POLLCAST__AGGREGATOR__MAX_UNFLUSHED_VOTES=$((votes + 1))
   ids=$(python3 scripts/lib/catchup.py create "http://127.0.0.1:$port" "$TOKEN" "$polls")
   "$BIN/pollcast-loadgen" votes --url "http://127.0.0.1:$port" --poll-ids "$ids" --count "$votes" \
     --connections "$CATCH_CONNECTIONS" --json --quiet >"$OUT/fill.json" 2>"$OUT/fill.log" || fill_code=$?

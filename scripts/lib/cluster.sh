@@ -1,7 +1,8 @@
-# Several production-shape pollcast processes in one consumer group, for the scenarios of
-# scripts/bench that run a cluster (rolling.sh, viewers.sh); sourced after the bench's
-# set-up (launch_pollcast, OUT). The scenario sets CLUSTER_PROCESSES and CLUSTER_ENV (the
-# processes' shared config); CLUSTER_PORT[I] and CLUSTER_PID[I] are each process's.
+# Production-shape pollcast processes, alone or several in one consumer group, for the
+# scenarios of scripts/bench that run them (rolling.sh, viewers.sh, catchup.sh); sourced
+# after the bench's set-up (launch_pollcast, OUT). A cluster's scenario sets
+# CLUSTER_PROCESSES and CLUSTER_ENV (the processes' shared config); CLUSTER_PORT[I] and
+# CLUSTER_PID[I] are each process's, CLUSTER_URLS all of their URLs.
 
 # Longest wait for a started process to be ready, and for the group to settle.
 CLUSTER_READY_DEADLINE=${CLUSTER_READY_DEADLINE:-120}
@@ -9,6 +10,35 @@ CLUSTER_READY_DEADLINE=${CLUSTER_READY_DEADLINE:-120}
 CLUSTER_PARTITIONS=6
 
 now() { date +%s.%N; }
+
+# production_env NAME: in PRODUCTION_ENV, the settings of the production shape (the tansu
+# broker started by start_tansu, Postgres, Redis) on a new database of its own, with its
+# own Redis key prefix and consumer group.
+production_env() {
+  local name=$1 db="pollcast_bench_${RUN}_$1"
+  psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qc "CREATE DATABASE $db"
+  PRODUCTION_ENV=(
+    POLLCAST__STORE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db"
+    POLLCAST__DEDUP__KIND=redis POLLCAST__DEDUP__REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT"
+    POLLCAST__DEDUP__KEY_PREFIX="bench:$RUN:$name:"
+    POLLCAST__LOG__KIND=kafka POLLCAST__LOG__KAFKA__BROKERS="127.0.0.1:$KAFKA_PORT"
+    POLLCAST__LOG__KAFKA__GROUP_ID="bench-$RUN-$name"
+  )
+}
+
+# cluster_up: starts CLUSTER_PROCESSES processes with CLUSTER_ENV, and waits until each is
+# ready and the group has settled, so that the load starts on a cluster at rest.
+cluster_up() {
+  local i
+  CLUSTER_PORT=() CLUSTER_PID=() CLUSTER_URLS=''
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
+    CLUSTER_PORT[$i]=$(free_port)
+    CLUSTER_URLS+="${CLUSTER_URLS:+,}http://127.0.0.1:${CLUSTER_PORT[$i]}"
+    cluster_start "$i"
+  done
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do cluster_ready "$i"; done
+  cluster_wait_split
+}
 
 # wait_bounded PID SECONDS: waits for PID (a job of this shell) to end, killing it with
 # SIGKILL once SECONDS have passed; its exit code in WAITED_CODE. Why not a watchdog

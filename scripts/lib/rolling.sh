@@ -59,25 +59,12 @@ run_rolling() {
   mkdir -p "$OUT"
   : >"$OUT/steps.tsv"
   start_tansu
-  local db="pollcast_bench_${RUN}_rolling" urls='' i lg_pid lg_code=0 covered=yes
-  psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qc "CREATE DATABASE $db"
+  local urls i lg_pid lg_code=0 covered=yes
   # The production shape, as shipped: no consumer properties.
-  CLUSTER_ENV=(
-    POLLCAST__STORE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db"
-    POLLCAST__DEDUP__KIND=redis POLLCAST__DEDUP__REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT"
-    POLLCAST__DEDUP__KEY_PREFIX="bench:$RUN:rolling:"
-    POLLCAST__LOG__KIND=kafka POLLCAST__LOG__KAFKA__BROKERS="127.0.0.1:$KAFKA_PORT"
-    POLLCAST__LOG__KAFKA__GROUP_ID="bench-$RUN-rolling"
-    RUST_LOG="warn,pollcast=info,pollcast_actors=info"
-  )
-  CLUSTER_PORT=() CLUSTER_PID=()
-  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
-    CLUSTER_PORT[$i]=$(free_port)
-    urls+="${urls:+,}http://127.0.0.1:${CLUSTER_PORT[$i]}"
-    cluster_start "$i"
-  done
-  for i in $(seq 1 "$CLUSTER_PROCESSES"); do cluster_ready "$i"; done
-  cluster_wait_split
+  production_env rolling
+  CLUSTER_ENV=("${PRODUCTION_ENV[@]}" RUST_LOG="warn,pollcast=info,pollcast_actors=info")
+  cluster_up
+  urls=$CLUSTER_URLS
 
   say "scenario rolling: ${ROLL_SECS} s of load on $urls, restarts from ${ROLL_LEAD} s"
   # What else kept the machine busy: these figures are times, and the cores are shared.

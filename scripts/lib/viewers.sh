@@ -45,15 +45,16 @@ for p in $VIEW_PHASES; do
   case $p in steady | kill) ;; *) fail "BENCH_VIEWERS_PHASES: unknown phase '$p' (steady kill)" ;; esac
 done
 
-# proc_cpu_ticks PID: user + system CPU of a process, in clock ticks.
+# proc_cpu_ticks PID: user and kernel CPU of a process, in clock ticks, tab-separated.
 proc_cpu_ticks() {
-  awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0
+  awk '{ sub(/.*\) /, ""); print $12 "\t" $13 }' "/proc/$1/stat" 2>/dev/null || printf '0\t0\n'
 }
 
 # proc_rss_kb PID
 proc_rss_kb() { ps -o rss= -p "$1" 2>/dev/null | tr -d ' ' || echo 0; }
 
-# sample_servers FILE: a line per process: index, pid, RSS in KB, CPU ticks, open files.
+# sample_servers FILE: a line per process: index, pid, RSS in KB, user and kernel CPU
+# ticks, open files.
 sample_servers() {
   local i pid
   : >"$1"
@@ -66,27 +67,15 @@ sample_servers() {
 
 # viewers_phase NAME AUDIENCE KILL(yes|no): one run on a fresh cluster.
 viewers_phase() {
-  local name=$1 audience=$2 kill=$3 db="pollcast_bench_${RUN}_viewers_$1" urls='' i w
+  local name=$1 audience=$2 kill=$3 urls i w
   local poll per lg_pid lg_code=0 t_launch t_connected t_kill='' deadline
   OUT="$RUNS/viewers/$name"
   mkdir -p "$OUT"
   start_tansu
-  psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qc "CREATE DATABASE $db"
-  CLUSTER_ENV=(
-    POLLCAST__STORE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db"
-    POLLCAST__DEDUP__KIND=redis POLLCAST__DEDUP__REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT"
-    POLLCAST__DEDUP__KEY_PREFIX="bench:$RUN:viewers:$name:"
-    POLLCAST__LOG__KIND=kafka POLLCAST__LOG__KAFKA__BROKERS="127.0.0.1:$KAFKA_PORT"
-    POLLCAST__LOG__KAFKA__GROUP_ID="bench-$RUN-viewers-$name"
-  )
-  CLUSTER_PORT=() CLUSTER_PID=()
-  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
-    CLUSTER_PORT[$i]=$(free_port)
-    urls+="${urls:+,}http://127.0.0.1:${CLUSTER_PORT[$i]}"
-    cluster_start "$i"
-  done
-  for i in $(seq 1 "$CLUSTER_PROCESSES"); do cluster_ready "$i"; done
-  cluster_wait_split
+  production_env "viewers_$name"
+  CLUSTER_ENV=("${PRODUCTION_ENV[@]}")
+  cluster_up
+  urls=$CLUSTER_URLS
 
   poll=$(curl -sf -X POST "http://127.0.0.1:${CLUSTER_PORT[1]}/polls" \
     -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \

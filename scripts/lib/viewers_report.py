@@ -18,11 +18,12 @@ RSS_KB_PER_VIEWER = 15
 
 
 def servers(path):
-    """index -> (pid, rss_kb, cpu_ticks, open_files), from a sample_servers file."""
+    """index -> (pid, rss_kb, cpu_ticks, open_files, kernel_ticks), from a sample_servers
+    file."""
     rows = {}
     for line in open(path):
-        i, pid, rss, ticks, files = line.split()
-        rows[int(i)] = (int(pid), int(rss or 0), int(ticks or 0), int(files or 0))
+        i, pid, rss, user, kernel, files = line.split()
+        rows[int(i)] = (int(pid), int(rss or 0), int(user) + int(kernel), int(files or 0), int(kernel))
     return rows
 
 
@@ -43,6 +44,7 @@ def phase_summary(out, name, rate, seconds, kill_at):
         rss_growth = connected[i][1] - empty[i][1]
         killed = kill == "yes" and i == len(hosts)
         cpu_s = None if killed else (voted[i][2] - connected[i][2]) / HZ
+        kernel_s = None if killed else (voted[i][4] - connected[i][4]) / HZ
         messages = delay["samples"] if delay else 0
         processes.append({
             "process": f"p{i}",
@@ -54,6 +56,9 @@ def phase_summary(out, name, rate, seconds, kill_at):
             "killed": killed,
             "cpu_share_of_a_core": round(cpu_s / vote_secs, 3) if cpu_s is not None else None,
             "cpu_us_per_message": round(cpu_s * 1e6 / messages, 1) if cpu_s and messages else None,
+            # Why the kernel's share: delivering into a loopback socket runs the receiver's
+            # TCP input too, on the sender's CPU; over a network the viewer's machine does it.
+            "kernel_share_of_cpu": round(kernel_s / cpu_s, 2) if cpu_s else None,
             "messages": messages,
             "fanout_p50_ms": delay["p50_ms"] if delay else None,
             "fanout_p99_ms": delay["p99_ms"] if delay else None,
@@ -145,15 +150,16 @@ def main():
                                                 f"{s['all_back_s']} s after the kill (p99 {s['reconnect_p99_ms']} ms)"))
         for k, v in rows:
             print(f"  {k:<36} {v}")
-        fmt = "  {:<5} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9}"
+        fmt = "  {:<5} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>7} {:>10} {:>9}"
         print(fmt.format("proc", "viewers", "files", "RSS empty", "RSS full", "KB/viewer", "CPU/core",
-                         "us/message", "p99 ms", "max ms"))
+                         "us/message", "kernel", "p99 ms", "max ms"))
         for q in p["processes"]:
             print(fmt.format(q["process"] + ("†" if q["killed"] else ""), q["viewers_at_start"],
                              q["open_files_connected"], f"{q['rss_mb_empty']} MB", f"{q['rss_mb_connected']} MB",
                              q["rss_kb_per_viewer"] if q["rss_kb_per_viewer"] is not None else "-",
                              q["cpu_share_of_a_core"] if q["cpu_share_of_a_core"] is not None else "-",
                              q["cpu_us_per_message"] if q["cpu_us_per_message"] is not None else "-",
+                             q["kernel_share_of_cpu"] if q["kernel_share_of_cpu"] is not None else "-",
                              f"{q['fanout_p99_ms']:.0f}" if q["fanout_p99_ms"] is not None else "-",
                              f"{q['fanout_max_ms']:.0f}" if q["fanout_max_ms"] is not None else "-"))
         print(f"  targets (final counts on every screen, fan-out p99 <= {FANOUT_P99_MS} ms, "
