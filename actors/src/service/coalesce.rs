@@ -59,32 +59,23 @@ impl<K: Hash + Eq + Copy, V: Clone> Coalesced<K, V> {
                 })
             })
             .clone();
-        let ticket = slot.tickets.fetch_add(1, Ordering::SeqCst) + 1;
-        let value = {
-            let mut last = slot.last.lock().await;
-            match &*last {
-                Some((covered, value)) if *covered >= ticket => value.clone(),
-                _ => {
-                    // Every ticket up to here was handed out before this read starts.
-                    let covers = slot.tickets.load(Ordering::SeqCst);
-                    let value = read().await;
-                    *last = Some((covers, value.clone()));
-                    value
-                }
-            }
+        let held = Held {
+            slots: &self.slots,
+            key,
+            slot,
         };
-        self.forget_if_idle(key, slot);
-        value
-    }
-
-    /// Drops the key's slot when no caller holds it, so that keys read once do not stay.
-    /// Why a race here is harmless: a caller that took the slot just before it was dropped
-    /// still reads after it asked; a later one starts a new slot, and the two read apart.
-    fn forget_if_idle(&self, key: K, slot: Arc<Slot<V>>) {
-        let mut slots = self.slots.lock().expect("slots lock");
-        // Ours and the map's.
-        if Arc::strong_count(&slot) == 2 {
-            slots.remove(&key);
+        let slot = &held.slot;
+        let ticket = slot.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut last = slot.last.lock().await;
+        match &*last {
+            Some((covered, value)) if *covered >= ticket => value.clone(),
+            _ => {
+                // Every ticket up to here was handed out before this read starts.
+                let covers = slot.tickets.load(Ordering::SeqCst);
+                let value = read().await;
+                *last = Some((covers, value.clone()));
+                value
+            }
         }
     }
 
@@ -92,6 +83,31 @@ impl<K: Hash + Eq + Copy, V: Clone> Coalesced<K, V> {
     #[cfg(test)]
     fn keys(&self) -> usize {
         self.slots.lock().expect("slots lock").len()
+    }
+}
+
+/// A caller's hold on its key's slot. Why the slot is let go in `drop`: a caller whose
+/// request was cancelled mid-read (its client went away) must not leave its key behind, or
+/// requests for ever new keys would grow the map without bound.
+struct Held<'a, K: Hash + Eq, V> {
+    slots: &'a Mutex<HashMap<K, Arc<Slot<V>>>>,
+    key: K,
+    slot: Arc<Slot<V>>,
+}
+
+impl<K: Hash + Eq, V> Drop for Held<'_, K, V> {
+    /// Drops the key's slot when no other caller holds it. Why a race here is harmless: a
+    /// caller that took the slot just before it was dropped still reads after it asked; a
+    /// later one starts a new slot, and the two read apart.
+    fn drop(&mut self) {
+        let mut slots = self.slots.lock().expect("slots lock");
+        let ours = slots
+            .get(&self.key)
+            .is_some_and(|slot| Arc::ptr_eq(slot, &self.slot));
+        // Ours and the map's.
+        if ours && Arc::strong_count(&self.slot) == 2 {
+            slots.remove(&self.key);
+        }
     }
 }
 
@@ -165,6 +181,23 @@ mod tests {
         gate.add_permits(1);
         assert_eq!(first.await.unwrap(), "read before the update");
         assert_eq!(second.await.unwrap(), "read after");
+    }
+
+    #[tokio::test]
+    async fn a_caller_cancelled_mid_read_leaves_no_key_behind() {
+        let shared = Coalesced::<u8, u8>::new();
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(10),
+            shared.get(1, std::future::pending::<u8>),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        assert_eq!(shared.keys(), 0);
+        assert_eq!(
+            shared.get(1, || async { 7 }).await,
+            7,
+            "the key reads again"
+        );
     }
 
     #[tokio::test]
