@@ -277,13 +277,8 @@ impl Readers {
     async fn totals(&mut self) -> anyhow::Result<Vec<i64>> {
         let reads = self.shares.iter_mut().map(|(conn, polls)| async move {
             let mut totals = Vec::with_capacity(polls.len());
-            for poll in polls.iter() {
-                let (status, body) = conn
-                    .json(Method::GET, &format!("/polls/{poll}"), None, Value::Null)
-                    .await?;
-                if status != StatusCode::OK {
-                    bail!("GET /polls/{poll} answered {status}");
-                }
+            for &poll in polls.iter() {
+                let body = read_poll(conn, poll).await?;
                 totals.push(body["totalVotes"].as_i64().unwrap_or(0));
             }
             anyhow::Ok(totals)
@@ -322,17 +317,23 @@ async fn settle(
     }
 }
 
+/// `GET /polls/{poll}`, which must answer 200.
+async fn read_poll(conn: &mut Connection, poll: i64) -> anyhow::Result<Value> {
+    let (status, body) = conn
+        .json(Method::GET, &format!("/polls/{poll}"), None, Value::Null)
+        .await?;
+    if status != StatusCode::OK {
+        bail!("GET /polls/{poll} answered {status}");
+    }
+    Ok(body)
+}
+
 /// Each poll's counts by option, as the server shows them now.
 async fn read_finals(setup: &Connection, polls: &[i64]) -> anyhow::Result<Finals> {
     let mut conn = setup.reopen().await?;
     let mut finals = Finals::new();
     for &poll in polls {
-        let (status, body) = conn
-            .json(Method::GET, &format!("/polls/{poll}"), None, Value::Null)
-            .await?;
-        if status != StatusCode::OK {
-            bail!("GET /polls/{poll} answered {status}");
-        }
+        let body = read_poll(&mut conn, poll).await?;
         let options = body["options"].as_array().context("a poll's options")?;
         let counts = options
             .iter()
@@ -566,10 +567,12 @@ pub async fn run(args: VoteArgs) -> anyhow::Result<Report> {
     };
     let fanout = match subscribers {
         Some(s) => {
-            // Why settle again: a watcher that sent no votes has not waited for the counts.
             let finals = if args.verify {
-                let mut readers = Readers::open(&setup, &polls).await?;
-                settle(&mut readers, 0, Instant::now()).await?;
+                // A watcher that sent no votes has not yet waited for the counts to settle.
+                if verification.is_none() {
+                    let mut readers = Readers::open(&setup, &polls).await?;
+                    settle(&mut readers, 0, Instant::now()).await?;
+                }
                 let watched = match args.watch {
                     Watch::First => &polls[..1],
                     Watch::All => &polls[..],
