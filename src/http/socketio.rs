@@ -523,11 +523,17 @@ async fn forward_poll(
     stop: CancellationToken,
     shutdown: CancellationToken,
 ) {
+    // Biased, updates first, with the cancellations made once: a flush's wake then polls
+    // the updates alone. Making or polling `shutdown.cancelled()` takes the lock that every
+    // session shares, and a flush wakes every subscriber of the poll at once.
+    let (stopped, shutting_down) = (stop.cancelled(), shutdown.cancelled());
+    tokio::pin!(stopped, shutting_down);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = shutdown.cancelled() => return,
+            biased;
             changed = updates.changed() => if changed.is_err() { return },
+            _ = &mut stopped => return,
+            _ = &mut shutting_down => return,
         }
         // Why retry with the newest: while the client's buffer is full the poll may move on;
         // it then gets the newest counts, every option of them.
@@ -538,8 +544,8 @@ async fn forward_poll(
                 Ok(()) => break,
                 Err(Unsent::Gone) => return,
                 Err(Unsent::Full) => tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = shutdown.cancelled() => return,
+                    _ = &mut stopped => return,
+                    _ = &mut shutting_down => return,
                     _ = tokio::time::sleep(RETRY_FULL) => {}
                 },
             }
@@ -554,11 +560,15 @@ async fn forward_all(
     stop: CancellationToken,
     shutdown: CancellationToken,
 ) {
+    // As in `forward_poll`.
+    let (stopped, shutting_down) = (stop.cancelled(), shutdown.cancelled());
+    tokio::pin!(stopped, shutting_down);
     loop {
         let next = tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = shutdown.cancelled() => return,
+            biased;
             next = feed.recv() => next,
+            _ = &mut stopped => return,
+            _ = &mut shutting_down => return,
         };
         let mut next = match next {
             Some(next) => next,
@@ -576,8 +586,8 @@ async fn forward_all(
                 Err(Unsent::Gone) => return,
                 Err(Unsent::Full) => {
                     tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = shutdown.cancelled() => return,
+                        _ = &mut stopped => return,
+                        _ = &mut shutting_down => return,
                         _ = tokio::time::sleep(RETRY_FULL) => {}
                     }
                     // What was queued meanwhile is skipped: the newest of every poll instead.

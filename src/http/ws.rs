@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
-use futures_util::stream::SplitSink;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -185,32 +185,32 @@ struct Session {
 
 async fn session(socket: Socket, mut s: Session) {
     let poll_id = s.poll_id;
-    let (mut tx, mut rx) = socket.split();
+    let (mut tx, rx) = socket.split();
     tracing::debug!(poll_id, "subscriber connected");
     let _counted = crate::metrics::Held::new("pollcast_websocket_subscribers");
     if !send(&mut tx, Message::text(std::mem::take(&mut s.snapshot))).await {
         return;
     }
+    // Why the client's messages are read by a task of their own: a flush wakes every
+    // subscriber of the poll at once, and a loop that also read polled the socket (through
+    // tungstenite, its lock and the connection's wrappers) on each of those wakes, for
+    // messages that come once per ping: 9 % of the fan-out's CPU per message in a profile
+    // under 16,667 viewers (docs/BENCHMARKS.md, "Large audience"). The reader wakes only
+    // when the client sends something, and ends with why.
+    let mut reader = ReaderTask(tokio::spawn(read_client(rx, s.keepalive.idle_timeout)));
+    let mut reader_ended = false;
+    // A token of the session's own, cancelled with the server's: polling the server's one
+    // would take the lock that every session shares.
+    let shutdown = s.shutdown.child_token();
+    let stopping = shutdown.cancelled();
+    tokio::pin!(stopping);
     let mut ping = tokio::time::interval(s.keepalive.ping_every);
     ping.tick().await;
-    let mut heard = tokio::time::Instant::now();
-    let mut allowance = Allowance::new();
     loop {
+        // Biased, updates first: a flush's wake then polls the updates alone, not the other
+        // branches too. They cannot starve: a poll changes at most once per flush interval.
         tokio::select! {
-            _ = s.shutdown.cancelled() => {
-                send(&mut tx, close_away("server shutting down")).await;
-                break;
-            }
-            _ = ping.tick() => {
-                if heard.elapsed() >= s.keepalive.idle_timeout {
-                    tracing::debug!(poll_id, "closing a silent subscriber");
-                    send(&mut tx, close_away("idle")).await;
-                    break;
-                }
-                if !send(&mut tx, Message::Ping(Bytes::new())).await {
-                    break;
-                }
-            }
+            biased;
             changed = s.updates.changed() => {
                 if changed.is_err() {
                     break;
@@ -240,11 +240,18 @@ async fn session(socket: Socket, mut s: Session) {
                     s.last_seq = seq;
                 }
             }
-            incoming = rx.next() => match incoming {
-                Some(Ok(msg)) if msg.is_close() => break,
-                Some(Ok(_)) => {
-                    heard = tokio::time::Instant::now();
-                    if !allowance.take(heard) {
+            _ = &mut stopping => {
+                send(&mut tx, close_away("server shutting down")).await;
+                break;
+            }
+            ended = &mut reader.0 => {
+                reader_ended = true;
+                match ended {
+                    Ok(ClientEnded::Silent) => {
+                        tracing::debug!(poll_id, "closing a silent subscriber");
+                        send(&mut tx, close_away("idle")).await;
+                    }
+                    Ok(ClientEnded::TooMuch) => {
                         tracing::debug!(poll_id, "closing a subscriber that sends too much");
                         metrics::counter!("pollcast_websocket_clients_dropped_total").increment(1);
                         send(&mut tx, Message::Close(Some(CloseFrame {
@@ -252,15 +259,65 @@ async fn session(socket: Socket, mut s: Session) {
                             reason: "too many messages".into(),
                         })))
                         .await;
-                        break;
                     }
+                    Ok(ClientEnded::Gone) | Err(_) => {}
                 }
-                // Errors include a full write budget: the client sent and did not read.
-                Some(Err(_)) | None => break,
+                break;
+            }
+            _ = ping.tick() => {
+                if !send(&mut tx, Message::Ping(Bytes::new())).await {
+                    break;
+                }
             }
         }
     }
+    if !reader_ended {
+        // Waited for, so that the socket is closed once the session is over: the server's
+        // shutdown waits for sessions, not for their readers.
+        reader.0.abort();
+        let _ = (&mut reader.0).await;
+    }
     tracing::debug!(poll_id, "subscriber disconnected");
+}
+
+/// Why a client's side of a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientEnded {
+    /// It closed, or its connection failed (a full write budget included: it sent and did
+    /// not read).
+    Gone,
+    /// It sent nothing, not even a pong, for the idle timeout.
+    Silent,
+    /// It sent more than its allowance.
+    TooMuch,
+}
+
+/// Reads what a client sends (pongs, pings, a close; tungstenite answers pings itself)
+/// until it goes, falls silent for `idle_timeout`, or sends too much.
+async fn read_client(mut rx: SplitStream<Socket>, idle_timeout: Duration) -> ClientEnded {
+    let mut allowance = Allowance::new();
+    loop {
+        match tokio::time::timeout(idle_timeout, rx.next()).await {
+            Err(_) => return ClientEnded::Silent,
+            Ok(Some(Ok(msg))) if msg.is_close() => return ClientEnded::Gone,
+            Ok(Some(Ok(_))) => {
+                if !allowance.take(tokio::time::Instant::now()) {
+                    return ClientEnded::TooMuch;
+                }
+            }
+            Ok(Some(Err(_)) | None) => return ClientEnded::Gone,
+        }
+    }
+}
+
+/// The reader of a session; stopped if the session is dropped before it ends (the
+/// runtime shutting down).
+struct ReaderTask(tokio::task::JoinHandle<ClientEnded>);
+
+impl Drop for ReaderTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A token bucket of the messages a client may send.

@@ -223,6 +223,50 @@ async fn a_subscriber_that_floods_pings_and_never_reads_is_closed() {
     assert_eq!(app.api.get("/healthz").await.0, 200);
 }
 
+/// Clients send pongs and now and then a ping; one that sends messages by the dozen is
+/// closed with 1008, while it still reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_sends_more_than_its_allowance_is_closed_with_a_policy_code() {
+    use futures_util::SinkExt;
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let mut socket = subscribe(&app, poll).await;
+    next_json(&mut socket).await;
+    for i in 0..40 {
+        if socket
+            .send(Message::text(format!("hello {i}")))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| f.code),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::Policy));
+    // A client within its allowance (a burst of 20, then 2 a second) stays, and its pings
+    // are answered.
+    let mut calm = subscribe(&app, poll).await;
+    next_json(&mut calm).await;
+    for _ in 0..10 {
+        calm.send(Message::Ping(Default::default())).await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), calm.next()).await {
+                Ok(Some(Ok(Message::Pong(_)))) => break,
+                // The server's own pings, or counts.
+                Ok(Some(Ok(Message::Ping(_) | Message::Text(_)))) => continue,
+                other => panic!("a calm client's ping is answered, got {other:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn silent_subscribers_are_pinged_and_closed_when_they_never_answer(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| {
         s.http.ws_ping_interval_secs = 1;
