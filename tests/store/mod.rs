@@ -85,6 +85,7 @@ store_contract!(
     sealing_publishes_every_count_once,
     polls_due_to_close_and_lost_markers_are_handed_out_once,
     the_ledger_pages_in_counting_order,
+    the_ledger_keeps_every_field_of_a_ballot_as_it_was,
     voters_since_lists_the_current_ballots_from_then_on,
     random_histories_count_as_the_ballot_rule_says,
 );
@@ -443,6 +444,48 @@ async fn the_ledger_pages_in_counting_order(store: &dyn PollStore) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// Ids are any printable text: quotes, backslashes, commas, tabs' look-alikes, and letters
+/// of several bytes go into the ledger and come back as they were, with the vote's time,
+/// its options, and whether it is current (each a field of the Postgres `COPY`), on both
+/// paths of a flush: new first ballots, and the ballot plan of a poll that allows changes.
+async fn the_ledger_keeps_every_field_of_a_ballot_as_it_was(store: &dyn PollStore) {
+    let odd_ids = [
+        r#"quote"d 'and' \back\slash"#,
+        "comma,semi;colon|pipe {braces} [x] \\N NULL",
+        "ünïcödé 投票 🗳️ ½",
+        &"u".repeat(128),
+    ];
+    for allow_change in [false, true] {
+        let settings = PollSettings {
+            allow_change,
+            max_choices: 3,
+            ..PollSettings::default()
+        };
+        let poll = create(store, 3, settings).await;
+        let votes: Vec<Vote> = odd_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Vote {
+                voted_at: Some(1_765_000_000_000 + i as i64),
+                ..vote(poll, id, &format!("{id}#vote"), &[1, 3][..1 + i % 2])
+            })
+            .collect();
+        store
+            .apply_votes(poll, allow_change, batch(votes.clone()))
+            .await
+            .unwrap();
+        let rows = store.ledger(poll, 0, 10).await.unwrap();
+        assert_eq!(rows.len(), votes.len(), "allow_change {allow_change}");
+        for (row, vote) in rows.iter().zip(&votes) {
+            assert_eq!(row.user_id, vote.user_id);
+            assert_eq!(row.vote_id, format!("{}#vote", vote.user_id));
+            assert_eq!(row.option_ids, vote.choices);
+            assert_eq!(row.voted_at, vote.voted_at.unwrap());
+            assert!(row.current);
+        }
+    }
 }
 
 async fn voters_since_lists_the_current_ballots_from_then_on(store: &dyn PollStore) {
