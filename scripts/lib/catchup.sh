@@ -86,6 +86,8 @@ catchup_variant() {
   python3 scripts/lib/catchup.py wait "http://127.0.0.1:$port" "$ids" "$(cat "$OUT/counted-before")" \
     "$OUT/fill.json" "$CATCH_DEADLINE" "$t0" >"$OUT/progress.json"
   python3 scripts/lib/catchup.py threads "$SERVER_PID" >"$OUT/threads-done.json"
+  # Kept with the logs: how many flushes, and how large, counted the backlog.
+  curl -sf "http://127.0.0.1:$port/metrics" >"$OUT/metrics-done.txt" || true
   python3 scripts/lib/catchup.py procs "${watch[@]}" >"$OUT/deps-done.json"
   kill "$sampler" 2>/dev/null || true
   kill -TERM "$w_pid" 2>/dev/null || true
