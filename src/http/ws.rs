@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use warp::filters::BoxedFilter;
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
@@ -197,7 +198,9 @@ async fn session(socket: Socket, mut s: Session) {
     // messages that come once per ping: 9 % of the fan-out's CPU per message in a profile
     // under 16,667 viewers (docs/BENCHMARKS.md, "Large audience"). The reader wakes only
     // when the client sends something, and ends with why.
-    let mut reader = ReaderTask(tokio::spawn(read_client(rx, s.keepalive.idle_timeout)));
+    // Aborted if the session is dropped first (the runtime shutting down).
+    let mut reader =
+        AbortOnDropHandle::new(tokio::spawn(read_client(rx, s.keepalive.idle_timeout)));
     let mut reader_ended = false;
     // A token of the session's own, cancelled with the server's: polling the server's one
     // would take the lock that every session shares.
@@ -244,7 +247,7 @@ async fn session(socket: Socket, mut s: Session) {
                 send(&mut tx, close_away("server shutting down")).await;
                 break;
             }
-            ended = &mut reader.0 => {
+            ended = &mut reader => {
                 reader_ended = true;
                 match ended {
                     Ok(ClientEnded::Silent) => {
@@ -274,8 +277,8 @@ async fn session(socket: Socket, mut s: Session) {
     if !reader_ended {
         // Waited for, so that the socket is closed once the session is over: the server's
         // shutdown waits for sessions, not for their readers.
-        reader.0.abort();
-        let _ = (&mut reader.0).await;
+        reader.abort();
+        let _ = (&mut reader).await;
     }
     tracing::debug!(poll_id, "subscriber disconnected");
 }
@@ -307,16 +310,6 @@ async fn read_client(mut rx: SplitStream<Socket>, idle_timeout: Duration) -> Cli
             }
             Ok(Some(Err(_)) | None) => return ClientEnded::Gone,
         }
-    }
-}
-
-/// The reader of a session; stopped if the session is dropped before it ends (the
-/// runtime shutting down).
-struct ReaderTask(tokio::task::JoinHandle<ClientEnded>);
-
-impl Drop for ReaderTask {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
