@@ -56,6 +56,11 @@ impl<I> ReadBudget<I> {
         }
     }
 
+    /// The socket, unwrapped.
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
+
     /// Bytes that may be read now (refilled at [`RATE`] since the last read).
     fn allowance(&mut self, now: Instant) -> f64 {
         if let Some(at) = self.at {

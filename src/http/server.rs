@@ -13,13 +13,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
 use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use pollcast_actors::{ServeFuture, Server};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -358,6 +361,23 @@ async fn accept_loop<S>(
             }
         });
     }
+}
+
+/// What a plain (not TLS) connection is served over, as [`accept_loop`] wraps it.
+type PlainConnection = ReadBudget<WriteDeadline<TcpStream>>;
+
+/// The socket under an upgraded plain connection, with the bytes the client sent after its
+/// request that hyper has read already; the upgrade back when the connection is not plain
+/// TCP (TLS). Why unwrap it: a WebSocket session writes its socket from several tasks
+/// (`ws::outlet`). What the wrappers did is then the session's: it has its own write
+/// timeout, and only Socket.IO connections are ever read under a budget.
+pub(super) fn plain_tcp(upgraded: Upgraded) -> Result<(TcpStream, Bytes), Upgraded> {
+    let parts =
+        hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<PlainConnection>>(upgraded)?;
+    Ok((
+        parts.io.into_inner().into_inner().into_inner(),
+        parts.read_buf,
+    ))
 }
 
 /// The first pause after a failed accept.

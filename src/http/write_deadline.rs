@@ -66,6 +66,11 @@ impl<I> WriteDeadline<I> {
             Poll::Pending => self.stall(cx),
         }
     }
+
+    /// The socket, unwrapped.
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for WriteDeadline<I> {

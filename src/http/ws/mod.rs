@@ -1,26 +1,38 @@
 //! `GET /ws/polls/{id}`: a snapshot of the poll, then its counts after every flush.
+//!
+//! The rooms: this file upgrades the request and runs one session per subscriber (its
+//! snapshot, pings, what the client sends, its end); [`audience`] hands each update of a
+//! poll to all its subscribers in this process; [`outlet`] is one subscriber's way out, where
+//! frames wait for a socket that is full; [`frame`] encodes what a server sends.
 
+mod audience;
+mod frame;
+mod outlet;
+
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use bytes::Bytes;
+use futures_util::StreamExt;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use pollcast_actors::domain::{UnixMillis, rfc3339};
 use pollcast_actors::{CountsUpdate, OptionCount, PollId, Subscription};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, WriteHalf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use warp::filters::BoxedFilter;
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
+
+use audience::Audiences;
+use outlet::{Closed, Flushed, Outlet};
 
 use super::connection::ConnectionHold;
 use super::error::ApiError;
@@ -29,22 +41,21 @@ use super::{ApiContext, with_ctx};
 
 /// Clients only send pings and close frames; anything big is abuse.
 const MAX_INCOMING: usize = 4 * 1024;
-/// A client that cannot take a message for this long is dropped, so it holds no memory.
+/// A client whose socket takes nothing for this long while frames wait is dropped, so it
+/// holds no memory.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// tungstenite's read buffer. Why so small: its default (128 KiB) is zero-filled on the first
 /// read, which made 10,000 idle subscribers cost over a gigabyte; clients send only pongs.
 const READ_BUFFER: usize = 4 * 1024;
-/// Bytes queued for a client that does not read, at most; beyond it the session ends. Why
+/// Bytes waiting for a client that does not read, at most; beyond it the session ends. Why
 /// a bound at all: every ping a client sends queues a pong, and one client that pinged and
-/// never read took gigabytes (tungstenite's default is unbounded). It holds the largest
+/// never read took gigabytes (tungstenite's default was unbounded). It holds the largest
 /// snapshot (32 options of 200 characters, a 500-character question) several times.
 pub const WRITE_BUDGET: usize = 128 * 1024;
 /// Messages a client may send in a burst, and per second sustained; more closes the
 /// session (1008). Clients send pongs (one per server ping) and now and then a ping.
 const INCOMING_BURST: f64 = 20.0;
 const INCOMING_PER_SEC: f64 = 2.0;
-
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// The connection upgrade of a request, set aside by the server before routing (warp keeps
 /// its own out of reach). Cloneable so that a filter can take it from the extensions.
@@ -64,12 +75,15 @@ impl PendingUpgrade {
     }
 }
 
+/// The route; its sessions' fan-out tasks run until `ctx.shutdown`.
 pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
+    let audiences = Audiences::new(ctx.hub.clone(), ctx.shutdown.clone(), ctx.sessions.clone());
     warp::path!("ws" / "polls" / PollId)
         .and(warp::get())
         .and(websocket_key())
         .and(warp::ext::optional::<PendingUpgrade>())
         .and(with_ctx(ctx))
+        .and(warp::any().map(move || audiences.clone()))
         .and_then(upgrade)
         .boxed()
 }
@@ -107,6 +121,7 @@ pub(super) async fn upgrade(
     key: String,
     pending: Option<PendingUpgrade>,
     ctx: Arc<ApiContext>,
+    audiences: Audiences,
 ) -> Result<Response, Rejection> {
     // Subscribe before reading the snapshot: an update flushed in between is then delivered
     // (and dropped if the snapshot already includes it) instead of lost.
@@ -125,7 +140,7 @@ pub(super) async fn upgrade(
         seq: poll.seq,
         poll: PollView::at(poll, pollcast_actors::domain::now_millis()),
     };
-    let first = serde_json::to_string(&snapshot).expect("snapshot serializes");
+    let first = serde_json::to_vec(&snapshot).expect("snapshot serializes");
     let session_state = Session {
         poll_id,
         snapshot: first,
@@ -136,23 +151,10 @@ pub(super) async fn upgrade(
     };
     ctx.sessions.spawn(async move {
         let _counted_under_the_caps = hold;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(poll_id, error = %e, "WebSocket upgrade failed");
-                return;
-            }
-        };
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(0)
-            .max_write_buffer_size(WRITE_BUDGET)
-            .max_message_size(Some(MAX_INCOMING))
-            .max_frame_size(Some(MAX_INCOMING));
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
-        session(socket, session_state).await;
+        match on_upgrade.await {
+            Ok(upgraded) => session(upgraded, session_state, audiences).await,
+            Err(e) => tracing::debug!(poll_id, error = %e, "WebSocket upgrade failed"),
+        }
     });
     let mut reply = warp::reply::with_status("", StatusCode::SWITCHING_PROTOCOLS).into_response();
     let headers = reply.headers_mut();
@@ -177,30 +179,63 @@ pub struct Keepalive {
 
 struct Session {
     poll_id: PollId,
-    snapshot: String,
+    snapshot: Vec<u8>,
     last_seq: i64,
     updates: Subscription,
     shutdown: CancellationToken,
     keepalive: Keepalive,
 }
 
-async fn session(socket: Socket, mut s: Session) {
+async fn session(upgraded: Upgraded, s: Session, audiences: Audiences) {
     let poll_id = s.poll_id;
-    let (mut tx, rx) = socket.split();
+    let (client, mut writer, outlet) = match super::server::plain_tcp(upgraded) {
+        Ok((tcp, read_ahead)) => {
+            let (read, write) = tcp.into_split();
+            let read: ClientReader = Box::new(std::io::Cursor::new(read_ahead).chain(read));
+            (read, Writer::Direct, Outlet::new(Some(write), s.last_seq))
+        }
+        // TLS: frames wait in the outlet and the session writes them through the stream.
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            let read: ClientReader = Box::new(read);
+            (read, Writer::Stream(write), Outlet::new(None, s.last_seq))
+        }
+    };
     tracing::debug!(poll_id, "subscriber connected");
     let _counted = crate::metrics::Held::new("pollcast_websocket_subscribers");
-    if !send(&mut tx, Message::text(std::mem::take(&mut s.snapshot))).await {
+    if !outlet.send(frame::text(&s.snapshot)) || drain(&outlet, &mut writer).await.is_err() {
         return;
     }
-    // Why the client's messages are read by a task of their own: a flush wakes every
-    // subscriber of the poll at once, and a loop that also read polled the socket (through
-    // tungstenite, its lock and the connection's wrappers) on each of those wakes, for
-    // messages that come once per ping: 9 % of the fan-out's CPU per message in a profile
-    // under 16,667 viewers (docs/BENCHMARKS.md, "Large audience"). The reader wakes only
-    // when the client sends something, and ends with why.
+    let seat = audiences.join(poll_id, outlet.clone());
+    // An update published after the snapshot was read and before the audience had this
+    // subscriber: offered now (the outlet drops it if the snapshot already has it).
+    let published = s.updates.borrow().clone();
+    if let Some(frame) = published {
+        outlet.offer(&frame);
+    }
+    drop(s.updates);
+    // Why the client's messages are read by a task of their own: they come once per ping,
+    // and a session that also read polled the socket (through tungstenite, its lock and the
+    // connection's wrappers) on every wake. The reader wakes only when the client sends
+    // something, and ends with why. Its replies (pongs, a close) go out through the outlet.
     // Aborted if the session is dropped first (the runtime shutting down).
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(WRITE_BUDGET)
+        .max_message_size(Some(MAX_INCOMING))
+        .max_frame_size(Some(MAX_INCOMING));
+    let socket = WebSocketStream::from_raw_socket(
+        ClientSide {
+            read: client,
+            outlet: outlet.clone(),
+        },
+        Role::Server,
+        Some(config),
+    )
+    .await;
     let mut reader =
-        AbortOnDropHandle::new(tokio::spawn(read_client(rx, s.keepalive.idle_timeout)));
+        AbortOnDropHandle::new(tokio::spawn(read_client(socket, s.keepalive.idle_timeout)));
     let mut reader_ended = false;
     // A token of the session's own, cancelled with the server's: polling the server's one
     // would take the lock that every session shares.
@@ -210,41 +245,21 @@ async fn session(socket: Socket, mut s: Session) {
     let mut ping = tokio::time::interval(s.keepalive.ping_every);
     ping.tick().await;
     loop {
-        // Biased, updates first: a flush's wake then polls the updates alone, not the other
-        // branches too. They cannot starve: a poll changes at most once per flush interval.
+        // Biased, the outlet first: what waits for the client goes before a ping.
         tokio::select! {
             biased;
-            changed = s.updates.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let next = s
-                    .updates
-                    .borrow_and_update()
-                    .as_ref()
-                    .and_then(|frame| {
-                        frame
-                            .encoded_after(s.last_seq, counts_json)
-                            .map(|json| (frame.seq(), json.clone()))
-                    });
-                if let Some((seq, json)) = next {
-                    if seq > s.last_seq + 1 {
-                        metrics::counter!("pollcast_websocket_updates_coalesced_total")
-                            .increment((seq - s.last_seq - 1) as u64);
-                    }
-                    // Why not `Message::text(String)`: the frame's bytes are shared by every
-                    // subscriber of the poll; checking them as UTF-8 costs less than a copy.
-                    let text = Utf8Bytes::try_from(json).expect("counts frames are UTF-8 JSON");
-                    if !send(&mut tx, Message::Text(text)).await {
-                        tracing::debug!(poll_id, "dropping a subscriber that does not keep up");
+            _ = outlet.wanted() => {
+                if let Err(dropped) = drain(&outlet, &mut writer).await {
+                    if dropped != Dropped::Gone {
+                        tracing::debug!(poll_id, ?dropped, "dropping a subscriber that does not keep up");
                         metrics::counter!("pollcast_websocket_clients_dropped_total").increment(1);
-                        break;
                     }
-                    s.last_seq = seq;
+                    break;
                 }
             }
             _ = &mut stopping => {
-                send(&mut tx, close_away("server shutting down")).await;
+                outlet.send(frame::close(frame::GOING_AWAY, "server shutting down"));
+                let _ = drain(&outlet, &mut writer).await;
                 break;
             }
             ended = &mut reader => {
@@ -252,28 +267,27 @@ async fn session(socket: Socket, mut s: Session) {
                 match ended {
                     Ok(ClientEnded::Silent) => {
                         tracing::debug!(poll_id, "closing a silent subscriber");
-                        send(&mut tx, close_away("idle")).await;
+                        outlet.send(frame::close(frame::GOING_AWAY, "idle"));
                     }
                     Ok(ClientEnded::TooMuch) => {
                         tracing::debug!(poll_id, "closing a subscriber that sends too much");
                         metrics::counter!("pollcast_websocket_clients_dropped_total").increment(1);
-                        send(&mut tx, Message::Close(Some(CloseFrame {
-                            code: CloseCode::Policy,
-                            reason: "too many messages".into(),
-                        })))
-                        .await;
+                        outlet.send(frame::close(frame::POLICY, "too many messages"));
                     }
                     Ok(ClientEnded::Gone) | Err(_) => {}
                 }
+                let _ = drain(&outlet, &mut writer).await;
                 break;
             }
             _ = ping.tick() => {
-                if !send(&mut tx, Message::Ping(Bytes::new())).await {
+                if !outlet.send(frame::ping()) {
                     break;
                 }
             }
         }
     }
+    outlet.close(Closed::Ended);
+    audiences.leave(seat);
     if !reader_ended {
         // Waited for, so that the socket is closed once the session is over: the server's
         // shutdown waits for sessions, not for their readers.
@@ -281,6 +295,114 @@ async fn session(socket: Socket, mut s: Session) {
         let _ = (&mut reader).await;
     }
     tracing::debug!(poll_id, "subscriber disconnected");
+}
+
+/// What reads the client's side of the connection.
+type ClientReader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// How the session writes what waits in its outlet.
+enum Writer {
+    /// The outlet writes to the socket itself; the session waits for room.
+    Direct,
+    /// The session writes to the stream (under TLS).
+    Stream(WriteHalf<TokioIo<Upgraded>>),
+}
+
+/// Why a session stopped writing to its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dropped {
+    /// The connection failed or closed.
+    Gone,
+    /// It took nothing for [`SEND_TIMEOUT`].
+    Slow,
+    /// More than [`WRITE_BUDGET`] waited for it.
+    OverBudget,
+}
+
+impl From<Closed> for Dropped {
+    fn from(closed: Closed) -> Self {
+        match closed {
+            Closed::OverBudget => Dropped::OverBudget,
+            Closed::Gone | Closed::Ended => Dropped::Gone,
+        }
+    }
+}
+
+/// Writes what waits in `outlet` until nothing does.
+async fn drain(outlet: &Outlet, writer: &mut Writer) -> Result<(), Dropped> {
+    loop {
+        match writer {
+            Writer::Direct => match outlet.flush() {
+                Flushed::All => return Ok(()),
+                Flushed::Closed(why) => return Err(why.into()),
+                Flushed::Blocked => {
+                    match tokio::time::timeout(SEND_TIMEOUT, outlet.writable()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Err(Dropped::Gone),
+                        Err(_) => return Err(Dropped::Slow),
+                    }
+                }
+            },
+            Writer::Stream(stream) => {
+                let frames = outlet.take()?;
+                if frames.is_empty() {
+                    return Ok(());
+                }
+                let write = async {
+                    for frame in &frames {
+                        stream.write_all(frame).await?;
+                    }
+                    stream.flush().await
+                };
+                match tokio::time::timeout(SEND_TIMEOUT, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(Dropped::Gone),
+                    Err(_) => return Err(Dropped::Slow),
+                }
+            }
+        }
+    }
+}
+
+/// The connection as tungstenite sees it: it reads the client, and what it writes (pongs, the
+/// reply to a close) joins the outlet's queue, whole frames at a time. Why never a partial
+/// write: tungstenite hands over each frame whole when a write takes all it is given, so no
+/// frame of the fan-out can land inside one of its frames.
+struct ClientSide {
+    read: ClientReader,
+    outlet: Arc<Outlet>,
+}
+
+impl AsyncRead for ClientSide {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.outlet.send(Bytes::copy_from_slice(buf)) {
+            Poll::Ready(Ok(buf.len()))
+        } else {
+            Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Why a client's side of a session ended.
@@ -297,7 +419,7 @@ enum ClientEnded {
 
 /// Reads what a client sends (pongs, pings, a close; tungstenite answers pings itself)
 /// until it goes, falls silent for `idle_timeout`, or sends too much.
-async fn read_client(mut rx: SplitStream<Socket>, idle_timeout: Duration) -> ClientEnded {
+async fn read_client(mut rx: WebSocketStream<ClientSide>, idle_timeout: Duration) -> ClientEnded {
     let mut allowance = Allowance::new();
     loop {
         match tokio::time::timeout(idle_timeout, rx.next()).await {
@@ -357,7 +479,12 @@ struct CountsMessage<'a> {
 /// The message for a subscriber that saw the previous update (`delta`) or missed some;
 /// made once per update and form, and shared by every subscriber (see
 /// [`pollcast_actors::CountsFrame::encoded_after`]).
-fn counts_json(update: &CountsUpdate, delta: bool) -> Bytes {
+fn counts_frame(update: &CountsUpdate, delta: bool) -> Bytes {
+    frame::text(&counts_json(update, delta))
+}
+
+/// The JSON of a [`counts_frame`].
+fn counts_json(update: &CountsUpdate, delta: bool) -> Vec<u8> {
     let message = CountsMessage {
         r#type: if update.is_final() {
             "closed"
@@ -370,23 +497,7 @@ fn counts_json(update: &CountsUpdate, delta: bool) -> Bytes {
         flushed_at: update.flushed_at,
         closed_at: update.closed_at.map(rfc3339),
     };
-    Bytes::from(serde_json::to_vec(&message).expect("counts message serializes"))
-}
-
-/// A close frame "going away" (1001).
-fn close_away(reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::Away,
-        reason: reason.into(),
-    }))
-}
-
-/// Sends one message; `false` if the client is gone or did not take it in time.
-async fn send(tx: &mut SplitSink<Socket, Message>, msg: Message) -> bool {
-    matches!(
-        tokio::time::timeout(SEND_TIMEOUT, tx.send(msg)).await,
-        Ok(Ok(()))
-    )
+    serde_json::to_vec(&message).expect("counts message serializes")
 }
 
 #[cfg(test)]
