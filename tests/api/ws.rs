@@ -299,3 +299,48 @@ async fn silent_subscribers_are_pinged_and_closed_when_they_never_answer(backend
     assert!(closed, "the silent client was closed");
     reading.await.unwrap();
 }
+
+/// A client may send its first frame in the same packet as its upgrade request: the server
+/// has then read it with the request, and must still answer it once the session starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_sent_with_the_upgrade_request_is_answered_after_the_snapshot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let mut tcp = tokio::net::TcpStream::connect(app.api.addr).await.unwrap();
+    let mut request = format!(
+        "GET /ws/polls/{poll} HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\n\
+         upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes();
+    // A masked ping (a client's frames are masked) whose payload is "abcd".
+    let mask = [1u8, 2, 3, 4];
+    request.extend_from_slice(&[0x89, 0x80 | 4]);
+    request.extend_from_slice(&mask);
+    request.extend(b"abcd".iter().zip(mask).map(|(b, m)| b ^ m));
+    tcp.write_all(&request).await.unwrap();
+
+    let pong = [0x8a, 4, b'a', b'b', b'c', b'd'];
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before the pong: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+            if let Some(at) = seen.windows(pong.len()).position(|w| w == pong) {
+                return at;
+            }
+        }
+    })
+    .await
+    .expect("a pong within 10 s");
+    let before = String::from_utf8_lossy(&seen[..found]);
+    assert!(before.starts_with("HTTP/1.1 101"), "{before}");
+    assert!(before.contains("\"type\":\"snapshot\""), "{before}");
+}

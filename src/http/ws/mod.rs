@@ -191,7 +191,13 @@ async fn session(upgraded: Upgraded, s: Session, audiences: Audiences) {
     let (client, mut writer, outlet) = match super::server::plain_tcp(upgraded) {
         Ok((tcp, read_ahead)) => {
             let (read, write) = tcp.into_split();
-            let read: ClientReader = Box::new(std::io::Cursor::new(read_ahead).chain(read));
+            // Why copied, or dropped when empty: hyper's slice of what it read ahead holds
+            // its whole read buffer (8 KiB and more) for as long as the session lasts.
+            let read: ClientReader = if read_ahead.is_empty() {
+                Box::new(read)
+            } else {
+                Box::new(std::io::Cursor::new(read_ahead.to_vec()).chain(read))
+            };
             (read, Writer::Direct, Outlet::new(Some(write), s.last_seq))
         }
         // TLS: frames wait in the outlet and the session writes them through the stream.
