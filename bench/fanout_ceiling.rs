@@ -51,15 +51,22 @@ async fn main() {
         };
         let (viewers, seq) = (viewers.clone(), seq.clone());
         tokio::spawn(async move {
-            if let Some(stream) = handshake(stream, seq.load(Ordering::Relaxed)).await {
-                viewers.lock().expect("not poisoned").push(stream);
+            let Some(stream) = handshake(stream).await else {
+                return;
+            };
+            // The snapshot is sent under the list's lock, so that no tick falls between it
+            // and the viewer's first update.
+            let mut viewers = viewers.lock().expect("not poisoned");
+            let snapshot = frame(snapshot(seq.load(Ordering::Relaxed)).as_bytes());
+            if matches!(stream.try_write(&snapshot), Ok(n) if n == snapshot.len()) {
+                viewers.push(stream);
             }
         });
     }
 }
 
-/// Reads the upgrade request, answers 101 and sends the snapshot at `seq`.
-async fn handshake(mut stream: TcpStream, seq: u64) -> Option<TcpStream> {
+/// Reads the upgrade request and answers 101.
+async fn handshake(mut stream: TcpStream) -> Option<TcpStream> {
     let _ = stream.set_nodelay(true);
     let mut request = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
@@ -83,22 +90,23 @@ async fn handshake(mut stream: TcpStream, seq: u64) -> Option<TcpStream> {
         derive_accept_key(key.as_bytes())
     );
     stream.write_all(reply.as_bytes()).await.ok()?;
+    Some(stream)
+}
+
+/// The poll at `seq`, as pollcast's snapshot shows it.
+fn snapshot(seq: u64) -> String {
     let options: Vec<_> = (1..=OPTIONS)
         .map(|id| {
             let votes = if id == 1 { seq as i64 } else { 0 };
             serde_json::json!({ "id": id, "text": format!("option {id}"), "votes": votes })
         })
         .collect();
-    let snapshot = serde_json::json!({
+    serde_json::json!({
         "type": "snapshot",
         "seq": seq,
         "poll": { "id": 1, "question": "viewers", "options": options },
-    });
-    stream
-        .write_all(&frame(snapshot.to_string().as_bytes()))
-        .await
-        .ok()?;
-    Some(stream)
+    })
+    .to_string()
 }
 
 /// On every tick of the wall clock, one `counts` frame, made once and written to every viewer

@@ -9,7 +9,11 @@
 # viewers are told to stop; each load generator waits for the counts to settle and checks
 # every one of its viewers' screens against the poll's final counts.
 #
-# Two phases, each on a fresh cluster:
+# Three phases, each on fresh processes:
+#   ceiling BENCH_VIEWERS viewers of six bare broadcasters (bench/fanout_ceiling.rs): one
+#           write of a ready frame per viewer every 2 s, on the same wall-clock ticks, and
+#           nothing else; what the machine (the kernel's loopback TCP, the viewers' load
+#           generators) allows at best. No votes: each tick is an update;
 #   steady  BENCH_VIEWERS viewers, no fault;
 #   kill    BENCH_VIEWERS_KILL viewers; BENCH_VIEWERS_KILL_AT s into the votes the sixth
 #           process is killed with SIGKILL; its viewers come back on the others (backoff with
@@ -21,7 +25,8 @@
 #
 #   BENCH_VIEWERS=100000 BENCH_VIEWERS_KILL=90000 BENCH_VIEWERS_WATCHERS=6
 #   BENCH_VIEWERS_RATE=1000 (votes/s)  BENCH_VIEWERS_SECONDS=30  BENCH_VIEWERS_KILL_AT=10
-#   BENCH_VIEWERS_PHASES="steady kill"
+#   BENCH_VIEWERS_PHASES="ceiling steady kill"
+#   BENCH_VIEWERS_ENV="POLLCAST__X=1 ..."  more settings for the pollcast processes (A/B runs)
 #   BENCH_LOG_DIR=DIR             keep the processes' logs and the reports there (also after a failure)
 
 . scripts/lib/cluster.sh
@@ -32,7 +37,7 @@ VIEW_WATCHERS=${BENCH_VIEWERS_WATCHERS:-6}
 VIEW_RATE=${BENCH_VIEWERS_RATE:-1000}
 VIEW_SECS=${BENCH_VIEWERS_SECONDS:-30}
 VIEW_KILL_AT=${BENCH_VIEWERS_KILL_AT:-10}
-VIEW_PHASES=${BENCH_VIEWERS_PHASES:-steady kill}
+VIEW_PHASES=${BENCH_VIEWERS_PHASES:-ceiling steady kill}
 CLUSTER_PROCESSES=6
 # Longest wait for every viewer to have its snapshot, and for the viewers' final reports.
 VIEW_CONNECT_DEADLINE=600
@@ -42,7 +47,7 @@ for v in "$VIEW_AUDIENCE" "$VIEW_KILL_AUDIENCE" "$VIEW_WATCHERS" "$VIEW_SECS" "$
   case $v in '' | *[!0-9]* | 0) fail "BENCH_VIEWERS*: '$v' is not a positive whole number" ;; esac
 done
 for p in $VIEW_PHASES; do
-  case $p in steady | kill) ;; *) fail "BENCH_VIEWERS_PHASES: unknown phase '$p' (steady kill)" ;; esac
+  case $p in ceiling | steady | kill) ;; *) fail "BENCH_VIEWERS_PHASES: unknown phase '$p' (ceiling steady kill)" ;; esac
 done
 
 # proc_cpu_ticks PID: user and kernel CPU of a process, in clock ticks, tab-separated.
@@ -69,19 +74,27 @@ sample_servers() {
 viewers_phase() {
   local name=$1 audience=$2 kill=$3 urls i w
   local poll per lg_pid lg_code=0 t_launch t_connected t_kill='' deadline
+  local verify=(--verify --reconnect)
   OUT="$RUNS/viewers/$name"
   mkdir -p "$OUT"
-  start_tansu
-  production_env "viewers_$name"
-  CLUSTER_ENV=("${PRODUCTION_ENV[@]}")
-  cluster_up
+  if [ "$name" = ceiling ]; then
+    ceiling_up
+    # Nothing to verify against, and nothing to come back to.
+    verify=()
+    poll=1
+  else
+    start_tansu
+    production_env "viewers_$name"
+    # shellcheck disable=SC2206 # split on purpose: NAME=VALUE words
+    CLUSTER_ENV=("${PRODUCTION_ENV[@]}" ${BENCH_VIEWERS_ENV:-})
+    cluster_up
+    poll=$(curl -sf -X POST "http://127.0.0.1:${CLUSTER_PORT[1]}/polls" \
+      -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+      -d '{"question":"viewers","options":["a","b","c","d"]}' |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])') ||
+      fail "creating the viewers' poll failed"
+  fi
   urls=$CLUSTER_URLS
-
-  poll=$(curl -sf -X POST "http://127.0.0.1:${CLUSTER_PORT[1]}/polls" \
-    -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
-    -d '{"question":"viewers","options":["a","b","c","d"]}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])') ||
-    fail "creating the viewers' poll failed"
   sample_servers "$OUT/servers-empty.tsv"
 
   say "phase $name: $audience viewers of poll $poll over $CLUSTER_PROCESSES processes, from $VIEW_WATCHERS load generators"
@@ -90,7 +103,7 @@ viewers_phase() {
   for w in $(seq 1 "$VIEW_WATCHERS"); do
     # Each its own source address, and its own share of the open files.
     (ulimit -n "$(ulimit -Hn)" && exec "$BIN/pollcast-loadgen" votes --url "$urls" --poll-ids "$poll" \
-      --connections 0 --subscribers "$per" --source-addrs "127.0.0.$((10 + w))" --reconnect --verify \
+      --connections 0 --subscribers "$per" --source-addrs "127.0.0.$((10 + w))" "${verify[@]}" \
       --duration 1800s --ready-file "$OUT/w$w.ready" --json --quiet >"$OUT/w$w.json" 2>"$OUT/w$w.log") &
     VIEW_WATCHER_PID[$w]=$!
     PIDS+=("$!")
@@ -109,10 +122,16 @@ viewers_phase() {
   sleep 3
   sample_servers "$OUT/servers-connected.tsv"
   cp /proc/loadavg "$OUT/loadavg-before"
+  head -1 /proc/stat >"$OUT/stat-before"
 
-  "$BIN/pollcast-loadgen" votes --url "$urls" --poll-ids "$poll" --token "$TOKEN" --connections 12 \
-    --rate "$VIEW_RATE" --duration "${VIEW_SECS}s" --retries 8 --verify --json --quiet \
-    >"$OUT/votes.json" 2>"$OUT/votes.log" &
+  if [ "$name" = ceiling ]; then
+    # The broadcasters send on their own; the same window as the votes of the other phases.
+    sleep "$VIEW_SECS" &
+  else
+    "$BIN/pollcast-loadgen" votes --url "$urls" --poll-ids "$poll" --token "$TOKEN" --connections 12 \
+      --rate "$VIEW_RATE" --duration "${VIEW_SECS}s" --retries 8 --verify --json --quiet \
+      >"$OUT/votes.json" 2>"$OUT/votes.log" &
+  fi
   lg_pid=$!
   PIDS+=("$lg_pid")
   if [ "$kill" = yes ]; then
@@ -124,6 +143,7 @@ viewers_phase() {
   wait "$lg_pid" || lg_code=$?
   [ "$lg_code" -le 1 ] || fail "the vote load generator failed ($lg_code): $(tail -5 "$OUT/votes.log")"
   sample_servers "$OUT/servers-voted.tsv"
+  head -1 /proc/stat >"$OUT/stat-after"
   cp /proc/loadavg "$OUT/loadavg-after"
 
   for w in $(seq 1 "$VIEW_WATCHERS"); do kill -TERM "${VIEW_WATCHER_PID[$w]}" 2>/dev/null || true; done
@@ -139,15 +159,31 @@ viewers_phase() {
     kill -TERM "${CLUSTER_PID[$i]}" 2>/dev/null || true
     wait "${CLUSTER_PID[$i]}" 2>/dev/null || true
   done
-  stop_tansu
+  [ "$name" = ceiling ] || stop_tansu
   printf '%s\n%s\n%s\n%s\n%s\n' "$audience" "$kill" "$t_launch" "$t_connected" "$t_kill" >"$OUT/phase"
   for i in $(seq 1 "$CLUSTER_PROCESSES"); do echo "127.0.0.1:${CLUSTER_PORT[$i]}"; done >"$OUT/hosts"
+}
+
+# ceiling_up: starts CLUSTER_PROCESSES bare broadcasters, as cluster_up does pollcast.
+ceiling_up() {
+  local i
+  CLUSTER_PORT=() CLUSTER_PID=() CLUSTER_URLS=''
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do
+    CLUSTER_PORT[$i]=$(free_port)
+    CLUSTER_URLS+="${CLUSTER_URLS:+,}http://127.0.0.1:${CLUSTER_PORT[$i]}"
+    (ulimit -n "$(ulimit -Hn)" && exec "$BIN/examples/fanout_ceiling" "127.0.0.1:${CLUSTER_PORT[$i]}" \
+      >>"$OUT/p$i.log" 2>&1) &
+    CLUSTER_PID[$i]=$!
+    PIDS+=("$!")
+  done
+  for i in $(seq 1 "$CLUSTER_PROCESSES"); do wait_port "${CLUSTER_PORT[$i]}" "fan-out ceiling p$i"; done
 }
 
 run_viewers() {
   local phase
   for phase in $VIEW_PHASES; do
     case $phase in
+      ceiling) viewers_phase ceiling "$VIEW_AUDIENCE" no ;;
       steady) viewers_phase steady "$VIEW_AUDIENCE" no ;;
       kill) viewers_phase kill "$VIEW_KILL_AUDIENCE" yes ;;
     esac
