@@ -13,16 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
 use hyper::body::Incoming;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use pollcast_actors::{ServeFuture, Server};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -30,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::Instrument;
 
-use super::connection::{ConnectionHold, PeerAddr};
+use super::connection::{ConnectionHold, PeerAddr, PlainConnection};
 use super::read_budget::{ReadBudget, Throttle};
 use super::socketio::Endpoint as SocketIoEndpoint;
 use super::write_deadline::{WRITE_STALL_LIMIT, WriteDeadline};
@@ -340,7 +337,7 @@ async fn accept_loop<S>(
         let watcher = graceful.watcher();
         let deadline = accepted + limits.header_read_timeout;
         let throttle = Throttle::default();
-        let stream = ReadBudget::new(stream, throttle.clone());
+        let stream: PlainConnection = ReadBudget::new(stream, throttle.clone());
         let hold = ConnectionHold::new(Arc::new((permit, slot)), throttle);
         tokio::spawn(async move {
             let Some(tls) = tls else {
@@ -361,23 +358,6 @@ async fn accept_loop<S>(
             }
         });
     }
-}
-
-/// What a plain (not TLS) connection is served over, as [`accept_loop`] wraps it.
-type PlainConnection = ReadBudget<WriteDeadline<TcpStream>>;
-
-/// The socket under an upgraded plain connection, with the bytes the client sent after its
-/// request that hyper has read already; the upgrade back when the connection is not plain
-/// TCP (TLS). Why unwrap it: a WebSocket session writes its socket from several tasks
-/// (`ws::outlet`). What the wrappers did is then the session's: it has its own write
-/// timeout, and only Socket.IO connections are ever read under a budget.
-pub(super) fn plain_tcp(upgraded: Upgraded) -> Result<(TcpStream, Bytes), Upgraded> {
-    let parts =
-        hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<PlainConnection>>(upgraded)?;
-    Ok((
-        parts.io.into_inner().into_inner().into_inner(),
-        parts.read_buf,
-    ))
 }
 
 /// The first pause after a failed accept.

@@ -188,7 +188,7 @@ struct Session {
 
 async fn session(upgraded: Upgraded, s: Session, audiences: Audiences) {
     let poll_id = s.poll_id;
-    let (client, mut writer, outlet) = match super::server::plain_tcp(upgraded) {
+    let (client, mut writer, outlet) = match super::connection::plain_tcp(upgraded) {
         Ok((tcp, read_ahead)) => {
             let (read, write) = tcp.into_split();
             // Why copied, or dropped when empty: hyper's slice of what it read ahead holds
