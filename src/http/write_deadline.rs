@@ -3,8 +3,9 @@
 //! Why at the socket and not per protocol: a client that sends requests (or WebSocket pings)
 //! and never reads the answers would otherwise hold its connection, its task and whatever
 //! waits to be written for as long as it likes, and hyper has no write timeout for HTTP/1.1
-//! or HTTP/2. Every protocol pollcast speaks writes through this wrapper, WebSocket sessions
-//! included (they keep the connection's socket after the upgrade).
+//! or HTTP/2. Every protocol pollcast speaks writes through this wrapper, but for WebSocket
+//! sessions on plain TCP: they take the socket out of it after the upgrade, and bound what
+//! waits for a client themselves (`ws::outlet`: a send timeout and a write budget).
 
 use std::future::Future;
 use std::io;

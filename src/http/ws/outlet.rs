@@ -390,6 +390,57 @@ mod tests {
         );
     }
 
+    /// The direct writes are a fast path (docs/BENCHMARKS.md, "Fast paths"): a client must
+    /// read the same messages from them as from the simple way, the session writing all.
+    #[tokio::test]
+    async fn direct_writes_reach_a_client_as_the_sessions_own_writes_do() {
+        enum Op {
+            Send(Bytes),
+            Offer(i64),
+        }
+        let ops = [
+            Op::Send(frame::text(b"{\"type\":\"snapshot\",\"seq\":0}")),
+            Op::Offer(1),
+            Op::Offer(2),
+            Op::Send(frame::ping()),
+            Op::Offer(2),
+            Op::Offer(4),
+            Op::Send(frame::close(frame::GOING_AWAY, "bye")),
+        ];
+        let apply = |outlet: &Outlet, op: &Op| match op {
+            Op::Send(bytes) => assert!(outlet.send(bytes.clone())),
+            Op::Offer(seq) => assert!(outlet.offer(&update(*seq))),
+        };
+
+        let (direct, mut client) = outlet().await;
+        for op in &ops {
+            apply(&direct, op);
+        }
+        let from_direct = read(&direct, &mut client, 6).await;
+
+        // The session that keeps up: it takes what waits after every step.
+        let simple = Outlet::new(None, 0);
+        let mut written = Vec::new();
+        for op in &ops {
+            apply(&simple, op);
+            for bytes in simple.take().unwrap() {
+                written.extend_from_slice(&bytes);
+            }
+        }
+        let mut reader = tokio_tungstenite::tungstenite::protocol::WebSocket::from_raw_socket(
+            std::io::Cursor::new(written),
+            Role::Client,
+            None,
+        );
+        let from_simple: Vec<Message> = std::iter::from_fn(|| reader.read().ok()).collect();
+        assert_eq!(from_direct, from_simple);
+        assert_eq!(
+            from_direct.iter().filter(|m| m.is_text()).count(),
+            4,
+            "the snapshot and updates 1, 2 and 4"
+        );
+    }
+
     #[tokio::test]
     async fn an_update_no_newer_than_what_the_subscriber_has_is_not_sent() {
         let outlet = Outlet::new(None, 5);
