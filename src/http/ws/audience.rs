@@ -98,18 +98,32 @@ impl Audiences {
 
     /// Gives up `seat`; the last subscriber of a shard ends its task.
     pub(super) fn leave(&self, seat: Seat) {
-        let mut polls = self.0.polls.lock().expect("not poisoned");
         let key = (seat.poll, seat.shard);
-        let Some(shard) = polls.get(&key) else {
+        // Why not under the audiences' lock: a shard's list may be held while its task copies
+        // it, and every join and leave of the process would wait for that.
+        let shard = self
+            .0
+            .polls
+            .lock()
+            .expect("not poisoned")
+            .get(&key)
+            .cloned();
+        let Some(shard) = shard else {
             return;
         };
         let mut outlets = shard.outlets.lock().expect("not poisoned");
         outlets.remove(&seat.id);
-        if outlets.is_empty() {
-            drop(outlets);
-            if let Some(shard) = polls.remove(&key) {
-                shard.gone.cancel();
-            }
+        if !outlets.is_empty() {
+            return;
+        }
+        drop(outlets);
+        // Empty: removed unless someone joined meanwhile (a join holds both locks, in this
+        // order, so it is either seen here or finds the shard gone and makes a new one).
+        let mut polls = self.0.polls.lock().expect("not poisoned");
+        let still_ours = polls.get(&key).is_some_and(|s| Arc::ptr_eq(s, &shard));
+        if still_ours && shard.outlets.lock().expect("not poisoned").is_empty() {
+            polls.remove(&key);
+            shard.gone.cancel();
         }
     }
 

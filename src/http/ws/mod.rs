@@ -41,8 +41,8 @@ use super::{ApiContext, with_ctx};
 
 /// Clients only send pings and close frames; anything big is abuse.
 const MAX_INCOMING: usize = 4 * 1024;
-/// A client whose socket takes nothing for this long while frames wait is dropped, so it
-/// holds no memory.
+/// A client that has not taken what waits for it this long after its socket filled is
+/// dropped, so it holds no memory.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// tungstenite's read buffer. Why so small: its default (128 KiB) is zero-filled on the first
 /// read, which made 10,000 idle subscribers cost over a gigabyte; clients send only pongs.
@@ -186,7 +186,7 @@ struct Session {
     keepalive: Keepalive,
 }
 
-async fn session(upgraded: Upgraded, s: Session, audiences: Audiences) {
+async fn session(upgraded: Upgraded, mut s: Session, audiences: Audiences) {
     let poll_id = s.poll_id;
     let (client, mut writer, outlet) = match super::connection::plain_tcp(upgraded) {
         Ok((tcp, read_ahead)) => {
@@ -209,7 +209,9 @@ async fn session(upgraded: Upgraded, s: Session, audiences: Audiences) {
     };
     tracing::debug!(poll_id, "subscriber connected");
     let _counted = crate::metrics::Held::new("pollcast_websocket_subscribers");
-    if !outlet.send(frame::text(&s.snapshot)) || drain(&outlet, &mut writer).await.is_err() {
+    // Taken, so that the session does not hold a second copy of the poll for its whole life.
+    let snapshot = frame::text(&std::mem::take(&mut s.snapshot));
+    if !outlet.send(snapshot) || drain(&outlet, &mut writer).await.is_err() {
         return;
     }
     let seat = audiences.join(poll_id, outlet.clone());
@@ -334,18 +336,26 @@ impl From<Closed> for Dropped {
     }
 }
 
-/// Writes what waits in `outlet` until nothing does.
+/// Writes what waits in `outlet` until nothing does. A client whose socket stays full for
+/// [`SEND_TIMEOUT`] from the first time it did, however little it takes meanwhile, is
+/// dropped, as is one whose outlet closes meanwhile (over its budget, say).
 async fn drain(outlet: &Outlet, writer: &mut Writer) -> Result<(), Dropped> {
+    let deadline = tokio::time::Instant::now() + SEND_TIMEOUT;
     loop {
         match writer {
             Writer::Direct => match outlet.flush() {
                 Flushed::All => return Ok(()),
                 Flushed::Closed(why) => return Err(why.into()),
                 Flushed::Blocked => {
-                    match tokio::time::timeout(SEND_TIMEOUT, outlet.writable()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return Err(Dropped::Gone),
-                        Err(_) => return Err(Dropped::Slow),
+                    tokio::select! {
+                        room = outlet.writable() => {
+                            if room.is_err() {
+                                return Err(Dropped::Gone);
+                            }
+                        }
+                        // Closed meanwhile, or more to write: the next flush says which.
+                        _ = outlet.wanted() => {}
+                        _ = tokio::time::sleep_until(deadline) => return Err(Dropped::Slow),
                     }
                 }
             },
@@ -360,7 +370,7 @@ async fn drain(outlet: &Outlet, writer: &mut Writer) -> Result<(), Dropped> {
                     }
                     stream.flush().await
                 };
-                match tokio::time::timeout(SEND_TIMEOUT, write).await {
+                match tokio::time::timeout_at(deadline, write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return Err(Dropped::Gone),
                     Err(_) => return Err(Dropped::Slow),
