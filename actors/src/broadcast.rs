@@ -97,11 +97,14 @@ impl std::ops::DerefMut for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        // `1`: this receiver, still alive while it drops. The shard lock that `remove_if`
-        // holds orders it with a `subscribe` of the same poll, so a new subscriber either
+        // This receiver goes first. Why: counted while it dropped, two subscriptions of one
+        // poll dropped at once on two threads could each see the other's receiver and keep
+        // the entry, which nobody would then remove. The shard lock that `remove_if` holds
+        // orders the check with a `subscribe` of the same poll, so a new subscriber either
         // finds the entry kept or makes a new one.
+        drop(std::mem::replace(&mut self.updates, watch::channel(None).1));
         self.polls
-            .remove_if(&self.poll, |_, feed| feed.receiver_count() <= 1);
+            .remove_if(&self.poll, |_, feed| feed.receiver_count() == 0);
     }
 }
 
