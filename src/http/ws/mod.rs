@@ -222,9 +222,9 @@ async fn session(upgraded: Upgraded, mut s: Session, audiences: Audiences) {
         outlet.offer(&frame);
     }
     drop(s.updates);
-    // Why the client's messages are read by a task of their own: they come once per ping,
-    // and a session that also read polled the socket (through tungstenite, its lock and the
-    // connection's wrappers) on every wake. The reader wakes only when the client sends
+    // Why the client's messages are read by a task of their own: the session waits in
+    // `drain` for a full socket to take its frames, and a client's pong must be read (and
+    // its idle timer reset) meanwhile. The reader wakes only when the client sends
     // something, and ends with why. Its replies (pongs, a close) go out through the outlet.
     // Aborted if the session is dropped first (the runtime shutting down).
     let config = WebSocketConfig::default()
@@ -321,7 +321,7 @@ enum Writer {
 enum Dropped {
     /// The connection failed or closed.
     Gone,
-    /// It took nothing for [`SEND_TIMEOUT`].
+    /// It did not take what waited for it within [`SEND_TIMEOUT`].
     Slow,
     /// More than [`WRITE_BUDGET`] waited for it.
     OverBudget,

@@ -103,9 +103,7 @@ impl Outlet {
         }
         // An update owed was handed in first: it goes first (a close after it must not
         // leave the poll's final counts unsent behind it).
-        if let Some(bytes) = queue.owed.take().and_then(|f| encoded(&mut queue, &f)) {
-            enqueue(&mut queue, bytes);
-        }
+        queue_owed(&mut queue);
         self.push(&mut queue, frames)
     }
 
@@ -145,9 +143,7 @@ impl Outlet {
         if let Some(closed) = queue.closed {
             return Flushed::Closed(closed);
         }
-        if let Some(bytes) = queue.owed.take().and_then(|f| encoded(&mut queue, &f)) {
-            enqueue(&mut queue, bytes);
-        }
+        queue_owed(&mut queue);
         let Some(socket) = &self.direct else {
             return if queue.waiting.is_empty() {
                 Flushed::All
@@ -181,9 +177,7 @@ impl Outlet {
         if let Some(closed) = queue.closed {
             return Err(closed);
         }
-        if let Some(bytes) = queue.owed.take().and_then(|f| encoded(&mut queue, &f)) {
-            enqueue(&mut queue, bytes);
-        }
+        queue_owed(&mut queue);
         queue.len = 0;
         Ok(queue.waiting.drain(..).collect())
     }
@@ -235,6 +229,13 @@ impl Outlet {
         }
         self.wanted.notify_one();
         true
+    }
+}
+
+/// Queues the owed update, if any, behind what waits.
+fn queue_owed(queue: &mut Queue) {
+    if let Some(bytes) = queue.owed.take().and_then(|f| encoded(queue, &f)) {
+        enqueue(queue, bytes);
     }
 }
 
