@@ -14,7 +14,7 @@ use pollcast_actors::{
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Row};
 
-use super::sql_common::{self, LIST_LIMIT, POLL_COLUMNS, PollRow, err, poll_row};
+use super::sql_common::{self, LIST_LIMIT, LedgerMarks, POLL_COLUMNS, PollRow, err, poll_row};
 
 /// Pool sizing and timeouts (from `[store]` in config.toml).
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +37,8 @@ pub struct PostgresStore {
     /// The vote path's own connections (closed flags). Why its own: listing, exports and
     /// snapshots queue on `writer`, and a vote must never wait behind them.
     flags: PgPool,
+    /// The hour this process last marked in the ledger (see [`LedgerMarks`]).
+    marks: LedgerMarks,
 }
 
 /// Connections of the vote path's own pool.
@@ -66,6 +68,7 @@ impl PostgresStore {
             readers: pool.clone(),
             writer: pool,
             flags,
+            marks: LedgerMarks::default(),
         })
     }
 
@@ -375,6 +378,13 @@ impl PollStore for PostgresStore {
         // refuse them a second time.
         let store = self.clone();
         tokio::spawn(async move {
+            if let Some(hour) = store.marks.due(now_millis()) {
+                let done = sqlx::query(LedgerMarks::MARK)
+                    .bind(hour)
+                    .execute(&store.writer)
+                    .await;
+                store.marks.record(hour, done.map(drop));
+            }
             if !allow_change && let Some(outcome) = store.apply_first_ballots(poll, &votes).await? {
                 return Ok(outcome);
             }

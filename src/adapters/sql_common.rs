@@ -5,6 +5,8 @@
 //! each adapter.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use pollcast_actors::ballot::{self, LedgerView};
 use pollcast_actors::domain::UnixMillis;
@@ -135,6 +137,52 @@ pub fn created(id: PollId, poll: NewPoll, created_at: UnixMillis) -> Poll {
         seq: 0,
         voters: 0,
         settings: poll.settings,
+    }
+}
+
+/// The ledger's hour marks (`ledger_marks`), which stand in for an index on `voted_at`.
+///
+/// Why they are enough: the first flush of each hour notes the ledger's next row id, and
+/// row ids only grow, so every row below a mark was inserted before it was taken. A ballot
+/// is inserted after it was accepted, and `voted_at` is when it was accepted: so a row
+/// below the mark of an hour that ended before `since` was voted before `since`. Why a
+/// margin of an hour more: `voted_at` comes from the clock of the process that took the
+/// vote, the mark from that of the one that flushed it.
+#[derive(Debug, Default, Clone)]
+pub struct LedgerMarks {
+    /// The hour this process marked last (0: none yet). Why kept: a flush checks it
+    /// instead of writing a statement, so the marks cost one statement an hour.
+    marked: Arc<AtomicI64>,
+}
+
+impl LedgerMarks {
+    /// Milliseconds in an hour, the marks' step.
+    pub const HOUR: i64 = 3_600_000;
+    /// Notes the ledger's next row id for `hour`, unless an earlier flush did.
+    pub const MARK: &str = "INSERT INTO ledger_marks (hour, first_row) \
+         SELECT $1, COALESCE(MAX(row_id), 0) + 1 FROM votes WHERE TRUE ON CONFLICT DO NOTHING";
+
+    /// The hour to mark before a flush that begins `now`, if this process has not yet.
+    pub fn due(&self, now: UnixMillis) -> Option<i64> {
+        let hour = now.div_euclid(Self::HOUR);
+        (self.marked.load(Ordering::Relaxed) != hour).then_some(hour)
+    }
+
+    /// The outcome of [`Self::MARK`] for `hour`, run by the adapter before a flush. Why
+    /// not in the flush's transaction: a flush that fails must not take the mark with it.
+    /// A mark that could not be written costs only a longer scan at the next start (the
+    /// previous mark still holds), and the next flush tries again.
+    pub fn record(&self, hour: i64, done: Result<(), sqlx::Error>) {
+        match done {
+            Ok(()) => self.marked.store(hour, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, hour, "could not mark the ledger's hour"),
+        }
+    }
+
+    /// The latest hour whose mark may bound a scan for the ballots voted since `since`: it
+    /// ended, with an hour to spare for clocks, before `since`.
+    pub fn last_hour_before(since: UnixMillis) -> i64 {
+        (since - Self::HOUR).div_euclid(Self::HOUR) - 1
     }
 }
 
@@ -400,11 +448,16 @@ macro_rules! same_in_both_dialects {
                 &self,
                 since: UnixMillis,
             ) -> Result<Vec<Voter>, StoreError> {
+                // Why from a mark: the rows below it were all voted before `since`, and
+                // the ledger has no index on `voted_at` (see `LedgerMarks`).
                 let rows: Vec<(PollId, String, String, String)> = sqlx::query_as(
                     "SELECT poll_id, user_id, vote_id, choices FROM votes \
-                     WHERE current AND voted_at >= $1",
+                     WHERE row_id >= COALESCE((SELECT first_row FROM ledger_marks \
+                     WHERE hour <= $2 ORDER BY hour DESC LIMIT 1), 0) \
+                     AND current AND voted_at >= $1",
                 )
                 .bind(since)
+                .bind(sql_common::LedgerMarks::last_hour_before(since))
                 .fetch_all(&self.readers)
                 .await
                 .map_err(sql_common::err("list recent voters"))?;
@@ -423,3 +476,36 @@ macro_rules! same_in_both_dialects {
     };
 }
 pub(crate) use same_in_both_dialects;
+
+#[cfg(test)]
+mod tests {
+    use super::LedgerMarks;
+
+    const HOUR: i64 = LedgerMarks::HOUR;
+
+    #[test]
+    fn a_scan_starts_at_the_mark_of_an_hour_that_ended_an_hour_before_since() {
+        // Since 10:00 sharp: hour 8 (08:00-09:00) ended an hour before.
+        assert_eq!(LedgerMarks::last_hour_before(10 * HOUR), 8);
+        // Since 10:59: hour 9 ended at 10:00, less than an hour before.
+        assert_eq!(LedgerMarks::last_hour_before(11 * HOUR - 1), 8);
+        assert_eq!(LedgerMarks::last_hour_before(11 * HOUR), 9);
+        // Before the epoch and near it nothing is excluded (no mark is that old).
+        assert!(LedgerMarks::last_hour_before(HOUR / 2) < 0);
+    }
+
+    #[test]
+    fn a_process_marks_each_hour_once() {
+        let marks = LedgerMarks::default();
+        assert_eq!(marks.due(5 * HOUR + 10), Some(5));
+        marks.record(5, Err(sqlx::Error::PoolClosed));
+        assert_eq!(
+            marks.due(5 * HOUR + 10),
+            Some(5),
+            "a failed mark is tried again"
+        );
+        marks.record(5, Ok(()));
+        assert_eq!(marks.due(6 * HOUR - 1), None);
+        assert_eq!(marks.due(6 * HOUR), Some(6));
+    }
+}

@@ -21,6 +21,8 @@ use crate::helpers::Production;
 /// A store under test; holds what must outlive it (the SQLite file's directory).
 struct Store {
     store: Arc<dyn PollStore>,
+    /// Where the database is, for a test that reads or writes it behind the store's back.
+    url: String,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -33,6 +35,7 @@ async fn sqlite() -> Store {
                 .await
                 .unwrap(),
         ),
+        url,
         _dir: Some(dir),
     }
 }
@@ -48,6 +51,7 @@ async fn postgres() -> Store {
     store.migrate().await.unwrap();
     Store {
         store: Arc::new(store),
+        url: db.database_url,
         _dir: None,
     }
 }
@@ -73,6 +77,43 @@ macro_rules! store_contract {
         }
     };
 }
+
+/// Runs `sql` on the database under a store, and returns its rows of two integers.
+async fn sql(url: &str, sql: &str) -> Vec<(i64, i64)> {
+    if url.starts_with("sqlite:") {
+        let db = sqlx::SqlitePool::connect(url).await.unwrap();
+        sqlx::query_as(sql).fetch_all(&db).await.unwrap()
+    } else {
+        let db = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::query_as(sql).fetch_all(&db).await.unwrap()
+    }
+}
+
+/// The contract functions that also read or write the database behind the store.
+macro_rules! store_contract_with_sql {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_sql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let under = super::sqlite().await;
+                    super::$name(under.store.as_ref(), &under.url).await
+                }
+            )*
+        }
+        mod postgres_sql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let under = super::postgres().await;
+                    super::$name(under.store.as_ref(), &under.url).await
+                }
+            )*
+        }
+    };
+}
+
+store_contract_with_sql!(voters_since_reads_from_the_mark_of_an_hour_long_past);
 
 store_contract!(
     get_polls_reads_every_poll_among_the_ids,
@@ -513,6 +554,59 @@ async fn voters_since_lists_the_current_ballots_from_then_on(store: &dyn PollSto
         .map(|v| (v.user_id, v.vote_id, v.choices))
         .collect();
     assert_eq!(voters, [("u".to_owned(), "b".to_owned(), vec![2])]);
+}
+
+/// The ledger has no index on `voted_at`: each hour's first flush marks the ledger's next
+/// row id, and `voters_since` reads only the rows above the mark of an hour that ended,
+/// with an hour to spare for clocks, before the time it is asked for.
+async fn voters_since_reads_from_the_mark_of_an_hour_long_past(store: &dyn PollStore, url: &str) {
+    const HOUR: i64 = 3_600_000;
+    let poll = create(store, 2, CHANGING).await;
+    let since = now_millis();
+    store
+        .apply_votes(poll, true, batch([vote(poll, "below", "a", &[1])]))
+        .await
+        .unwrap();
+    let marks = sql(url, "SELECT hour, first_row FROM ledger_marks").await;
+    let hour = since / HOUR;
+    assert!(
+        marks == [(hour, 1)] || marks == [(hour + 1, 1)],
+        "the first flush marks its hour at the first row: {marks:?}"
+    );
+    // A mark as a flush in 1970 would have left it: "below" was voted after `since`, so
+    // only a scan that starts at the mark leaves it out.
+    sql(
+        url,
+        "INSERT INTO ledger_marks (hour, first_row) SELECT 1, MAX(row_id) + 1 FROM votes \
+         RETURNING hour, first_row",
+    )
+    .await;
+    store
+        .apply_votes(poll, true, batch([vote(poll, "above", "a", &[2])]))
+        .await
+        .unwrap();
+    let users = || async {
+        let voters = store.voters_since(since).await.unwrap();
+        let users: Vec<String> = voters
+            .into_iter()
+            .filter(|v| v.poll_id == poll)
+            .map(|v| v.user_id)
+            .collect();
+        users
+    };
+    assert_eq!(users().await, ["above"]);
+    // The mark of the hour before `since`'s ended less than an hour before it: not used
+    // (it would leave "above" out too).
+    sql(
+        url,
+        &format!(
+            "INSERT INTO ledger_marks (hour, first_row) SELECT {}, MAX(row_id) + 1 FROM votes \
+             RETURNING hour, first_row",
+            hour - 1
+        ),
+    )
+    .await;
+    assert_eq!(users().await, ["above"]);
 }
 
 /// What the ledger holds of one poll, kept as the ballot rule says it changes.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::SqliteStore;
 use super::statements::*;
-use crate::adapters::sql_common::{self, err};
+use crate::adapters::sql_common::{self, LedgerMarks, err};
 use crate::background::next_batch;
 
 /// Flushes waiting for the group commit, at most, per transaction.
@@ -40,7 +40,15 @@ pub(super) async fn group_commit(
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(GROUP_MAX);
+    let marks = LedgerMarks::default();
     while next_batch(&mut jobs, &mut batch, GROUP_MAX, &stop).await > 0 {
+        if let Some(hour) = marks.due(now_millis()) {
+            let done = sqlx::query(LedgerMarks::MARK)
+                .bind(hour)
+                .execute(&writer)
+                .await;
+            marks.record(hour, done.map(drop));
+        }
         let results = match commit_group(&writer, &batch).await {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
             // Why one by one then: a failure is rare (the aggregators validated the votes),
