@@ -379,8 +379,7 @@ impl PollStore for PostgresStore {
         let store = self.clone();
         tokio::spawn(async move {
             if let Some(hour) = store.marks.due(now_millis()) {
-                let done = sqlx::query(LedgerMarks::MARK)
-                    .bind(hour)
+                let done = sqlx::query(LedgerMarks::MARK_POSTGRES)
                     .execute(&store.writer)
                     .await;
                 store.marks.record(hour, done.map(drop));

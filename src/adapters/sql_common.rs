@@ -145,22 +145,43 @@ pub fn created(id: PollId, poll: NewPoll, created_at: UnixMillis) -> Poll {
 /// Why they are enough: the first flush of each hour notes the ledger's next row id, and
 /// row ids only grow, so every row below a mark was inserted before it was taken. A ballot
 /// is inserted after it was accepted, and `voted_at` is when it was accepted: so a row
-/// below the mark of an hour that ended before `since` was voted before `since`. Why a
-/// margin of an hour more: `voted_at` comes from the clock of the process that took the
-/// vote, the mark from that of the one that flushed it.
+/// below the mark of an hour that ended before `since` was voted before `since`.
+///
+/// Why the hour is the database's: one clock for every process's marks, so a process
+/// whose clock is off cannot write a mark that hides another's ballots. Why a margin of an
+/// hour more: `voted_at` comes from the clock of the process that took the vote; the
+/// marks hold while that clock is within an hour of the database's. And why they need a
+/// sequence without a cache (Postgres's default): a session holding a block of row ids
+/// could insert below a later mark.
 #[derive(Debug, Default, Clone)]
 pub struct LedgerMarks {
-    /// The hour this process marked last (0: none yet). Why kept: a flush checks it
-    /// instead of writing a statement, so the marks cost one statement an hour.
+    /// The hour (by this process's clock) it marked last; 0: none yet. Why kept: a flush
+    /// checks it instead of writing a statement, so the marks cost a statement an hour.
     marked: Arc<AtomicI64>,
+}
+
+/// The statement that marks the hour `$hour` (an SQL expression of the database's clock).
+macro_rules! mark_sql {
+    ($hour:literal) => {
+        concat!(
+            "INSERT INTO ledger_marks (hour, first_row) SELECT ",
+            $hour,
+            ", COALESCE(MAX(row_id), 0) + 1 FROM votes WHERE TRUE ON CONFLICT DO NOTHING"
+        )
+    };
 }
 
 impl LedgerMarks {
     /// Milliseconds in an hour, the marks' step.
     pub const HOUR: i64 = 3_600_000;
-    /// Notes the ledger's next row id for `hour`, unless an earlier flush did.
-    pub const MARK: &str = "INSERT INTO ledger_marks (hour, first_row) \
-         SELECT $1, COALESCE(MAX(row_id), 0) + 1 FROM votes WHERE TRUE ON CONFLICT DO NOTHING";
+    /// Notes the ledger's next row id for this hour, unless an earlier flush did (SQLite).
+    pub const MARK_SQLITE: &str = mark_sql!("unixepoch() / 3600");
+    /// The same, in Postgres.
+    pub const MARK_POSTGRES: &str =
+        mark_sql!("floor(extract(epoch FROM clock_timestamp()) / 3600)::bigint");
+    /// The mark a scan for the ballots voted since `$1` starts at (none: the first row).
+    pub const SCAN_FROM: &str = "SELECT first_row FROM ledger_marks WHERE hour <= $1 \
+         ORDER BY hour DESC LIMIT 1";
 
     /// The hour to mark before a flush that begins `now`, if this process has not yet.
     pub fn due(&self, now: UnixMillis) -> Option<i64> {
@@ -168,7 +189,7 @@ impl LedgerMarks {
         (self.marked.load(Ordering::Relaxed) != hour).then_some(hour)
     }
 
-    /// The outcome of [`Self::MARK`] for `hour`, run by the adapter before a flush. Why
+    /// The outcome of the mark (`MARK_*`) run by the adapter before a flush in `hour`. Why
     /// not in the flush's transaction: a flush that fails must not take the mark with it.
     /// A mark that could not be written costs only a longer scan at the next start (the
     /// previous mark still holds), and the next flush tries again.
@@ -449,15 +470,20 @@ macro_rules! same_in_both_dialects {
                 since: UnixMillis,
             ) -> Result<Vec<Voter>, StoreError> {
                 // Why from a mark: the rows below it were all voted before `since`, and
-                // the ledger has no index on `voted_at` (see `LedgerMarks`).
+                // the ledger has no index on `voted_at` (see `LedgerMarks`). Why read
+                // first: bound as a number, the row id range is certain to be planned as
+                // one.
+                let from: Option<i64> = sqlx::query_scalar(sql_common::LedgerMarks::SCAN_FROM)
+                    .bind(sql_common::LedgerMarks::last_hour_before(since))
+                    .fetch_optional(&self.readers)
+                    .await
+                    .map_err(sql_common::err("read the ledger's marks"))?;
                 let rows: Vec<(PollId, String, String, String)> = sqlx::query_as(
                     "SELECT poll_id, user_id, vote_id, choices FROM votes \
-                     WHERE row_id >= COALESCE((SELECT first_row FROM ledger_marks \
-                     WHERE hour <= $2 ORDER BY hour DESC LIMIT 1), 0) \
-                     AND current AND voted_at >= $1",
+                     WHERE row_id >= $2 AND current AND voted_at >= $1",
                 )
                 .bind(since)
-                .bind(sql_common::LedgerMarks::last_hour_before(since))
+                .bind(from.unwrap_or(0))
                 .fetch_all(&self.readers)
                 .await
                 .map_err(sql_common::err("list recent voters"))?;

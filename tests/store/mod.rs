@@ -563,6 +563,8 @@ async fn voters_since_reads_from_the_mark_of_an_hour_long_past(store: &dyn PollS
     const HOUR: i64 = 3_600_000;
     let poll = create(store, 2, CHANGING).await;
     let since = now_millis();
+    let seeded = sql(url, "DELETE FROM ledger_marks RETURNING hour, first_row").await;
+    assert_eq!(seeded.len(), 1, "the migration marks the rows it found");
     store
         .apply_votes(poll, true, batch([vote(poll, "below", "a", &[1])]))
         .await

@@ -43,10 +43,7 @@ pub(super) async fn group_commit(
     let marks = LedgerMarks::default();
     while next_batch(&mut jobs, &mut batch, GROUP_MAX, &stop).await > 0 {
         if let Some(hour) = marks.due(now_millis()) {
-            let done = sqlx::query(LedgerMarks::MARK)
-                .bind(hour)
-                .execute(&writer)
-                .await;
+            let done = sqlx::query(LedgerMarks::MARK_SQLITE).execute(&writer).await;
             marks.record(hour, done.map(drop));
         }
         let results = match commit_group(&writer, &batch).await {
