@@ -50,7 +50,7 @@ pub(super) fn serve_polls(
         while records.len() < max {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let timeout = if records.is_empty() {
-                remaining
+                whole_millis(remaining)
             } else {
                 Duration::ZERO
             };
@@ -83,6 +83,15 @@ pub(super) fn serve_polls(
         });
     }
     tracing::debug!("vote consumer thread stopped");
+}
+
+/// `wait` rounded up to whole milliseconds. Why: librdkafka waits in milliseconds, and
+/// rdkafka rounds a timeout down to them, so the last fraction of a millisecond of every
+/// wait was a `poll` that returned at once, again and again until it ran out: a spin at the
+/// end of each idle read that cost an idle process 1.8 % of a core in this thread
+/// (docs/BENCHMARKS.md, "Large audience").
+fn whole_millis(wait: Duration) -> Duration {
+    Duration::from_millis(wait.as_micros().div_ceil(1000) as u64)
 }
 
 /// What a consumer error means for the operator.
@@ -134,5 +143,27 @@ fn decode_entry(message: &impl Message) -> Option<LogEntry> {
             tracing::warn!(partition = message.partition(), offset = message.offset(), error = %e, "skipping a raw-votes record that is not a vote");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_is_rounded_up_to_a_whole_millisecond_and_never_to_zero() {
+        assert_eq!(
+            whole_millis(Duration::from_micros(1)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            whole_millis(Duration::from_micros(49_001)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            whole_millis(Duration::from_millis(50)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(whole_millis(Duration::ZERO), Duration::ZERO);
     }
 }
