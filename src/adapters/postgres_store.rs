@@ -378,12 +378,9 @@ impl PollStore for PostgresStore {
         // refuse them a second time.
         let store = self.clone();
         tokio::spawn(async move {
-            if let Some(hour) = store.marks.due(now_millis()) {
-                let done = sqlx::query(LedgerMarks::MARK_POSTGRES)
-                    .execute(&store.writer)
-                    .await;
-                store.marks.record(hour, done.map(drop));
-            }
+            (store.marks)
+                .before_flush(&store.writer, LedgerMarks::MARK_POSTGRES)
+                .await;
             if !allow_change && let Some(outcome) = store.apply_first_ballots(poll, &votes).await? {
                 return Ok(outcome);
             }

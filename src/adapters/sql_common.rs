@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use pollcast_actors::ballot::{self, LedgerView};
-use pollcast_actors::domain::UnixMillis;
+use pollcast_actors::domain::{UnixMillis, now_millis};
 use pollcast_actors::{
     FlushOutcome, NewPoll, OptionCount, OptionId, Poll, PollId, PollOption, PollSettings,
     StoreError, Voter, WebhookTarget,
@@ -161,6 +161,7 @@ pub struct LedgerMarks {
 }
 
 /// The statement that marks the hour `$hour` (an SQL expression of the database's clock).
+/// Why `WHERE TRUE`: SQLite reads `ON CONFLICT` after a bare `FROM votes` as a join's.
 macro_rules! mark_sql {
     ($hour:literal) => {
         concat!(
@@ -183,8 +184,22 @@ impl LedgerMarks {
     pub const SCAN_FROM: &str = "SELECT first_row FROM ledger_marks WHERE hour <= $1 \
          ORDER BY hour DESC LIMIT 1";
 
+    /// Before a flush: marks this hour with `mark` (`MARK_SQLITE` or `MARK_POSTGRES`) on
+    /// `pool`, unless this process did already.
+    pub async fn before_flush<DB>(&self, pool: &sqlx::Pool<DB>, mark: &'static str)
+    where
+        DB: sqlx::Database,
+        for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    {
+        if let Some(hour) = self.due(now_millis()) {
+            let done = sqlx::query(mark).execute(pool).await;
+            self.record(hour, done.map(drop));
+        }
+    }
+
     /// The hour to mark before a flush that begins `now`, if this process has not yet.
-    pub fn due(&self, now: UnixMillis) -> Option<i64> {
+    fn due(&self, now: UnixMillis) -> Option<i64> {
         let hour = now.div_euclid(Self::HOUR);
         (self.marked.load(Ordering::Relaxed) != hour).then_some(hour)
     }
@@ -193,7 +208,7 @@ impl LedgerMarks {
     /// not in the flush's transaction: a flush that fails must not take the mark with it.
     /// A mark that could not be written costs only a longer scan at the next start (the
     /// previous mark still holds), and the next flush tries again.
-    pub fn record(&self, hour: i64, done: Result<(), sqlx::Error>) {
+    fn record(&self, hour: i64, done: Result<(), sqlx::Error>) {
         match done {
             Ok(()) => self.marked.store(hour, Ordering::Relaxed),
             Err(e) => tracing::warn!(error = %e, hour, "could not mark the ledger's hour"),

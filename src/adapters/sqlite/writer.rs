@@ -42,10 +42,7 @@ pub(super) async fn group_commit(
     let mut batch = Vec::with_capacity(GROUP_MAX);
     let marks = LedgerMarks::default();
     while next_batch(&mut jobs, &mut batch, GROUP_MAX, &stop).await > 0 {
-        if let Some(hour) = marks.due(now_millis()) {
-            let done = sqlx::query(LedgerMarks::MARK_SQLITE).execute(&writer).await;
-            marks.record(hour, done.map(drop));
-        }
+        marks.before_flush(&writer, LedgerMarks::MARK_SQLITE).await;
         let results = match commit_group(&writer, &batch).await {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
             // Why one by one then: a failure is rare (the aggregators validated the votes),
