@@ -59,8 +59,15 @@ pub struct RawKafka {
     pub seed_poll_updates_topic: Option<String>,
     /// Consumer group of every pollcast process.
     pub group_id: String,
-    /// Partitions of the topics pollcast creates.
+    /// Partitions of the vote topic when pollcast creates it (and of the seed's topic).
     pub partitions: i32,
+    /// Partitions of the counts topic when pollcast creates it. Why one by default: every
+    /// process reads all of it, so its partitions spread no work, yet each is read by each
+    /// process in every fetch, and a broker's cost of a fetch grows with them (in an idle
+    /// cluster of six, half of the test broker's CPU went to the five partitions nobody
+    /// needed: docs/BENCHMARKS.md, "What pollcast costs the broker"). It carries one small
+    /// record per flush of each active poll.
+    pub poll_updates_partitions: i32,
     /// Replication factor of the topics pollcast creates.
     pub replication_factor: i32,
     /// Create missing topics at start.
@@ -87,6 +94,7 @@ impl Default for RawKafka {
             seed_poll_updates_topic: None,
             group_id: "pollcast".into(),
             partitions: 6,
+            poll_updates_partitions: 1,
             replication_factor: 1,
             create_topics: true,
             produce_timeout_ms: 5000,
@@ -132,8 +140,10 @@ pub struct KafkaSection {
     pub seed_poll_updates_topic: Option<String>,
     /// Consumer group (named).
     pub group_id: String,
-    /// Partitions of created topics (positive).
+    /// Partitions of the created vote topic (positive).
     pub partitions: i32,
+    /// Partitions of the created counts topic (positive).
+    pub poll_updates_partitions: i32,
     /// Replication of created topics (positive).
     pub replication_factor: i32,
     /// Whether missing topics are created at start.
@@ -213,6 +223,12 @@ impl RawKafka {
                     "partitions and replication_factor must be positive",
                 ));
             }
+            if self.poll_updates_partitions < 1 {
+                return Err(ConfigError::invalid(
+                    "log.kafka.poll_updates_partitions",
+                    "must be positive",
+                ));
+            }
         }
         self.check_properties()?;
         Ok(KafkaSection {
@@ -222,6 +238,7 @@ impl RawKafka {
             seed_poll_updates_topic: self.seed_poll_updates_topic,
             group_id: self.group_id,
             partitions: self.partitions,
+            poll_updates_partitions: self.poll_updates_partitions,
             replication_factor: self.replication_factor,
             create_topics: self.create_topics,
             produce_timeout: Duration::from_millis(self.produce_timeout_ms),

@@ -234,6 +234,32 @@ mod tests {
     }
 
     #[test]
+    fn the_counts_topic_is_created_with_one_partition_unless_set_and_zero_is_refused() {
+        let mut raw = RawSettings::default();
+        raw.log.kind = LogKind::Kafka;
+        let LogSettings::Kafka(kafka) = Settings::parse(raw.clone()).expect("valid").log else {
+            panic!("kafka chosen");
+        };
+        assert_eq!((kafka.partitions, kafka.poll_updates_partitions), (6, 1));
+        type Spoil = fn(&mut RawKafka);
+        let cases: [(Spoil, &str); 2] = [
+            (|k| k.partitions = 0, "log.kafka.partitions"),
+            (
+                |k| k.poll_updates_partitions = 0,
+                "log.kafka.poll_updates_partitions",
+            ),
+        ];
+        for (spoil, key) in cases {
+            let mut spoiled = raw.clone();
+            spoil(&mut spoiled.log.kafka);
+            match Settings::parse(spoiled) {
+                Err(ConfigError::Invalid { key: named, .. }) => assert_eq!(named, key),
+                other => panic!("{key}: expected an error naming it, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn bad_webhook_settings_name_their_key() {
         type Spoil = fn(&mut RawWebhooks);
         let cases: [(Spoil, &str); 5] = [

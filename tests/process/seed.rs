@@ -92,6 +92,31 @@ async fn migrate_applies_the_postgres_schema_and_exits() {
     assert_eq!(again.code(), Some(0), "idempotent: {output}");
 }
 
+/// The vote topic is created with `log.kafka.partitions`, the counts topic with one: every
+/// process reads all of the counts, so more partitions would only add to every fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vote_topic_is_created_with_its_partitions_and_the_counts_topic_with_one() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let env = TestEnv::new(Backend::Production).await;
+    let production = env.production.clone().unwrap();
+    let _app = TestApp::start(env, |_| {}).await;
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &production.brokers)
+        .set("broker.address.family", "v4")
+        .create()
+        .unwrap();
+    let partitions = |topic: &str| {
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        metadata.topics()[0].partitions().len()
+    };
+    // The helper sets `log.kafka.partitions` to 3.
+    assert_eq!(partitions(&production.raw_votes_topic), 3);
+    assert_eq!(partitions(&production.poll_updates_topic), 1);
+}
+
 /// With `log.kafka.seed_poll_updates_topic` set, each flush is also written there as the
 /// seed's `poll-updates` records (string ids, keyed by pollId), after pollcast's rules: a
 /// poll hiding its results is written only at its close, every option then.

@@ -16,17 +16,30 @@ pub async fn ensure_topics(settings: &KafkaSection) -> Result<(), LogError> {
         .admin_config()
         .create()
         .map_err(kafka_err("create a Kafka admin client"))?;
-    let topics: Vec<_> = [&settings.raw_votes_topic, &settings.poll_updates_topic]
-        .into_iter()
-        .chain(&settings.seed_poll_updates_topic)
-        .map(|name| {
-            NewTopic::new(
-                name,
-                settings.partitions,
-                TopicReplication::Fixed(settings.replication_factor),
-            )
-        })
-        .collect();
+    // The counts topic has partitions of its own: every process reads all of it (see
+    // `log.kafka.poll_updates_partitions`).
+    let topics: Vec<_> = [
+        (&settings.raw_votes_topic, settings.partitions),
+        (
+            &settings.poll_updates_topic,
+            settings.poll_updates_partitions,
+        ),
+    ]
+    .into_iter()
+    .chain(
+        settings
+            .seed_poll_updates_topic
+            .iter()
+            .map(|seed| (seed, settings.partitions)),
+    )
+    .map(|(name, partitions)| {
+        NewTopic::new(
+            name,
+            partitions,
+            TopicReplication::Fixed(settings.replication_factor),
+        )
+    })
+    .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .create_topics(&topics, &options)
