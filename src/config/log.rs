@@ -65,7 +65,8 @@ pub struct RawKafka {
     /// process reads all of it, so its partitions spread no work, yet each is read by each
     /// process in every fetch, and a broker's cost of a fetch grows with them (in an idle
     /// cluster of six, half of the test broker's CPU went to the five partitions nobody
-    /// needed: docs/BENCHMARKS.md, "What pollcast costs the broker"). It carries one small
+    /// needed: docs/BENCHMARKS.md, "Where the machine goes, and what pollcast costs the
+    /// broker"). It carries one small
     /// record per flush of each active poll.
     pub poll_updates_partitions: i32,
     /// Replication factor of the topics pollcast creates.
@@ -217,17 +218,17 @@ impl RawKafka {
                     "must not be empty",
                 ));
             }
-            if self.partitions < 1 || self.replication_factor < 1 {
-                return Err(ConfigError::invalid(
-                    "log.kafka.partitions",
-                    "partitions and replication_factor must be positive",
-                ));
-            }
-            if self.poll_updates_partitions < 1 {
-                return Err(ConfigError::invalid(
+            for (key, value) in [
+                ("log.kafka.partitions", self.partitions),
+                (
                     "log.kafka.poll_updates_partitions",
-                    "must be positive",
-                ));
+                    self.poll_updates_partitions,
+                ),
+                ("log.kafka.replication_factor", self.replication_factor),
+            ] {
+                if value < 1 {
+                    return Err(ConfigError::invalid(key, "must be positive"));
+                }
             }
         }
         self.check_properties()?;

@@ -234,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn the_counts_topic_is_created_with_one_partition_unless_set_and_zero_is_refused() {
+    fn the_counts_topic_has_one_partition_unless_set_and_no_topic_setting_may_be_zero() {
         let mut raw = RawSettings::default();
         raw.log.kind = LogKind::Kafka;
         let LogSettings::Kafka(kafka) = Settings::parse(raw.clone()).expect("valid").log else {
@@ -242,12 +242,13 @@ mod tests {
         };
         assert_eq!((kafka.partitions, kafka.poll_updates_partitions), (6, 1));
         type Spoil = fn(&mut RawKafka);
-        let cases: [(Spoil, &str); 2] = [
+        let cases: [(Spoil, &str); 3] = [
             (|k| k.partitions = 0, "log.kafka.partitions"),
             (
                 |k| k.poll_updates_partitions = 0,
                 "log.kafka.poll_updates_partitions",
             ),
+            (|k| k.replication_factor = 0, "log.kafka.replication_factor"),
         ];
         for (spoil, key) in cases {
             let mut spoiled = raw.clone();

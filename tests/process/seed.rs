@@ -92,15 +92,17 @@ async fn migrate_applies_the_postgres_schema_and_exits() {
     assert_eq!(again.code(), Some(0), "idempotent: {output}");
 }
 
-/// The vote topic is created with `log.kafka.partitions`, the counts topic with one: every
-/// process reads all of the counts, so more partitions would only add to every fetch.
+/// The vote topic is created with `log.kafka.partitions`, the counts topic with
+/// `log.kafka.poll_updates_partitions` (one unless set: every process reads all of the
+/// counts, so more partitions would only add to every fetch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_vote_topic_is_created_with_its_partitions_and_the_counts_topic_with_one() {
+async fn the_vote_topic_and_the_counts_topic_are_created_with_their_own_partitions() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
 
     let env = TestEnv::new(Backend::Production).await;
     let production = env.production.clone().unwrap();
-    let _app = TestApp::start(env, |_| {}).await;
+    // Neither the helper's 3 nor the default 1: the setting itself is used.
+    let _app = TestApp::start(env, |s| s.log.kafka.poll_updates_partitions = 2).await;
     let client: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &production.brokers)
         .set("broker.address.family", "v4")
@@ -114,7 +116,7 @@ async fn the_vote_topic_is_created_with_its_partitions_and_the_counts_topic_with
     };
     // The helper sets `log.kafka.partitions` to 3.
     assert_eq!(partitions(&production.raw_votes_topic), 3);
-    assert_eq!(partitions(&production.poll_updates_topic), 1);
+    assert_eq!(partitions(&production.poll_updates_topic), 2);
 }
 
 /// With `log.kafka.seed_poll_updates_topic` set, each flush is also written there as the
