@@ -70,6 +70,20 @@ sample_servers() {
   done
 }
 
+# sample_others FILE: a line per other process that shares the machine with the servers
+# and that the scenario starts: group (broker, viewers or votes), pid, user and kernel CPU
+# ticks. Why: the viewers' delay is the whole machine's, and the report splits it by who spent it.
+sample_others() {
+  local w
+  : >"$1"
+  if [ -n "${TANSU_PID:-}" ]; then
+    printf 'broker\t%s\t%s\n' "$TANSU_PID" "$(proc_cpu_ticks "$TANSU_PID")" >>"$1"
+  fi
+  for w in $(seq 1 "$VIEW_WATCHERS"); do
+    printf 'viewers\t%s\t%s\n' "${VIEW_WATCHER_PID[$w]}" "$(proc_cpu_ticks "${VIEW_WATCHER_PID[$w]}")" >>"$1"
+  done
+}
+
 # viewers_phase NAME AUDIENCE KILL(yes|no): one run on a fresh cluster.
 viewers_phase() {
   local name=$1 audience=$2 kill=$3 urls i w
@@ -121,6 +135,7 @@ viewers_phase() {
   # Why a pause: the last handshakes' buffers are freed and the heap settles before RSS is read.
   sleep 3
   sample_servers "$OUT/servers-connected.tsv"
+  sample_others "$OUT/others-connected.tsv"
   cp /proc/loadavg "$OUT/loadavg-before"
   head -1 /proc/stat >"$OUT/stat-before"
 
@@ -143,6 +158,7 @@ viewers_phase() {
   wait "$lg_pid" || lg_code=$?
   [ "$lg_code" -le 1 ] || fail "the vote load generator failed ($lg_code): $(tail -5 "$OUT/votes.log")"
   sample_servers "$OUT/servers-voted.tsv"
+  sample_others "$OUT/others-voted.tsv"
   head -1 /proc/stat >"$OUT/stat-after"
   cp /proc/loadavg "$OUT/loadavg-after"
 

@@ -27,6 +27,25 @@ def servers(path):
     return rows
 
 
+def others_s(out):
+    """group -> CPU-seconds over the votes' window of the processes in that group (the
+    broker, the viewers' load generators), from the two sample_others files; {} if absent."""
+    def read(f):
+        path = os.path.join(out, f)
+        rows = {}
+        if os.path.exists(path):
+            for line in open(path):
+                group, pid, user, kernel = line.split()
+                rows[(group, pid)] = int(user) + int(kernel)
+        return rows
+    before, after = read("others-connected.tsv"), read("others-voted.tsv")
+    spent = {}
+    for (group, pid), ticks in after.items():
+        if (group, pid) in before:
+            spent[group] = spent.get(group, 0) + (ticks - before[(group, pid)]) / HZ
+    return spent
+
+
 def machine_busy_s(out):
     """The whole machine's busy CPU-seconds (every core, every process and the kernel's own
     threads: softirqs handed to ksoftirqd too) between the window's two /proc/stat samples."""
@@ -135,6 +154,10 @@ def phase_summary(out, name, rate, seconds, kill_at):
         # viewer takes that times the audience, over the machine's cores.
         "machine_cpu_us_per_message": (round(busy * 1e6 / window_messages, 1)
                                         if busy and window_messages else None),
+        # Who else spent it: the test broker (tansu; none in the ceiling phase) and the
+        # viewers' load generators, which a real audience runs on its own devices.
+        **{f"{group}_cpu_us_per_message": round(secs * 1e6 / window_messages, 1)
+           for group, secs in others_s(out).items() if window_messages},
         "loadavg_1m_before_after": [float(open(os.path.join(out, f)).read().split()[0])
                                     for f in ("loadavg-before", "loadavg-after")],
     }
@@ -201,6 +224,9 @@ def main():
         if s.get("machine_cpu_us_per_message"):
             rows.append(("machine CPU per message", f"{s['machine_cpu_us_per_message']} us (all processes, "
                                                     f"{os.cpu_count()} cores)"))
+        for group, label in (("broker", "broker (tansu)"), ("viewers", "viewers' load generators")):
+            if s.get(f"{group}_cpu_us_per_message") is not None:
+                rows.append((f"  of which {label}", f"{s[f'{group}_cpu_us_per_message']} us"))
         if "fanout_p99_over_ceiling" in s:
             rows.append(("fan-out p99 over the ceiling's", f"{s['fanout_p99_over_ceiling']}"))
         if p["killed_at_s"]:
