@@ -70,9 +70,9 @@ sample_servers() {
   done
 }
 
-# sample_others FILE: a line per other process that shares the machine with the servers
-# and that the scenario starts: group (broker, viewers or votes), pid, user and kernel CPU
-# ticks. Why: the viewers' delay is the whole machine's, and the report splits it by who spent it.
+# sample_others FILE: a line per other process of the scenario that shares the machine with
+# the servers: group (broker, viewers), pid, user and kernel CPU ticks. Why: the viewers'
+# delay is the whole machine's, and the report splits it by who spent it.
 sample_others() {
   local w
   : >"$1"

@@ -66,8 +66,7 @@ pub struct RawKafka {
     /// process in every fetch, and a broker's cost of a fetch grows with them (in an idle
     /// cluster of six, half of the test broker's CPU went to the five partitions nobody
     /// needed: docs/BENCHMARKS.md, "Where the machine goes, and what pollcast costs the
-    /// broker"). It carries one small
-    /// record per flush of each active poll.
+    /// broker"). It carries one small record per flush of each active poll.
     pub poll_updates_partitions: i32,
     /// Replication factor of the topics pollcast creates.
     pub replication_factor: i32,
