@@ -170,17 +170,22 @@ pub fn error_reply(status: StatusCode, code: &str, message: &str) -> warp::reply
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }
 
+/// One of our own errors as its JSON response (with `Retry-After` on a 429).
+pub fn api_error_reply(err: &ApiError) -> warp::reply::Response {
+    let (status, code) = err.status_and_code();
+    let mut reply = error_reply(status, code, &err.to_string());
+    if let ApiError::RateLimited(wait) = err {
+        let secs = warp::http::HeaderValue::from(retry_secs(wait));
+        reply.headers_mut().insert("retry-after", secs);
+    }
+    reply
+}
+
 /// Turns every rejection into a JSON error.
 pub async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
     use warp::reject;
     if let Some(err) = rejection.find::<ApiError>() {
-        let (status, code) = err.status_and_code();
-        let mut reply = error_reply(status, code, &err.to_string());
-        if let ApiError::RateLimited(wait) = err {
-            let secs = warp::http::HeaderValue::from(retry_secs(wait));
-            reply.headers_mut().insert("retry-after", secs);
-        }
-        return Ok(reply);
+        return Ok(api_error_reply(err));
     }
     let (status, code, message) = if rejection.is_not_found() {
         (

@@ -142,20 +142,26 @@ pub fn routes(
     api.recover(error::recover)
         .unify()
         .with(warp::log::custom(|info| {
-            crate::metrics::record_request(
-                info.method(),
-                info.path(),
-                info.status(),
-                info.elapsed().as_secs_f64(),
-            );
-            tracing::debug!(
-                method = %info.method(),
-                path = info.path(),
-                status = info.status().as_u16(),
-                micros = info.elapsed().as_micros() as u64,
-                "request"
-            );
+            log_request(info.method(), info.path(), info.status(), info.elapsed())
         }))
+}
+
+/// Every answered request's metrics and debug line (the route tree's and the vote fast
+/// path's).
+fn log_request(
+    method: &warp::http::Method,
+    path: &str,
+    status: warp::http::StatusCode,
+    elapsed: std::time::Duration,
+) {
+    crate::metrics::record_request(method, path, status, elapsed.as_secs_f64());
+    tracing::debug!(
+        method = %method,
+        path,
+        status = status.as_u16(),
+        micros = elapsed.as_micros() as u64,
+        "request"
+    );
 }
 
 /// What the admin listener (`http.admin_addr`) serves: `/healthz`, `/readyz` and `/metrics`
@@ -231,23 +237,34 @@ fn json_body<T: DeserializeOwned + Send>(
 fn raw_body(
     ctx: &ApiContext,
 ) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone + use<> {
-    let (limit, timeout) = (ctx.settings.max_body_bytes, ctx.settings.body_read_timeout);
+    let settings = ctx.settings.clone();
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
-        .then(move |declared: Option<u64>, body| async move {
-            // Why a deadline: a client trickling its body a byte at a time would otherwise
-            // hold its connection, its task and the bytes so far for as long as it likes.
-            tokio::time::timeout(timeout, read_limited(declared, body, limit))
-                .await
-                .unwrap_or(Err(ApiError::BodyTimeout(timeout)))
+        .then(move |declared: Option<u64>, body| {
+            let settings = settings.clone();
+            async move { read_body(&settings, declared, body).await }
         })
+}
+
+/// Reads a body within the configured size (413 beyond) and time (408 beyond).
+async fn read_body<B: bytes::Buf, E: std::fmt::Display>(
+    settings: &ApiSettings,
+    declared: Option<u64>,
+    body: impl futures_util::Stream<Item = Result<B, E>>,
+) -> Result<Bytes, ApiError> {
+    let (limit, timeout) = (settings.max_body_bytes, settings.body_read_timeout);
+    // Why a deadline: a client trickling its body a byte at a time would otherwise hold its
+    // connection, its task and the bytes so far for as long as it likes.
+    tokio::time::timeout(timeout, read_limited(declared, body, limit))
+        .await
+        .unwrap_or(Err(ApiError::BodyTimeout(timeout)))
 }
 
 /// Reads a body, with or without Content-Length (chunked), refusing more than `limit` bytes
 /// without buffering them.
-async fn read_limited<B: bytes::Buf>(
+async fn read_limited<B: bytes::Buf, E: std::fmt::Display>(
     declared: Option<u64>,
-    body: impl futures_util::Stream<Item = Result<B, warp::Error>>,
+    body: impl futures_util::Stream<Item = Result<B, E>>,
     limit: u64,
 ) -> Result<Bytes, ApiError> {
     use futures_util::TryStreamExt;

@@ -73,28 +73,38 @@ impl RateLimits {
         }
     }
 
-    /// The client's IP: from the configured proxy header's value (`forwarded`) when one is
-    /// configured, else the TCP peer's.
-    /// Counts a request that does not go through warp (Socket.IO) against its client IP.
+    /// Counts a request that does not go through warp's routes (Socket.IO, the vote fast
+    /// path) against its client IP.
     pub fn check_ip(
         &self,
         peer: Option<PeerAddr>,
         headers: &http::HeaderMap,
     ) -> Result<(), ApiError> {
+        let forwarded =
+            (self.client_ip_header.as_ref()).and_then(|name| forwarded_value(headers, name));
+        self.check_forwarded(peer, forwarded)
+    }
+
+    /// Counts a request against its client's IP (`forwarded`: the configured proxy header's
+    /// value, see [`forwarded_value`]); 429 over the limit.
+    fn check_forwarded(
+        &self,
+        peer: Option<PeerAddr>,
+        forwarded: Option<String>,
+    ) -> Result<(), ApiError> {
         let Some(limiter) = &self.per_ip else {
             return Ok(());
         };
-        let forwarded = self.client_ip_header.as_ref().and_then(|name| {
-            // The last line, as in `forwarded_header`.
-            let last = headers.get_all(name).iter().next_back()?;
-            last.to_str().ok().map(str::to_owned)
-        });
         match self.client_ip(peer, forwarded) {
             Some(ip) => check(limiter, &ip),
+            // A proxy that did not set the configured header is misconfigured; refuse
+            // rather than lump every such client under one key.
             None => Err(ApiError::NoClientAddress),
         }
     }
 
+    /// The client's IP: from the configured proxy header's value (`forwarded`) when one is
+    /// configured, else the TCP peer's.
     fn client_ip(&self, peer: Option<PeerAddr>, forwarded: Option<String>) -> Option<IpAddr> {
         if self.client_ip_header.is_some() {
             // Why the last address: a proxy appends the peer it saw, so only the last entry
@@ -103,6 +113,18 @@ impl RateLimits {
         }
         peer.map(|p| p.0.ip())
     }
+}
+
+/// The configured client-address header's value in `headers`. Why the last line: a client
+/// may send the header itself, and a proxy that finds one appends its own line (or address)
+/// after it; the first line is the client's word.
+fn forwarded_value(headers: &http::HeaderMap, name: &HeaderName) -> Option<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 fn check<K>(limiter: &DefaultKeyedRateLimiter<K>, key: &K) -> Result<(), ApiError>
@@ -174,15 +196,9 @@ pub fn per_ip(limits: &RateLimits) -> impl Filter<Extract = (), Error = Rejectio
         .and_then(move |peer: Option<PeerAddr>, forwarded: Option<String>| {
             let limits = limits.clone();
             async move {
-                let Some(limiter) = &limits.per_ip else {
-                    return Ok(());
-                };
-                match limits.client_ip(peer, forwarded) {
-                    Some(ip) => check(limiter, &ip).map_err(Rejection::from),
-                    // A proxy that did not set the configured header is misconfigured; refuse
-                    // rather than lump every such client under one key.
-                    None => Err(Rejection::from(ApiError::NoClientAddress)),
-                }
+                limits
+                    .check_forwarded(peer, forwarded)
+                    .map_err(Rejection::from)
             }
         })
         .untuple_one()
@@ -193,17 +209,7 @@ pub fn per_ip(limits: &RateLimits) -> impl Filter<Extract = (), Error = Rejectio
 fn forwarded_header(name: Option<HeaderName>) -> warp::filters::BoxedFilter<(Option<String>,)> {
     match name {
         Some(name) => warp::header::headers_cloned()
-            .map(move |headers: http::HeaderMap| {
-                // Why the last line: a client may send the header itself, and a proxy that
-                // finds one appends its own line (or address) after it; the first line is
-                // the client's word.
-                headers
-                    .get_all(&name)
-                    .iter()
-                    .next_back()
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            })
+            .map(move |headers: http::HeaderMap| forwarded_value(&headers, &name))
             .boxed(),
         None => warp::any().map(|| None).boxed(),
     }
