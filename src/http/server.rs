@@ -30,6 +30,7 @@ use tracing::Instrument;
 use super::connection::{ConnectionHold, PeerAddr, PlainConnection};
 use super::read_budget::{ReadBudget, Throttle};
 use super::socketio::Endpoint as SocketIoEndpoint;
+use super::votes::FastPath;
 use super::write_deadline::{WRITE_STALL_LIMIT, WriteDeadline};
 use super::{ApiContext, routes};
 
@@ -177,7 +178,7 @@ impl Server for HttpServer {
                     let accepting = accept_loop(
                         admin,
                         service,
-                        None,
+                        Ahead::default(),
                         limits,
                         None,
                         builder.clone(),
@@ -193,11 +194,15 @@ impl Server for HttpServer {
                 .socketio
                 .enabled
                 .then(|| SocketIoEndpoint::new(&ctx));
+            let ahead = Ahead {
+                socketio: socketio.clone(),
+                votes: Some(FastPath::new(&ctx)),
+            };
             let service = warp::service(routes(ctx));
             accept_loop(
                 listener,
                 service,
-                socketio.clone(),
+                ahead,
                 limits,
                 tls,
                 builder,
@@ -283,12 +288,20 @@ fn builder(limits: &ConnectionLimits) -> Builder<TokioExecutor> {
     builder
 }
 
+/// What a connection answers before warp's route tree: Socket.IO, and the fast path of
+/// `POST /vote`. The admin listener has neither.
+#[derive(Clone, Default)]
+struct Ahead {
+    socketio: Option<SocketIoEndpoint>,
+    votes: Option<FastPath>,
+}
+
 /// Accepts connections until `stop`, each within the connection caps.
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop<S>(
     listener: tokio::net::TcpListener,
     service: S,
-    socketio: Option<SocketIoEndpoint>,
+    ahead: Ahead,
     limits: ConnectionLimits,
     tls: Option<TlsAcceptor>,
     builder: Builder<TokioExecutor>,
@@ -333,7 +346,7 @@ async fn accept_loop<S>(
         let _ = stream.set_nodelay(true);
         let stream = WriteDeadline::new(stream, WRITE_STALL_LIMIT);
         let (service, builder, tls) = (service.clone(), builder.clone(), tls.clone());
-        let socketio = socketio.clone();
+        let ahead = ahead.clone();
         let watcher = graceful.watcher();
         let deadline = accepted + limits.header_read_timeout;
         let throttle = Throttle::default();
@@ -342,14 +355,14 @@ async fn accept_loop<S>(
         tokio::spawn(async move {
             let Some(tls) = tls else {
                 return serve_connection(
-                    stream, peer, service, socketio, builder, watcher, deadline, hold,
+                    stream, peer, service, ahead, builder, watcher, deadline, hold,
                 )
                 .await;
             };
             match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
                 Ok(Ok(stream)) => {
                     serve_connection(
-                        stream, peer, service, socketio, builder, watcher, deadline, hold,
+                        stream, peer, service, ahead, builder, watcher, deadline, hold,
                     )
                     .await
                 }
@@ -456,7 +469,7 @@ async fn serve_connection<I, S>(
     io: I,
     peer: SocketAddr,
     service: S,
-    socketio: Option<SocketIoEndpoint>,
+    ahead: Ahead,
     builder: Builder<TokioExecutor>,
     watcher: Watcher,
     deadline: Instant,
@@ -474,7 +487,7 @@ async fn serve_connection<I, S>(
     let handler = hyper::service::service_fn(move |req| {
         // Why a relaxed store: it only has to be seen by this connection's own task, later.
         first.store(true, Ordering::Relaxed);
-        handle(service.clone(), socketio.as_ref(), peer, &hold, req)
+        handle(service.clone(), &ahead, peer, &hold, req)
     });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), handler)
@@ -522,7 +535,7 @@ pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
 /// carrying its request id.
 fn handle<S>(
     mut service: S,
-    socketio: Option<&SocketIoEndpoint>,
+    ahead: &Ahead,
     peer: SocketAddr,
     hold: &ConnectionHold,
     mut req: Request<Incoming>,
@@ -532,9 +545,28 @@ where
 {
     use futures_util::future::Either;
     let id = request_id(&req);
+    if let Some(votes) = &ahead.votes
+        && FastPath::takes(&req)
+    {
+        let span = tracing::info_span!(
+            "request",
+            request_id = id.to_str().unwrap_or_default(),
+            method = "POST",
+            path = "/vote",
+        );
+        let votes = votes.clone();
+        return Either::Left(Either::Right(
+            async move {
+                let mut resp = votes.answer(peer, req).await;
+                resp.headers_mut().insert(X_REQUEST_ID, id);
+                Ok(resp)
+            }
+            .instrument(span),
+        ));
+    }
     req.headers_mut().insert(X_REQUEST_ID, id.clone());
     req.extensions_mut().insert(PeerAddr(peer));
-    if let Some(socketio) = socketio
+    if let Some(socketio) = &ahead.socketio
         && SocketIoEndpoint::handles(req.uri().path())
     {
         // Why before the upgrade below: Socket.IO takes its WebSocket upgrade itself.
@@ -548,11 +580,11 @@ where
             path = req.uri().path(),
         );
         let call = socketio.call(req, hold).instrument(span);
-        return Either::Left(async move {
+        return Either::Left(Either::Left(async move {
             let mut resp = call.await?;
             resp.headers_mut().insert(X_REQUEST_ID, id);
             Ok(resp)
-        });
+        }));
     }
     if req.headers().contains_key(hyper::header::UPGRADE) {
         // Why take it here: warp's own WebSocket filter cannot size tungstenite's buffers, so

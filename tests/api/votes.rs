@@ -305,7 +305,113 @@ async fn chunked_bodies_are_read_and_limited_like_any_other(backend: Backend) {
     assert_eq!(resp.status().as_u16(), 413);
 }
 
+/// `POST /vote` is answered around warp's route tree (`FastPath`); a query string sends the
+/// same request through the tree. Both must give every answer alike.
+async fn votes_answered_around_the_route_tree_get_the_route_trees_answers(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let poll = app.api.create_poll(&["A", "B"]).await;
+    let own_origin = format!("http://{}", app.api.addr);
+    // (what, Origin, body for the fast path, body for the tree)
+    let cases: Vec<(&str, Option<String>, String, String)> = vec![
+        (
+            "a first vote",
+            None,
+            vote_json("fast", poll),
+            vote_json("tree", poll),
+        ),
+        (
+            "the same voter again",
+            None,
+            vote_json("fast", poll),
+            vote_json("tree", poll),
+        ),
+        (
+            "from the server's own origin",
+            Some(own_origin),
+            vote_json("fast-o", poll),
+            vote_json("tree-o", poll),
+        ),
+        (
+            "from another origin",
+            Some("http://elsewhere.example".into()),
+            vote_json("fast-x", poll),
+            vote_json("tree-x", poll),
+        ),
+        (
+            "no such poll",
+            None,
+            vote_json("u", poll + 100),
+            vote_json("u", poll + 100),
+        ),
+        ("not JSON", None, "{".into(), "{".into()),
+        (
+            "not a vote",
+            None,
+            json!({ "pollId": poll }).to_string(),
+            json!({ "pollId": poll }).to_string(),
+        ),
+        ("too large", None, "x".repeat(20_000), "x".repeat(20_000)),
+    ];
+    for (what, origin, fast_body, tree_body) in cases {
+        let fast = answer_of(&app.api, "/vote", origin.clone(), fast_body).await;
+        let tree = answer_of(&app.api, "/vote?via=routes", origin, tree_body).await;
+        assert_eq!(fast, tree, "{what}: around the tree, then through it");
+    }
+    // Counted alike: fast, tree, fast-o and tree-o.
+    let counted = app.api.wait_for_total(poll, 4, SETTLE).await;
+    assert_eq!(Api::votes_of(&counted, 1), 4);
+
+    // Over the per-address limit, refused alike.
+    let app = TestApp::spawn_with(backend, |s| {
+        s.rate_limit.per_ip_per_sec = 1;
+        s.rate_limit.per_ip_burst = 2;
+    })
+    .await;
+    let poll = app.api.create_poll(&["A", "B"]).await; // the burst's first request
+    let first = answer_of(&app.api, "/vote", None, vote_json("a", poll)).await;
+    assert_eq!(first.0.0, 202, "{first:?}");
+    let fast = answer_of(&app.api, "/vote", None, vote_json("b", poll)).await;
+    let tree = answer_of(&app.api, "/vote?via=routes", None, vote_json("c", poll)).await;
+    assert_eq!(fast.0.0, 429, "{fast:?}");
+    assert_eq!(
+        fast, tree,
+        "over the limit: around the tree, then through it"
+    );
+}
+
+fn vote_json(user: &str, poll: i64) -> String {
+    json!({ "pollId": poll, "optionId": 1, "userId": user }).to_string()
+}
+
+/// A vote's answer: (status, content type, whether it has a Retry-After and a request id),
+/// and the body.
+async fn answer_of(
+    api: &Api,
+    path: &str,
+    origin: Option<String>,
+    body: String,
+) -> ((u16, Option<String>, bool, bool), Value) {
+    let mut req = api
+        .http
+        .post(api.url(path))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(origin) = origin {
+        req = req.header("origin", origin);
+    }
+    let resp = req.send().await.unwrap();
+    let header = |name: &str| (resp.headers().get(name)).map(|v| v.to_str().unwrap().to_owned());
+    let seen = (
+        resp.status().as_u16(),
+        header("content-type"),
+        header("retry-after").is_some(),
+        header("x-request-id").is_some(),
+    );
+    (seen, resp.json::<Value>().await.unwrap_or(Value::Null))
+}
+
 crate::contract_tests!(
+    votes_answered_around_the_route_tree_get_the_route_trees_answers,
     vote_is_accepted_with_202_and_counted_after_a_flush,
     seed_clients_string_ids_are_accepted,
     duplicate_vote_is_rejected_with_409,
