@@ -100,11 +100,11 @@ async fn answer(
 }
 
 /// `POST /vote` answered without warp's route tree, which cost the embedded server 6–15 % of
-/// its CPU per vote (docs/BENCHMARKS.md, "Fast paths"). It runs what the tree
-/// runs for a vote, each from its one home: the same-origin rule, the per-address limit, the
-/// body's size and time limits, the handler, the error replies and the request metrics.
-/// Every request it does not take goes through the tree: `tests/api/votes.rs` holds the
-/// two to the same answers.
+/// its CPU per vote (docs/BENCHMARKS.md, "Fast paths"). It runs what the tree runs for a
+/// vote, each from its one home: the same-origin rule, the per-address limit, the body's size
+/// and time limits, the handler, the error replies and the request metrics. Every request it
+/// does not take goes through the tree: `tests/api/votes.rs` holds the two to the same
+/// answers.
 #[derive(Clone)]
 pub(super) struct FastPath {
     ctx: Arc<ApiContext>,
