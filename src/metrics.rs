@@ -171,7 +171,6 @@ type RequestLabels = (&'static str, &'static str, Cow<'static, str>);
 /// (see the label functions below), so the cache stays small.
 static REQUEST_DURATIONS: LazyLock<DashMap<RequestLabels, Histogram>> = LazyLock::new(DashMap::new);
 
-/// Records the latency of one HTTP request in `pollcast_http_request_duration_seconds`.
 /// Adds one to a gauge for as long as it lives, however what it counts ends (a session
 /// that errors out, a task that is aborted).
 pub struct Held(&'static str);
@@ -190,7 +189,17 @@ impl Drop for Held {
     }
 }
 
+/// The latency histogram of an accepted vote, the one label set of nearly every request
+/// under load: looked up once rather than through the cache's hashed key per vote.
+static ACCEPTED_VOTE_DURATIONS: LazyLock<Histogram> =
+    LazyLock::new(|| request_histogram(("POST", "/vote", Cow::Borrowed("202"))));
+
+/// Records the latency of one HTTP request in `pollcast_http_request_duration_seconds`.
 pub fn record_request(method: &http::Method, path: &str, status: http::StatusCode, secs: f64) {
+    if status == http::StatusCode::ACCEPTED && *method == http::Method::POST && path == "/vote" {
+        ACCEPTED_VOTE_DURATIONS.record(secs);
+        return;
+    }
     let labels = (
         method_label(method),
         route_label(path),
@@ -202,17 +211,18 @@ pub fn record_request(method: &http::Method, path: &str, status: http::StatusCod
     }
     let histogram = REQUEST_DURATIONS
         .entry(labels.clone())
-        .or_insert_with(|| {
-            let (method, route, status) = labels;
-            metrics::histogram!(
-                "pollcast_http_request_duration_seconds",
-                "method" => method,
-                "route" => route,
-                "status" => status,
-            )
-        })
+        .or_insert_with(|| request_histogram(labels))
         .clone();
     histogram.record(secs);
+}
+
+fn request_histogram((method, route, status): RequestLabels) -> Histogram {
+    metrics::histogram!(
+        "pollcast_http_request_duration_seconds",
+        "method" => method,
+        "route" => route,
+        "status" => status,
+    )
 }
 
 /// Every route of the API, with `:id` for a poll id; the hot ones first.

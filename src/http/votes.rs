@@ -8,8 +8,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pollcast_actors::domain::now_millis;
 use warp::filters::BoxedFilter;
-use warp::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN, UPGRADE};
-use warp::http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use warp::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN, UPGRADE};
+use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
@@ -19,14 +19,16 @@ use super::models::{VoteAccepted, VoteRequest, parse_json};
 use super::{ApiContext, raw_body, with_ctx};
 use crate::voter_token::{TokenError, VoterTokens};
 
-const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Why a `HeaderName` (its text for warp's filter): a header looked up by a `&str` has its
+/// name parsed and checked on every lookup, and the fast path looks up nine a vote.
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 pub fn routes(ctx: &ApiContext) -> BoxedFilter<(Response,)> {
     warp::path!("vote")
         .and(warp::post())
         .and(with_ctx(ctx))
-        .and(warp::header::optional::<String>("authorization"))
-        .and(warp::header::optional::<String>(IDEMPOTENCY_KEY))
+        .and(warp::header::optional::<String>(AUTHORIZATION.as_str()))
+        .and(warp::header::optional::<String>(IDEMPOTENCY_KEY.as_str()))
         .and(raw_body(ctx))
         .and_then(vote)
         .boxed()
@@ -123,13 +125,13 @@ impl FastPath {
     /// included, get the route tree's answers.
     pub(super) fn takes<B>(req: &Request<B>) -> bool {
         let headers = req.headers();
-        let text = |name: &str| headers.get(name).is_none_or(|v| v.to_str().is_ok());
+        let text = |name: &HeaderName| headers.get(name).is_none_or(|v| v.to_str().is_ok());
         req.method() == Method::POST
             && req.uri().path() == "/vote"
             && req.uri().query().is_none()
             && !headers.contains_key(UPGRADE)
-            && text("authorization")
-            && text(IDEMPOTENCY_KEY)
+            && text(&AUTHORIZATION)
+            && text(&IDEMPOTENCY_KEY)
             && headers
                 .get(CONTENT_LENGTH)
                 .is_none_or(|v| v.to_str().is_ok_and(|v| v.parse::<u64>().is_ok()))
@@ -176,15 +178,11 @@ impl FastPath {
     ) -> Result<Response, ApiError> {
         let ctx = &self.ctx;
         ctx.limits.check_ip(Some(PeerAddr(peer)), headers)?;
-        let text = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let declared = text("content-length").and_then(|v| v.parse().ok());
+        let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let declared = text(&CONTENT_LENGTH).and_then(|v| v.parse().ok());
         let body = super::read_body(&ctx.settings, declared, body.into_data_stream()).await;
-        answer(ctx, text("authorization"), text(IDEMPOTENCY_KEY), body).await
+        let owned = |name| text(name).map(str::to_owned);
+        answer(ctx, owned(&AUTHORIZATION), owned(&IDEMPOTENCY_KEY), body).await
     }
 }
 
