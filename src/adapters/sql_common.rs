@@ -22,8 +22,10 @@ pub const LIST_LIMIT: i64 = 1000;
 pub const POLL_COLUMNS: &str = "id, question, created_at, closed_at, version, voters, closes_at, \
      max_choices, hide_results, allow_change, webhook_url, webhook_secret, webhook_results_secs";
 
-/// The columns of the ledger rows [`ledger_row!`] reads, in its order.
-pub const LEDGER_COLUMNS: &str = "row_id, user_id, vote_id, choices, voted_at, current";
+/// A page of a poll's ledger rows, in the columns and order [`ledger_row!`] reads (either
+/// dialect): the poll, the row id to start after, the most rows.
+pub const LEDGER_PAGE: &str = "SELECT row_id, user_id, vote_id, choices, voted_at, current \
+     FROM votes WHERE poll_id = $1 AND row_id > $2 ORDER BY row_id LIMIT $3";
 
 /// A row of `polls`.
 pub struct PollRow {
@@ -61,7 +63,7 @@ macro_rules! poll_row {
     }};
 }
 
-/// Reads a [`LedgerRow`] from a row selected with [`LEDGER_COLUMNS`] (either dialect).
+/// Reads a [`LedgerRow`] from a row selected by [`LEDGER_PAGE`] (either dialect).
 macro_rules! ledger_row {
     ($r:expr) => {{
         let r = $r;
@@ -464,12 +466,7 @@ macro_rules! same_in_both_dialects {
                 after: i64,
                 limit: i64,
             ) -> Result<Vec<LedgerRow>, StoreError> {
-                let sql = format!(
-                    "SELECT {} FROM votes WHERE poll_id = $1 AND row_id > $2 \
-                     ORDER BY row_id LIMIT $3",
-                    sql_common::LEDGER_COLUMNS
-                );
-                let rows = sqlx::query(&sql)
+                let rows = sqlx::query(sql_common::LEDGER_PAGE)
                     .bind(poll)
                     .bind(after)
                     .bind(limit)

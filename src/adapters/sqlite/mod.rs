@@ -438,4 +438,134 @@ mod tests {
             assert_eq!(poll.voters, 8);
         }
     }
+
+    /// The plan of `sql` (with `binds` ones bound): each line of SQLite's `EXPLAIN QUERY PLAN`.
+    async fn plan_of(store: &SqliteStore, sql: &str, binds: usize) -> Vec<String> {
+        let explain = format!("EXPLAIN QUERY PLAN {sql}");
+        let mut q = sqlx::query(&explain);
+        for _ in 0..binds {
+            q = q.bind(1_i64);
+        }
+        let rows = q.fetch_all(&store.writer).await.unwrap();
+        rows.iter().map(|r| r.get::<String, _>(3)).collect()
+    }
+
+    #[tokio::test]
+    async fn ledger_reads_use_its_indexes() {
+        let (_dir, store, _) = store_with_polls(1, Default::default()).await;
+        // Each read of a few voters, or a page, must seek in an index: a scan would read
+        // every ballot ever taken, once per flush that needs it.
+        for (what, sql, binds, index) in [
+            (
+                "current ballots of (poll, user) pairs",
+                statements::CURRENT_BALLOTS.sql(8),
+                16,
+                "votes_one_ballot",
+            ),
+            (
+                "every ballot of some voters",
+                statements::BALLOTS_OF_VOTERS.sql(8),
+                9,
+                "votes_replaced",
+            ),
+            (
+                "a page of the ledger",
+                sql_common::LEDGER_PAGE,
+                3,
+                "votes_by_poll",
+            ),
+        ] {
+            let plan = plan_of(&store, sql, binds).await;
+            let on_votes: Vec<&String> = plan
+                .iter()
+                .filter(|line| line.contains(" votes ") || line.contains(" v "))
+                .collect();
+            assert!(!on_votes.is_empty(), "{what}: {plan:?}");
+            assert!(
+                on_votes.iter().all(|line| line.starts_with("SEARCH")),
+                "{what} scans the ledger: {plan:?}"
+            );
+            assert!(
+                plan.iter().any(|line| line.contains(index)),
+                "{what} does not use {index}: {plan:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ledger_from_before_the_lean_keys_keeps_its_rows_row_ids_and_rules() {
+        // A database as the release before `0003_ledger_lean_keys` left it: the first two
+        // migrations, applied from a copy of their files.
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("migrations");
+        std::fs::create_dir(&old).unwrap();
+        for file in [
+            "0001_polls_and_ledger.sql",
+            "0002_ledger_marks_instead_of_time_index.sql",
+        ] {
+            let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+            std::fs::copy(from.join(file), old.join(file)).unwrap();
+        }
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .create_if_missing(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO polls (question, created_at, allow_change) VALUES ('Q', 1, TRUE);
+             INSERT INTO poll_options (poll_id, id, text, votes) VALUES (1, 1, 'A', 1), (1, 2, 'B', 1);
+             INSERT INTO votes (poll_id, user_id, vote_id, choices, voted_at, current) VALUES
+                 (1, 'u1', 'k1', '1', 10, FALSE),
+                 (1, 'u1', 'k2', '2', 11, TRUE),
+                 (1, 'u2', 'k3', '1', 12, TRUE);
+             UPDATE polls SET voters = 2, version = 1;
+             -- The counter above the last row, as an insert that failed leaves it.
+             UPDATE sqlite_sequence SET seq = 7 WHERE name = 'votes';",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = SqliteStore::open(&url, &Background::new()).await.unwrap();
+        let rows = |page: Vec<LedgerRow>| -> Vec<(i64, String, String, bool)> {
+            page.into_iter()
+                .map(|r| (r.row, r.user_id, r.vote_id, r.current))
+                .collect()
+        };
+        let kept = rows(store.ledger(1, 0, 100).await.unwrap());
+        assert_eq!(
+            kept,
+            [
+                (1, "u1".into(), "k1".into(), false),
+                (2, "u1".into(), "k2".into(), true),
+                (3, "u2".into(), "k3".into(), true),
+            ]
+        );
+        // The replaced ballot's vote id replayed changes nothing; a new ballot replaces
+        // u2's, and its row continues from the counter, not from the last row.
+        let mut replayed = Vote::single(1, 1, "u1");
+        replayed.vote_id = Some("k1".into());
+        let mut changed = Vote::single(1, 2, "u2");
+        changed.vote_id = Some("k4".into());
+        let outcome = store
+            .apply_votes(1, true, vec![replayed, changed].into())
+            .await
+            .unwrap();
+        assert_eq!(outcome.inserted, 1);
+        let counts: Vec<i64> = outcome.all.iter().map(|c| c.new_count).collect();
+        assert_eq!(counts, [0, 2]);
+        let after = rows(store.ledger(1, 3, 100).await.unwrap());
+        assert_eq!(after, [(8, "u2".into(), "k4".into(), true)]);
+    }
 }

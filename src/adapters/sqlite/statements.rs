@@ -64,6 +64,35 @@ pub(super) static INSERT_FIRST_BALLOTS: LazyLock<RowsStatement> = LazyLock::new(
     )
 });
 
+// The current ballots of (poll, user) pairs. Why `current`: the only index on the voter is
+// `votes_one_ballot`, partial to current ballots; without it the ledger is scanned
+// (`ledger_reads_use_its_indexes`).
+pub(super) static CURRENT_BALLOTS: LazyLock<RowsStatement> = LazyLock::new(|| {
+    RowsStatement::new(
+        "SELECT poll_id, user_id, vote_id, choices FROM votes \
+         WHERE current AND (poll_id, user_id) IN (VALUES ",
+        "(?, ?)",
+        ")",
+    )
+});
+
+// Every ballot of some voters of one poll (the voters first, then the poll): the current
+// ones through `votes_one_ballot`, the replaced ones through `votes_replaced`. Why two
+// halves: each index holds only its half of the rows (the migration
+// `0003_ledger_lean_keys` says why).
+pub(super) static BALLOTS_OF_VOTERS: LazyLock<RowsStatement> = LazyLock::new(|| {
+    RowsStatement::new(
+        "WITH u(user_id) AS (VALUES ",
+        "(?)",
+        "), p(poll_id) AS (VALUES (?)) \
+         SELECT user_id, vote_id, choices, current FROM votes \
+         WHERE current AND poll_id = (SELECT poll_id FROM p) AND user_id IN u \
+         UNION ALL \
+         SELECT user_id, vote_id, choices, current FROM votes \
+         WHERE NOT current AND poll_id = (SELECT poll_id FROM p) AND user_id IN u",
+    )
+});
+
 pub(super) static ADD_TO_COUNTS: LazyLock<RowsStatement> = LazyLock::new(|| {
     RowsStatement::new(
         "WITH d(poll_id, id, n) AS (VALUES ",

@@ -126,30 +126,19 @@ pub(super) async fn count_recorded(
 /// Finds, among votes the ledger did not take (`DO NOTHING`), those whose (poll, user, vote
 /// id) it holds with another ballot: [`ballot::plan`]'s `reused`, for the flushes that skip
 /// it. Why only here: when every vote was new none can be (the usual case reads nothing).
+/// Why only current ballots: these polls' ballots never change, so every one is current.
 pub(super) async fn find_reused(
     tx: &mut SqliteConnection,
     rows: &[(PollId, &Vote)],
     reused: &mut Reused,
 ) -> Result<(), StoreError> {
     let mut held: HashMap<(PollId, String, String), String> = HashMap::new();
-    for chunk in rows.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT poll_id, user_id, vote_id, choices FROM votes \
-             WHERE (poll_id, user_id, vote_id) IN (VALUES ",
-        );
-        let mut list = q.separated(", ");
+    for chunk in sized_chunks(rows) {
+        let mut q = sqlx::query_as(CURRENT_BALLOTS.sql(chunk.len()));
         for (poll, vote) in chunk {
-            list.push("(")
-                .push_bind_unseparated(*poll)
-                .push_unseparated(", ")
-                .push_bind_unseparated(&vote.user_id)
-                .push_unseparated(", ")
-                .push_bind_unseparated(vote.ledger_id())
-                .push_unseparated(")");
+            q = q.bind(*poll).bind(&vote.user_id);
         }
-        q.push(")");
         let found: Vec<(PollId, String, String, String)> = q
-            .build_query_as()
             .fetch_all(&mut *tx)
             .await
             .map_err(err("read the ledger's vote ids"))?;
@@ -342,17 +331,12 @@ pub(super) async fn apply_changes(
     let now = now_millis();
     let mut rows = Vec::new();
     for users in sized_chunks(&sql_common::voters_of(votes)) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT user_id, vote_id, choices, current FROM votes WHERE poll_id = ",
-        );
-        q.push_bind(poll).push(" AND user_id IN (");
-        let mut list = q.separated(", ");
+        let mut q = sqlx::query_as(BALLOTS_OF_VOTERS.sql(users.len()));
         for user in users {
-            list.push_bind(*user);
+            q = q.bind(*user);
         }
-        q.push(")");
         let found: Vec<(String, String, String, bool)> = q
-            .build_query_as()
+            .bind(poll)
             .fetch_all(&mut *tx)
             .await
             .map_err(err("read ballots"))?;
