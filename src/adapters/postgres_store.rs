@@ -139,6 +139,14 @@ impl PostgresStore {
 
 sql_common::same_in_both_dialects!(PostgresStore, PgConnection);
 
+/// Every ballot of some voters (`$2`) of a poll (`$1`): the current ones through
+/// `votes_one_ballot`, the replaced ones through `votes_replaced`. Why two halves: each
+/// index holds only its half of the rows (migration `0004_ledger_lean_keys` says why).
+const BALLOTS_OF_VOTERS: &str = "SELECT user_id, vote_id, choices, current FROM votes \
+     WHERE poll_id = $1 AND user_id = ANY($2) AND current \
+     UNION ALL SELECT user_id, vote_id, choices, current FROM votes \
+     WHERE poll_id = $1 AND user_id = ANY($2) AND NOT current";
+
 /// A flush's two ways (see `apply_votes`), and the statements they share.
 impl PostgresStore {
     /// The fast path for a poll whose ballots cannot change, when every vote of the flush is
@@ -184,15 +192,12 @@ impl PostgresStore {
     ) -> Result<FlushOutcome, StoreError> {
         let mut tx = self.writer.begin().await.map_err(err("begin flush"))?;
         Self::lock_poll(&mut tx, poll).await?;
-        let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
-            "SELECT user_id, vote_id, choices, current FROM votes \
-             WHERE poll_id = $1 AND user_id = ANY($2)",
-        )
-        .bind(poll)
-        .bind(sql_common::voters_of(votes))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err("read ballots"))?;
+        let rows: Vec<(String, String, String, bool)> = sqlx::query_as(BALLOTS_OF_VOTERS)
+            .bind(poll)
+            .bind(sql_common::voters_of(votes))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err("read ballots"))?;
         let plan = ballot::plan(allow_change, &sql_common::ledger_view(rows), votes);
         let (seq, all) = if plan.is_empty() {
             let seq = sqlx::query_scalar("SELECT version FROM polls WHERE id = $1")
@@ -443,4 +448,85 @@ fn ledger_copy_data<'a>(
     }
     buf.extend_from_slice(&(-1i16).to_be_bytes());
     buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of its own on the test Postgres (`POLLCAST_TEST_POSTGRES`, which
+    /// `scripts/test` sets), migrated; dropped by the caller.
+    async fn migrated_database() -> (PgPool, PgPool, String) {
+        let admin_url = std::env::var("POLLCAST_TEST_POSTGRES")
+            .expect("POLLCAST_TEST_POSTGRES names the test Postgres (scripts/test sets it)");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url)
+            .await
+            .unwrap();
+        let name = pollcast_actors::ids::random_id("pollcast_unit_");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let url = match admin_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => panic!("POLLCAST_TEST_POSTGRES has no database: {admin_url}"),
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .unwrap();
+        (admin, pool, name)
+    }
+
+    #[tokio::test]
+    async fn ledger_reads_use_its_indexes() {
+        let (admin, pool, name) = migrated_database().await;
+        let mut conn = pool.acquire().await.unwrap();
+        // Why no seq scans: on a nearly empty table the planner scans whatever indexes
+        // exist; forbidding it asks whether an index can serve the read at all.
+        sqlx::query("SET enable_seqscan = off")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let users = vec!["u1".to_string(), "u2".to_string()];
+        for (what, sql, index) in [
+            (
+                "every ballot of some voters",
+                BALLOTS_OF_VOTERS,
+                "votes_replaced",
+            ),
+            (
+                "a page of the ledger",
+                sql_common::LEDGER_PAGE,
+                "votes_by_poll",
+            ),
+        ] {
+            let explain = format!("EXPLAIN {sql}");
+            let q = sqlx::query_scalar::<_, String>(&explain).bind(1_i64);
+            let q = if sql.contains("$3") {
+                q.bind(0_i64).bind(100_i64)
+            } else {
+                q.bind(&users)
+            };
+            let plan = q.fetch_all(&mut *conn).await.unwrap().join("\n");
+            assert!(
+                !plan.contains("Seq Scan"),
+                "{what} scans the ledger:\n{plan}"
+            );
+            assert!(plan.contains(index), "{what} does not use {index}:\n{plan}");
+        }
+        drop(conn);
+        pool.close().await;
+        sqlx::query(&format!("DROP DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
 }
